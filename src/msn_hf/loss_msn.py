@@ -1,0 +1,186 @@
+"""The MSN objective: prototype assignments, sharpened Sinkhorn targets, cross-entropy and mean-entropy maximisation."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    if _world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class _AllReduceMean(torch.autograd.Function):
+    """Mean over processes in the forward; identity in the backward, so each process back-propagates its own share."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world_size = _world_size()
+        if world_size == 1:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor / world_size
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output
+
+
+@torch.no_grad()
+def sinkhorn_knopp(probs: torch.Tensor, num_iterations: int = 3) -> torch.Tensor:
+    r"""
+    Sinkhorn-Knopp balancing of assignment probabilities, distributed over all processes.
+
+    With Q = probs.T ([K, B_global]) divided by its global sum, each iteration scales every prototype row to sum
+    1/K, then every sample column to sum 1/B_global; the result is multiplied by B_global so that each sample's
+    assignment sums to 1 and each prototype receives an equal share of the global batch.
+
+    Args:
+        probs (`torch.FloatTensor` of shape `(batch_size, num_prototypes)`): non-negative, this process's rows.
+        num_iterations (`int`): number of row/column scaling rounds.
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size, num_prototypes)`.
+    """
+    q = probs.t().clone()
+    num_prototypes = q.shape[0]
+    global_batch = q.shape[1] * _world_size()
+    q /= _all_reduce_sum_(q.sum())
+    for _ in range(num_iterations):
+        q /= _all_reduce_sum_(q.sum(dim=1, keepdim=True))
+        q /= num_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= global_batch
+    q *= global_batch
+    return q.t()
+
+
+@dataclass
+class MSNLossOutput:
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): total objective.
+        prediction_loss (`torch.FloatTensor` of shape `()`): cross-entropy between targets and anchor assignments.
+        me_max_loss (`torch.FloatTensor` of shape `()`): mean-entropy maximisation penalty (0 at uniform usage).
+        entropy_loss (`torch.FloatTensor` of shape `()`): mean entropy of the anchor assignments.
+        anchor_probs (`torch.FloatTensor` of shape `(num_anchor_views * batch_size, num_prototypes)`).
+        target_probs (`torch.FloatTensor` of shape `(batch_size, num_prototypes)`): sharpened, balanced targets.
+    """
+
+    loss: torch.Tensor
+    prediction_loss: torch.Tensor
+    me_max_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    anchor_probs: torch.Tensor
+    target_probs: torch.Tensor
+
+
+class MSNLoss(nn.Module):
+    r"""
+    The MSN objective, computed in float32 whatever the autocast state.
+
+    For an embedding z and prototypes P (K rows), with temperature tau and label smoothing s:
+
+        p(z) = (1 - s) * softmax( <z / |z|, P / |P|> / tau ) + s / K
+
+    Anchor rows a_1..a_N ([random views; focal views], each block of batch_size rows) get p_i = p(a_i). Targets
+    (no gradient) are sharpened with temperature T and balanced by Sinkhorn-Knopp:
+
+        t = SinkhornKnopp( p(z_target)^(1/T) / sum_k p(z_target)_k^(1/T) ),
+
+    then repeated once per anchor view. With p_bar the mean of all anchor rows (averaged over processes):
+
+        prediction_loss = mean_i  -sum_k t_ik log p_ik
+        me_max_loss     = sum_k p_bar_k log p_bar_k + log K
+        entropy_loss    = mean_i  -sum_k p_ik log p_ik
+        loss            = prediction_loss + me_max_weight * me_max_loss + entropy_weight * entropy_loss
+
+    All logarithms are taken from log-softmax values, so no exponential of a large logit is ever formed.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        target_sharpen_temperature: float = 0.25,
+        sinkhorn_iterations: int = 3,
+        me_max_weight: float = 1.0,
+        entropy_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.target_sharpen_temperature = target_sharpen_temperature
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.me_max_weight = me_max_weight
+        self.entropy_weight = entropy_weight
+        self.label_smoothing = label_smoothing
+
+    def log_probs(self, embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Log prototype assignments `log p(z)`, shape `(num_rows, num_prototypes)`."""
+        logits = F.normalize(embeddings, dim=-1) @ F.normalize(prototypes, dim=-1).t() / self.temperature
+        log_probs = F.log_softmax(logits, dim=-1)
+        if self.label_smoothing > 0:
+            num_prototypes = prototypes.shape[0]
+            log_probs = torch.logaddexp(
+                log_probs + math.log1p(-self.label_smoothing),
+                torch.full_like(log_probs, math.log(self.label_smoothing / num_prototypes)),
+            )
+        return log_probs
+
+    @torch.no_grad()
+    def targets(self, target_embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Sharpened, Sinkhorn-balanced target assignments, shape `(batch_size, num_prototypes)`."""
+        sharpened = F.softmax(self.log_probs(target_embeddings, prototypes) / self.target_sharpen_temperature, dim=-1)
+        if self.sinkhorn_iterations > 0:
+            sharpened = sinkhorn_knopp(sharpened, self.sinkhorn_iterations)
+        return sharpened
+
+    def forward(
+        self, anchor_embeddings: torch.Tensor, target_embeddings: torch.Tensor, prototypes: torch.Tensor
+    ) -> MSNLossOutput:
+        """
+        Args:
+            anchor_embeddings (`torch.Tensor` of shape `(num_anchor_views * batch_size, dim)`): view-major rows.
+            target_embeddings (`torch.Tensor` of shape `(batch_size, dim)`).
+            prototypes (`torch.Tensor` of shape `(num_prototypes, dim)`): unnormalised.
+        """
+        batch_size = target_embeddings.shape[0]
+        if anchor_embeddings.shape[0] % batch_size != 0:
+            raise ValueError(
+                f"`anchor_embeddings` must have a multiple of batch_size={batch_size} rows, got {anchor_embeddings.shape[0]}."
+            )
+        with torch.autocast(device_type=anchor_embeddings.device.type, enabled=False):
+            prototypes = prototypes.float()
+            anchor_log_probs = self.log_probs(anchor_embeddings.float(), prototypes)
+            target_probs = self.targets(target_embeddings.float().detach(), prototypes.detach())
+            num_views = anchor_embeddings.shape[0] // batch_size
+            repeated_targets = target_probs.repeat(num_views, 1)
+
+            prediction_loss = -(repeated_targets * anchor_log_probs).sum(dim=-1).mean()
+            anchor_probs = anchor_log_probs.exp()
+            mean_probs = _AllReduceMean.apply(anchor_probs.mean(dim=0))
+            # Clamped so that an unused prototype contributes 0 * finite rather than 0 * -inf.
+            log_mean_probs = mean_probs.clamp_min(torch.finfo(mean_probs.dtype).tiny).log()
+            me_max_loss = (mean_probs * log_mean_probs).sum() + math.log(prototypes.shape[0])
+            entropy_loss = -(anchor_probs * anchor_log_probs).sum(dim=-1).mean()
+            loss = prediction_loss + self.me_max_weight * me_max_loss + self.entropy_weight * entropy_loss
+        return MSNLossOutput(
+            loss=loss,
+            prediction_loss=prediction_loss,
+            me_max_loss=me_max_loss,
+            entropy_loss=entropy_loss,
+            anchor_probs=anchor_probs,
+            target_probs=target_probs,
+        )

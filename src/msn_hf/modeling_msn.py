@@ -1,0 +1,409 @@
+"""PyTorch MSN model: Masked Siamese Networks pretraining of timm Vision Transformers."""
+
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_msn import MSNConfig
+from .loss_msn import MSNLoss
+
+
+@dataclass
+class MSNModelOutput(ModelOutput):
+    """
+    Output of [`MSNModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when anchor or focal views are given):
+            `prediction_loss + me_max_weight * me_max_loss (+ entropy_weight * entropy)`.
+        prediction_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy between the target assignments and the anchor assignments.
+        me_max_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean-entropy maximisation penalty, `sum(p_bar * log p_bar) + log K` (0 when all prototypes are used
+            equally).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, hidden_size)`):
+            Target encoder tokens of `pixel_values` after the final norm (class token first).
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Target encoder class token after the final norm: the embedding for downstream use.
+        anchor_probs (`torch.FloatTensor` of shape `((num_anchor_views + num_focal_views) * batch_size, num_prototypes)`, *optional*):
+            Prototype assignments of every anchor row, view-major: `[anchor_1; ...; anchor_R; focal_1; ...; focal_F]`.
+        target_probs (`torch.FloatTensor` of shape `(batch_size, num_prototypes)`, *optional*):
+            Sharpened, Sinkhorn-balanced target assignments (no gradient).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Target encoder tokens after the embeddings and after each block, each of shape
+            `(batch_size, 1 + num_patches, hidden_size)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    prediction_loss: torch.FloatTensor | None = None
+    me_max_loss: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    anchor_probs: torch.FloatTensor | None = None
+    target_probs: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class MSNProjectionHead(nn.Module):
+    """
+    The MSN projection head on the class token: `fc1 -> bn1 -> GELU -> fc2 -> bn2 -> GELU -> fc3`.
+
+    Input `(batch_size, in_features)`, output `(batch_size, config.projection_output_size)`. BatchNorm layers
+    become identities when `config.projection_batch_norm` is False.
+    """
+
+    def __init__(self, config: MSNConfig, in_features: int):
+        super().__init__()
+        hidden, out = config.projection_hidden_size, config.projection_output_size
+        norm = nn.BatchNorm1d if config.projection_batch_norm else (lambda _: nn.Identity())
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.bn1 = norm(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = norm(hidden)
+        self.fc3 = nn.Linear(hidden, out)
+        self.act = nn.GELU()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.bn1(self.fc1(features)))
+        hidden = self.act(self.bn2(self.fc2(hidden)))
+        return self.fc3(hidden)
+
+
+def create_backbone(config: MSNConfig) -> timm.models.VisionTransformer:
+    """A randomly initialised timm Vision Transformer of `config.backbone`, accepting any multiple of its patch size."""
+    return timm.create_model(config.backbone, **config.timm_kwargs())
+
+
+def random_keep_indices(
+    batch_size: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+) -> torch.LongTensor:
+    """Per-sample random subsets of `int(num_patches * (1 - mask_ratio))` patch indices, shape `(batch_size, num_kept)`."""
+    num_keep = max(1, int(num_patches * (1.0 - mask_ratio)))
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    return noise.argsort(dim=1)[:, :num_keep]
+
+
+class MSNPreTrainedModel(PreTrainedModel):
+    config_class = MSNConfig
+    config: MSNConfig
+    base_model_prefix = "msn"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The original initialisation: truncated normal for weights and embeddings, zero biases, unit norms."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, timm.layers.LayerScale):
+            init.constant_(module.gamma, module.init_values)
+        elif isinstance(module, timm.models.VisionTransformer):
+            for name in ("cls_token", "reg_token", "pos_embed"):
+                if getattr(module, name, None) is not None:
+                    init.trunc_normal_(getattr(module, name), std=std)
+        elif isinstance(module, MSNModel):
+            bound = 1.0 / math.sqrt(self.config.projection_output_size)
+            init.uniform_(module.prototypes, -bound, bound)
+            if module.mask_token is not None:
+                init.trunc_normal_(module.mask_token, std=std)
+
+    def _check_pixel_values(self, name: str, pixel_values: torch.Tensor, ranks: tuple[int, ...]) -> None:
+        """Raise a `ValueError` naming `name` unless it is `[..., 3, H, W]` of an allowed rank with H, W multiples of the patch size."""
+        layouts = {4: "[B, 3, H, W]", 5: "[B, V, 3, H, W]"}
+        expected = " or ".join(layouts[rank] for rank in ranks)
+        shape = tuple(pixel_values.shape)
+        if pixel_values.ndim not in ranks or shape[-3] != 3:
+            raise ValueError(f"`{name}` must have shape {expected} (3 RGB channels), got {shape}.")
+        patch_h, patch_w = self._patch_size()
+        if shape[-2] % patch_h or shape[-1] % patch_w:
+            raise ValueError(
+                f"`{name}` height and width must be multiples of the patch size {(patch_h, patch_w)}, got {shape}."
+            )
+
+    def _patch_size(self) -> tuple[int, int]:
+        return tuple(self.get_encoder().patch_embed.patch_size)
+
+    def _encode(
+        self,
+        encoder: timm.models.VisionTransformer,
+        pixel_values: torch.Tensor,
+        mask_ratio: float = 0.0,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """
+        Run a timm ViT on `pixel_values` `(batch_size, 3, H, W)`, masking a random `mask_ratio` of patch tokens.
+
+        With `mask_strategy="drop"` masked tokens are removed after the position embeddings (the class token is
+        always kept), so the blocks process `1 + int(num_patches * (1 - mask_ratio))` tokens; with `"mask_token"`
+        they are replaced by the learned mask token before the position embeddings.
+
+        Returns the tokens after the final norm `(batch_size, num_tokens, hidden_size)` and, if requested, the
+        tokens after the embeddings and after every block.
+        """
+        tokens = encoder.patch_embed(pixel_values)  # (batch_size, grid_h, grid_w, hidden_size)
+        batch_size, grid_h, grid_w, hidden_size = tokens.shape
+        num_patches = grid_h * grid_w
+        keep = None
+        if mask_ratio > 0:
+            keep = random_keep_indices(batch_size, num_patches, mask_ratio, tokens.device)
+        if keep is not None and self.config.mask_strategy == "mask_token":
+            masked = torch.ones(batch_size, num_patches, dtype=torch.bool, device=tokens.device)
+            masked.scatter_(1, keep, False)
+            flat = torch.where(masked.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens.reshape(batch_size, num_patches, hidden_size))
+            tokens = flat.view(batch_size, grid_h, grid_w, hidden_size)
+            keep = None
+        tokens = encoder._pos_embed(tokens)
+        if keep is not None:
+            prefix = encoder.num_prefix_tokens
+            kept = tokens[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_size))
+            tokens = torch.cat([tokens[:, :prefix], kept], dim=1)
+        tokens = encoder.norm_pre(tokens)
+
+        hidden_states = (tokens,) if output_hidden_states else None
+        for block in encoder.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = self._gradient_checkpointing_func(block, tokens)
+            else:
+                tokens = block(tokens)
+            if output_hidden_states:
+                hidden_states += (tokens,)
+        return encoder.norm(tokens), hidden_states
+
+
+class MSNModel(MSNPreTrainedModel):
+    """
+    Masked Siamese Networks: an anchor ViT trained to match, through shared prototypes, the assignments that an
+    EMA target ViT gives to an unmasked view of the same image.
+
+    Attributes (also the checkpoint's key prefixes): `encoder` and `projection_head` (trained), `target_encoder`
+    and `target_projection_head` (EMA copies, no gradient), `prototypes` `(num_prototypes, projection_output_size)`
+    (trained, never averaged) and, for `mask_strategy="mask_token"`, `mask_token`.
+    """
+
+    def __init__(self, config: MSNConfig):
+        super().__init__(config)
+        self.encoder = create_backbone(config)
+        self.target_encoder = create_backbone(config)
+        hidden_size = self.encoder.embed_dim
+        self.projection_head = MSNProjectionHead(config, hidden_size)
+        self.target_projection_head = MSNProjectionHead(config, hidden_size)
+        self.prototypes = nn.Parameter(torch.empty(config.num_prototypes, config.projection_output_size))
+        self.mask_token = nn.Parameter(torch.empty(1, 1, hidden_size)) if config.mask_strategy == "mask_token" else None
+        self.criterion = MSNLoss(
+            temperature=config.temperature,
+            target_sharpen_temperature=config.target_sharpen_temperature,
+            sinkhorn_iterations=config.sinkhorn_iterations,
+            me_max_weight=config.me_max_weight,
+            entropy_weight=config.entropy_weight,
+            label_smoothing=config.label_smoothing,
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+        # After post_init, so that the target starts as an exact copy of the initialised anchor branch.
+        self.copy_anchor_to_target()
+
+    def get_encoder(self) -> timm.models.VisionTransformer:
+        return self.encoder
+
+    def _target_and_anchor_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        target = [*self.target_encoder.parameters(), *self.target_projection_head.parameters()]
+        anchor = [*self.encoder.parameters(), *self.projection_head.parameters()]
+        return target, anchor
+
+    @torch.no_grad()
+    def copy_anchor_to_target(self) -> None:
+        """Set the target encoder and head to the anchor's parameters and freeze them."""
+        target, anchor = self._target_and_anchor_parameters()
+        torch._foreach_copy_(target, anchor)
+        self.freeze_target()
+
+    def freeze_target(self) -> None:
+        """Exclude the target branch from gradient descent (`from_pretrained` recreates parameters as trainable)."""
+        self.target_encoder.requires_grad_(False)
+        self.target_projection_head.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_target_encoder(self, momentum: float) -> None:
+        """
+        EMA step of the target branch after an optimiser step: `target = momentum * target + (1 - momentum) * anchor`
+        for every parameter of the encoder and projection head (not the prototypes, not BatchNorm statistics).
+        """
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1], got {momentum!r}.")
+        target, anchor = self._target_and_anchor_parameters()
+        torch._foreach_lerp_(target, anchor, 1.0 - momentum)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_target()
+        return loaded
+
+    def _embed_views(self, views: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+        """Projection-head outputs of one resolution group of anchor views `(V, B, 3, H, W)` -> `(V * B, out)`."""
+        tokens, _ = self._encode(self.encoder, views.flatten(0, 1), mask_ratio=mask_ratio)
+        return self.projection_head(tokens[:, 0])
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        anchor_pixel_values: torch.Tensor | None = None,
+        focal_pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MSNModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Unmasked target views. Alone, they give the target encoder's embeddings and no loss.
+            anchor_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)` or `(batch_size, num_anchor_views, 3, height, width)`, *optional*):
+                Random anchor views, masked with `config.mask_ratio`.
+            focal_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_focal_views, 3, focal_height, focal_width)`, *optional*):
+                Small focal anchor views, masked only if `config.mask_focal_views`.
+            output_hidden_states (`bool`, *optional*):
+                Return the target encoder's tokens after the embeddings and after every block.
+            return_dict (`bool`, *optional*):
+                Return an [`MSNModelOutput`] rather than a tuple.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_pixel_values("pixel_values", pixel_values, ranks=(4,))
+        batch_size = pixel_values.shape[0]
+        anchor_groups = []
+        for name, views, ranks, mask_ratio in (
+            ("anchor_pixel_values", anchor_pixel_values, (4, 5), self.config.mask_ratio),
+            ("focal_pixel_values", focal_pixel_values, (5,), self.config.mask_ratio * self.config.mask_focal_views),
+        ):
+            if views is None:
+                continue
+            self._check_pixel_values(name, views, ranks)
+            if views.shape[0] != batch_size:
+                raise ValueError(
+                    f"`{name}` must have the batch size of `pixel_values` ({batch_size}), got {tuple(views.shape)}."
+                )
+            views = views if views.ndim == 5 else views.unsqueeze(1)
+            anchor_groups.append((views.transpose(0, 1), mask_ratio))
+
+        with torch.no_grad():
+            target_tokens, hidden_states = self._encode(
+                self.target_encoder, pixel_values, output_hidden_states=output_hidden_states
+            )
+        pooled = target_tokens[:, 0]
+
+        loss = prediction_loss = me_max_loss = anchor_probs = target_probs = None
+        if anchor_groups:
+            with torch.no_grad():
+                target_embeddings = self.target_projection_head(pooled)
+            # One head call per resolution group, so BatchNorm statistics are per group as in the original.
+            anchor_embeddings = torch.cat([self._embed_views(views, ratio) for views, ratio in anchor_groups])
+            losses = self.criterion(anchor_embeddings, target_embeddings, self.prototypes)
+            loss, prediction_loss, me_max_loss = losses.loss, losses.prediction_loss, losses.me_max_loss
+            anchor_probs, target_probs = losses.anchor_probs, losses.target_probs
+
+        output = MSNModelOutput(
+            loss=loss,
+            prediction_loss=prediction_loss,
+            me_max_loss=me_max_loss,
+            last_hidden_state=target_tokens,
+            pooler_output=pooled,
+            anchor_probs=anchor_probs,
+            target_probs=target_probs,
+            hidden_states=hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MSNForImageClassification(MSNPreTrainedModel):
+    """
+    A timm ViT (`vit`) with a linear classifier on the class token (or on the class token concatenated with the
+    mean patch token, `config.classifier_pooling="cls_mean"`).
+
+    `from_pretrained` on an [`MSNModel`] checkpoint takes the TARGET encoder as `vit` and ignores the
+    pretraining-only weights (anchor encoder, heads, prototypes).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [
+        r"^encoder\.",
+        r"^projection_head\.",
+        r"^target_projection_head\.",
+        r"^prototypes$",
+        r"^mask_token$",
+    ]
+
+    def __init__(self, config: MSNConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = create_backbone(config)
+        features = self.vit.embed_dim * (2 if config.classifier_pooling == "cls_mean" else 1)
+        self.classifier = nn.Linear(features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_encoder(self) -> timm.models.VisionTransformer:
+        return self.vit
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # An MSNModel checkpoint stores the encoder to keep as `target_encoder`.
+        kwargs.setdefault("key_mapping", {r"^target_encoder\.": "vit."})
+        return super().from_pretrained(*args, **kwargs)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): images.
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices (or float targets for regression / multi-label, following `config.problem_type`).
+            output_hidden_states (`bool`, *optional*): return the tokens after the embeddings and every block.
+            return_dict (`bool`, *optional*): return an [`ImageClassifierOutput`] rather than a tuple.
+
+        Returns: logits of shape `(batch_size, num_labels)` and, with `labels`, the loss.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_pixel_values("pixel_values", pixel_values, ranks=(4,))
+        tokens, hidden_states = self._encode(self.vit, pixel_values, output_hidden_states=output_hidden_states)
+        features = tokens[:, 0]
+        if self.config.classifier_pooling == "cls_mean":
+            features = torch.cat([features, tokens[:, self.vit.num_prefix_tokens :].mean(dim=1)], dim=-1)
+        logits = self.classifier(features)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["MSNModel", "MSNForImageClassification", "MSNPreTrainedModel", "MSNModelOutput", "MSNProjectionHead"]

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny ViTs that run in milliseconds on a CPU, and an offline Hub."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_BACKBONE_KWARGS = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=8)
+
+
+def tiny_config(**overrides):
+    """An MSNConfig for a 2-block, 64-wide ViT on 32 px images with patch 8 (16 patches), 16 prototypes."""
+    from msn_hf import MSNConfig
+
+    values = dict(
+        backbone="vit_tiny_patch16_224",
+        backbone_kwargs=dict(TINY_BACKBONE_KWARGS),
+        image_size=32,
+        focal_image_size=16,
+        projection_hidden_size=64,
+        projection_output_size=32,
+        num_prototypes=16,
+    )
+    values.update(overrides)
+    return MSNConfig(**values)
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
