@@ -1,8 +1,9 @@
 """msn_hf: Masked Siamese Networks pretraining as a Hugging Face Transformers model."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_msn import MSNConfig
+from .image_processing_msn import MSNImageProcessor
 from .loss_msn import MSNLoss, sinkhorn_knopp
 from .modeling_msn import MSNForImageClassification, MSNModel, MSNModelOutput, MSNPreTrainedModel
 
@@ -11,14 +12,17 @@ __version__ = "0.1.0"
 AutoConfig.register(MSNConfig.model_type, MSNConfig, exist_ok=True)
 AutoModel.register(MSNConfig, MSNModel, exist_ok=True)
 AutoModelForImageClassification.register(MSNConfig, MSNForImageClassification, exist_ok=True)
+AutoImageProcessor.register(MSNConfig, image_processor_classes={"torchvision": MSNImageProcessor}, exist_ok=True)
 # Saved folders carry the modeling code and an `auto_map`, so they load with `trust_remote_code=True` anywhere.
 MSNConfig.register_for_auto_class()
 MSNModel.register_for_auto_class("AutoModel")
 MSNForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MSNImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "MSNConfig",
     "MSNForImageClassification",
+    "MSNImageProcessor",
     "MSNLoss",
     "MSNModel",
     "MSNModelOutput",

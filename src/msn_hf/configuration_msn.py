@@ -141,9 +141,10 @@ class MSNConfig(PreTrainedConfig):
             # The meta device builds the module tree without allocating or initialising any weight.
             with torch.device("meta"):
                 model = timm.create_model(self.backbone, **self.timm_kwargs())
-        except TypeError as error:
+        except (TypeError, ValueError, AssertionError) as error:
             raise ValueError(
-                f"MSNConfig: `backbone_kwargs` {self.backbone_kwargs!r} are not accepted by {self.backbone!r}: {error}"
+                f"MSNConfig: `backbone` {self.backbone!r} with `backbone_kwargs` {self.backbone_kwargs!r} must build a "
+                f"timm VisionTransformer with a class token; timm said: {error}"
             ) from error
         if not (isinstance(model, timm.models.VisionTransformer) and getattr(model, "cls_token", None) is not None):
             raise ValueError(

@@ -128,6 +128,22 @@ class MSNPreTrainedModel(PreTrainedModel):
             if module.mask_token is not None:
                 init.trunc_normal_(module.mask_token, std=std)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        Save as `PreTrainedModel.save_pretrained`; folders saved with their code (`register_for_auto_class`) also
+        map `AutoModelForImageClassification`, since the copied `modeling_msn.py` holds the classifier, which
+        takes its encoder from a pretraining checkpoint. A classifier's folder drops `AutoModel`: `MSNModel` cannot
+        load its weights (`vit.*`).
+        """
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModelForImageClassification"] = f"{module}.MSNForImageClassification"
+            if isinstance(self, MSNForImageClassification):
+                auto_map.pop("AutoModel", None)
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _check_pixel_values(self, name: str, pixel_values: torch.Tensor, ranks: tuple[int, ...]) -> None:
         """Raise a `ValueError` naming `name` unless it is `[..., 3, H, W]` of an allowed rank with H, W multiples of the patch size."""
         layouts = {4: "[B, 3, H, W]", 5: "[B, V, 3, H, W]"}

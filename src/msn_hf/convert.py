@@ -1,0 +1,807 @@
+"""
+Conversions between msn_hf checkpoints and the other places an MSN model lives.
+
+- `to_vit_msn`: the target encoder of an msn_hf folder as a Transformers `ViTMSNModel` folder.
+- `to_timm`: the target encoder as a timm checkpoint (`model.safetensors` + `config.json`).
+- `from_original`: a `.pth.tar` checkpoint of the authors' release as a full msn_hf folder.
+- `from_vit_msn`: a Transformers `ViTMSNModel` folder (e.g. facebook/vit-msn-small) as an msn_hf folder.
+
+Every conversion validates the whole source first (missing, unexpected and mis-shaped keys are reported together),
+writes into a temporary sibling of the output folder, checks the result numerically where two implementations are
+involved, and only then renames the folder into place: a failed conversion leaves nothing behind.
+
+Command line: `msn-convert {to-vit-msn,to-timm,from-original,from-vit-msn} ...` or `python -m msn_hf.convert ...`.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Attention, Block
+from torch import nn
+from transformers import ViTImageProcessor, ViTMSNConfig, ViTMSNModel
+from transformers.utils import logging
+
+from .configuration_msn import MSNConfig
+from .modeling_msn import MSNModel
+
+logger = logging.get_logger(__name__)
+
+# Stock timm ViTs: (embed_dim, depth, num_heads, patch_size). The original release used S/16, B/16, L/16 and B/4,
+# L/7 (base and large with another patch size); checkpoints hold no head count, so it comes from this table.
+TIMM_VITS = {
+    "vit_tiny_patch16_224": (192, 12, 3, 16),
+    "vit_small_patch16_224": (384, 12, 6, 16),
+    "vit_base_patch16_224": (768, 12, 12, 16),
+    "vit_large_patch16_224": (1024, 24, 16, 16),
+    "vit_huge_patch14_224": (1280, 32, 16, 14),
+}
+_ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size")
+_HEADS_BY_WIDTH = {dims[0]: dims[2] for dims in TIMM_VITS.values()}
+_DEFAULT_HEAD_DIM = 64
+# The original pretrains 224 px views with 96 px focal views; other sizes keep that ratio.
+_FOCAL_RATIO = 96 / 224
+# Tolerance of the numerical self-check run after each cross-library conversion (float32, one random image).
+_VERIFY_TOLERANCE = 1e-3
+
+# timm ViT names <-> Transformers ViTMSN checkpoint names ("{i}" is a block index). Names ending with a dot are
+# prefixes (weight and bias follow). The fused qkv projection is handled apart: it maps onto three tensors.
+_VIT_MSN_RENAMES = (
+    ("cls_token", "embeddings.cls_token"),
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.proj.", "embeddings.patch_embeddings.projection."),
+    ("blocks.{i}.norm1.", "encoder.layer.{i}.layernorm_before."),
+    ("blocks.{i}.attn.proj.", "encoder.layer.{i}.attention.output.dense."),
+    ("blocks.{i}.norm2.", "encoder.layer.{i}.layernorm_after."),
+    ("blocks.{i}.mlp.fc1.", "encoder.layer.{i}.intermediate.dense."),
+    ("blocks.{i}.mlp.fc2.", "encoder.layer.{i}.output.dense."),
+    ("norm.", "layernorm."),
+)
+_TIMM_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_VIT_MSN_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+_QKV_PARTS = ("query", "key", "value")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Architecture description shared by every direction
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViTArchitecture:
+    """The numbers that define a plain pre-norm ViT with a class token, whatever library holds its weights."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+    mlp_hidden_size: int
+    qkv_bias: bool = True
+    in_chans: int = 3
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}.")
+
+    @property
+    def mlp_ratio(self) -> float:
+        ratio = self.mlp_hidden_size / self.embed_dim
+        # timm builds the MLP with int(embed_dim * mlp_ratio) units: refuse widths that do not survive the round trip.
+        if int(self.embed_dim * ratio) != self.mlp_hidden_size:
+            raise ValueError(f"timm cannot express an MLP of {self.mlp_hidden_size} units on width {self.embed_dim}.")
+        return ratio
+
+
+def default_num_heads(embed_dim: int) -> int:
+    """Attention heads of the stock ViT of this width, or 64-dimensional heads for other widths."""
+    if embed_dim in _HEADS_BY_WIDTH:
+        return _HEADS_BY_WIDTH[embed_dim]
+    if embed_dim % _DEFAULT_HEAD_DIM:
+        raise ValueError(
+            f"Cannot infer the number of attention heads of a {embed_dim}-wide ViT (the weights do not record it): "
+            "pass `num_heads`."
+        )
+    # A wrong guess still loads (the weights have the same shapes) but computes something else: say so.
+    logger.warning(
+        f"No stock ViT is {embed_dim} wide: assuming {_DEFAULT_HEAD_DIM}-dimensional attention heads "
+        f"({embed_dim // _DEFAULT_HEAD_DIM} heads). Pass `num_heads` if the model was trained with another count."
+    )
+    return embed_dim // _DEFAULT_HEAD_DIM
+
+
+def _square(value, what: str) -> int:
+    """An int from an int or a square (h, w) pair; ViTMSN and the msn_hf config only describe square sizes."""
+    if isinstance(value, int):
+        return value
+    height, width = value
+    if height != width:
+        raise ValueError(f"Only square {what}s are supported, got {tuple(value)}.")
+    return int(height)
+
+
+def architecture_from_timm_state_dict(state_dict: dict, num_heads: int | None = None) -> ViTArchitecture:
+    """
+    Read a ViT's architecture off the shapes of its timm-named state dict (no `module.` prefix).
+
+    Width from `cls_token`, depth from the block indices, patch size from `patch_embed.proj.weight`, image size from
+    the `pos_embed` grid, MLP width from `blocks.0.mlp.fc1`. The head count is not in the weights: `num_heads`, else
+    the stock ViT of that width, else 64-dimensional heads.
+    """
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(f"Not a ViT state dict with a class token: missing {missing}.")
+    embed_dim = state_dict["cls_token"].shape[-1]
+    out_channels, in_chans, patch_h, patch_w = state_dict["patch_embed.proj.weight"].shape
+    patch_size = _square((patch_h, patch_w), "patch")
+    num_patches = state_dict["pos_embed"].shape[1] - 1  # the class token has its own position
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"`pos_embed` holds {num_patches} patch positions: not a square grid.")
+    depth = 1 + max(int(match.group(1)) for key in state_dict if (match := re.match(r"^blocks\.(\d+)\.", key)))
+    return ViTArchitecture(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads or default_num_heads(embed_dim),
+        patch_size=patch_size,
+        image_size=grid * patch_size,
+        mlp_hidden_size=state_dict["blocks.0.mlp.fc1.weight"].shape[0],
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+        in_chans=in_chans,
+    )
+
+
+def nearest_timm_backbone(architecture: ViTArchitecture) -> tuple[str, dict]:
+    """
+    The stock timm ViT name sharing most of (width, depth, heads, patch) with `architecture`, and the
+    `timm.create_model` kwargs that turn it into exactly `architecture` (image size excluded: it is `image_size`
+    in `MSNConfig`). ViT-B/4 becomes `("vit_base_patch16_224", {"patch_size": 4})`.
+    """
+    wanted = tuple(getattr(architecture, field) for field in _ARCHITECTURE_FIELDS)
+    # max() keeps the first of equally good names, so ties go to the smaller model of the table.
+    name = max(TIMM_VITS, key=lambda name: sum(a == b for a, b in zip(TIMM_VITS[name], wanted)))
+    kwargs = {field: value for field, stock, value in zip(_ARCHITECTURE_FIELDS, TIMM_VITS[name], wanted) if stock != value}
+    if architecture.mlp_ratio != 4.0:
+        kwargs["mlp_ratio"] = architecture.mlp_ratio
+    if not architecture.qkv_bias:
+        kwargs["qkv_bias"] = False
+    if architecture.in_chans != 3:
+        kwargs["in_chans"] = architecture.in_chans
+    return name, kwargs
+
+
+def msn_config_for(architecture: ViTArchitecture, backbone_kwargs: dict | None = None, **config_kwargs) -> MSNConfig:
+    """An `MSNConfig` whose backbone is `architecture` (plus `backbone_kwargs` overrides) and other fields `config_kwargs`."""
+    backbone, kwargs = nearest_timm_backbone(architecture)
+    kwargs.update(backbone_kwargs or {})
+    patch = architecture.patch_size
+    focal_image_size = max(patch, round(architecture.image_size * _FOCAL_RATIO / patch) * patch)
+    values = dict(
+        backbone=backbone, backbone_kwargs=kwargs, image_size=architecture.image_size, focal_image_size=focal_image_size
+    )
+    values.update(config_kwargs)
+    return MSNConfig(**values)
+
+
+def _architecture_of_vit_msn_config(config: ViTMSNConfig) -> ViTArchitecture:
+    """The architecture of a ViTMSN config, refusing the options a timm ViT block cannot reproduce."""
+    if config.hidden_act != "gelu":
+        raise ValueError(f"ViTMSN `hidden_act={config.hidden_act!r}` has no timm ViT counterpart (timm uses exact GELU).")
+    if not math.isclose(config.layer_norm_eps, 1e-6):
+        raise ValueError(f"ViTMSN `layer_norm_eps={config.layer_norm_eps}` differs from timm's 1e-6.")
+    if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
+        raise ValueError(f"ViTMSN `head_dim={config.head_dim}` is not hidden_size / num_attention_heads.")
+    return ViTArchitecture(
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        patch_size=_square(config.patch_size, "patch"),
+        image_size=_square(config.image_size, "image"),
+        mlp_hidden_size=config.intermediate_size,
+        qkv_bias=config.qkv_bias,
+        in_chans=config.num_channels,
+    )
+
+
+def _vit_msn_config_for(architecture: ViTArchitecture, layer_norm_eps: float) -> ViTMSNConfig:
+    config = ViTMSNConfig(
+        hidden_size=architecture.embed_dim,
+        num_hidden_layers=architecture.depth,
+        num_attention_heads=architecture.num_heads,
+        intermediate_size=architecture.mlp_hidden_size,
+        image_size=architecture.image_size,
+        patch_size=architecture.patch_size,
+        num_channels=architecture.in_chans,
+        qkv_bias=architecture.qkv_bias,
+        layer_norm_eps=layer_norm_eps,
+        hidden_act="gelu",
+    )
+    config.architectures = ["ViTMSNModel"]
+    return config
+
+
+def vit_msn_unsupported_features(encoder: timm.models.VisionTransformer) -> list[str]:
+    """
+    What in a timm ViT a Transformers ViTMSN cannot reproduce (an empty list when the conversion is exact).
+
+    ViTMSN is a pre-norm ViT with one class token, learned absolute positions that include the class token, plain
+    multi-head attention (no q/k norm, no layer scale), an exact-GELU MLP, LayerNorm everywhere with one epsilon and a
+    final LayerNorm.
+    """
+    problems = []
+    if getattr(encoder, "cls_token", None) is None:
+        problems.append("no class token")
+    elif getattr(encoder, "reg_token", None) is not None:
+        problems.append(f"register tokens (reg_tokens={encoder.reg_token.shape[1]})")
+    elif encoder.num_prefix_tokens != 1:
+        problems.append(f"{encoder.num_prefix_tokens} prefix tokens")
+    if getattr(encoder, "pos_embed", None) is None:
+        problems.append("no learned absolute position embedding")
+    if getattr(encoder, "no_embed_class", False):
+        problems.append("position embedding without the class token (no_embed_class=True)")
+    for name in ("norm_pre", "fc_norm"):
+        if not isinstance(getattr(encoder, name, nn.Identity()), nn.Identity):
+            problems.append(f"`{name}` LayerNorm (pre_norm / fc_norm)")
+    if getattr(encoder, "attn_pool", None) is not None:
+        problems.append("attention pooling")
+    if not isinstance(encoder.norm, nn.LayerNorm):
+        problems.append(f"final norm {type(encoder.norm).__name__} (final_norm=False or not a LayerNorm)")
+    patch_embed = encoder.patch_embed
+    if type(patch_embed) is not PatchEmbed or not isinstance(patch_embed.norm, nn.Identity):
+        problems.append(f"patch embedding {type(patch_embed).__name__} with norm {type(patch_embed.norm).__name__}")
+    elif patch_embed.proj.bias is None or patch_embed.proj.kernel_size != patch_embed.proj.stride:
+        problems.append("patch projection without bias or with overlapping patches")
+    for index, block in enumerate(encoder.blocks):
+        problems.extend(f"block {index}: {problem}" for problem in _block_unsupported_features(block))
+    return problems
+
+
+def _block_unsupported_features(block: nn.Module) -> list[str]:
+    if type(block) is not Block:
+        return [f"{type(block).__name__} (only timm's pre-norm `Block` is supported)"]
+    problems = []
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention:
+        problems.append(f"attention {type(attn).__name__}")
+    else:
+        if not all(isinstance(module, nn.Identity) for module in (attn.q_norm, attn.k_norm, attn.norm)):
+            problems.append("normalisation inside attention (qk_norm / scale_attn_norm)")
+        if getattr(attn, "gate", None) is not None:
+            problems.append("gated attention")
+        if attn.proj.bias is None:
+            problems.append("attention projection without bias (proj_bias=False)")
+    if not (isinstance(block.ls1, nn.Identity) and isinstance(block.ls2, nn.Identity)):
+        problems.append("layer scale (init_values)")
+    if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity) or mlp.fc1.bias is None:
+        problems.append(f"MLP {type(mlp).__name__} (only timm's biased Mlp without inner norm is supported)")
+    elif not (type(mlp.act) is nn.GELU and mlp.act.approximate == "none"):
+        problems.append(f"activation {mlp.act} (ViTMSN uses exact GELU)")
+    if not (isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)):
+        problems.append(f"norm {type(block.norm1).__name__} (ViTMSN uses LayerNorm)")
+    return problems
+
+
+def _layer_norm_eps(encoder: nn.Module) -> float:
+    """The one LayerNorm epsilon of the encoder (ViTMSN has a single `layer_norm_eps`)."""
+    eps = {module.eps for module in encoder.modules() if isinstance(module, nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ValueError(f"ViTMSN needs a single LayerNorm epsilon, the encoder uses {sorted(eps)}.")
+    return eps.pop()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State dict conversions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rename_patterns(reverse: bool) -> list[tuple[re.Pattern, str]]:
+    """Regexes from one naming to the other: `{i}` captures a block index, a trailing dot keeps the suffix."""
+    patterns = []
+    for timm_name, hf_name in _VIT_MSN_RENAMES:
+        source, target = (hf_name, timm_name) if reverse else (timm_name, hf_name)
+        regex = re.escape(source).replace(re.escape("{i}"), r"(?P<i>\d+)")
+        regex = f"^{regex}(?P<rest>.*)$" if source.endswith(".") else f"^{regex}$"
+        patterns.append((re.compile(regex), target))
+    return patterns
+
+
+def _rename(key: str, patterns: list[tuple[re.Pattern, str]]) -> str | None:
+    for regex, target in patterns:
+        match = regex.match(key)
+        if match:
+            groups = match.groupdict()
+            return target.replace("{i}", groups.get("i") or "") + (groups.get("rest") or "")
+    return None
+
+
+def convert_timm_to_vit_msn_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    timm ViT weights -> Transformers ViTMSN checkpoint weights. The fused `qkv` splits into `query` (first D rows),
+    `key` and `value`. Raises a `ValueError` listing the timm parameters ViTMSN has no place for.
+    """
+    patterns = _rename_patterns(reverse=False)
+    converted, unmapped = {}, []
+    for key, tensor in state_dict.items():
+        qkv = _TIMM_QKV.match(key)
+        if qkv:
+            block, kind = qkv.groups()
+            for part, chunk in zip(_QKV_PARTS, tensor.chunk(3, dim=0)):
+                converted[f"encoder.layer.{block}.attention.attention.{part}.{kind}"] = chunk.clone()
+            continue
+        new_key = _rename(key, patterns)
+        if new_key is None:
+            unmapped.append(key)
+        else:
+            converted[new_key] = tensor.clone()
+    if unmapped:
+        raise ValueError(f"ViTMSN has no parameter for these timm weights: {unmapped}.")
+    return converted
+
+
+def convert_vit_msn_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    Transformers ViTMSN checkpoint weights -> timm ViT weights, `query`/`key`/`value` fused into `qkv`.
+
+    Keys it does not know (and incomplete q/k/v triples) are kept under their own name, so that a strict load
+    reports them as unexpected instead of silently dropping them.
+    """
+    state_dict = {key.removeprefix("vit."): tensor for key, tensor in state_dict.items()}
+    patterns = _rename_patterns(reverse=True)
+    converted, qkv_parts = {}, {}
+    for key, tensor in state_dict.items():
+        qkv = _VIT_MSN_QKV.match(key)
+        if qkv:
+            block, part, kind = qkv.groups()
+            qkv_parts.setdefault((block, kind), {})[part] = (key, tensor)
+            continue
+        converted[_rename(key, patterns) or key] = tensor.clone()
+    for (block, kind), parts in qkv_parts.items():
+        if set(parts) == set(_QKV_PARTS):
+            converted[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts[part][1] for part in _QKV_PARTS])
+        else:
+            converted.update(dict(parts.values()))
+    return converted
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix): tensor for key, tensor in state_dict.items()}
+
+
+def check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a `ValueError` listing every missing key, unexpected key and shape mismatch of `state_dict` for `module`."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{key}: {tuple(state_dict[key].shape)} in the source, {tuple(expected[key].shape)} expected"
+        for key in sorted(set(expected) & set(state_dict))
+        if state_dict[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not match the {type(module).__name__} it should fill:"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise ValueError("\n".join(lines))
+
+
+def _load_exactly(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    check_state_dict(module, state_dict, source)
+    module.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading sources
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _read_config_dict(model_dir: Path, model_type: str, hint: str) -> dict:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json.")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != model_type:
+        raise ValueError(
+            f"{model_dir} holds a {config.get('model_type')!r} model, not {model_type!r}. {hint}".rstrip()
+        )
+    return config
+
+
+def read_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a Transformers-style folder: `model.safetensors`, its sharded form, or `pytorch_model.bin`."""
+    model_dir = Path(model_dir)
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return safetensors.torch.load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {key: tensor for shard in shards for key, tensor in safetensors.torch.load_file(model_dir / shard).items()}
+    if (model_dir / "pytorch_model.bin").is_file():
+        return load_tensor_file(model_dir / "pytorch_model.bin")
+    raise FileNotFoundError(f"{model_dir} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
+
+
+def load_tensor_file(path: str | os.PathLike) -> dict:
+    """`torch.load` restricted to tensors and plain containers: a checkpoint that needs unpickling code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers; it is not loaded, since unpickling them "
+            f"could run arbitrary code. ({error})"
+        ) from error
+
+
+def load_msn_model(model_dir: str | os.PathLike) -> MSNModel:
+    """An msn_hf `MSNModel` folder, loaded strictly: any missing, unexpected or mis-shaped weight is an error."""
+    model_dir = Path(model_dir)
+    _read_config_dict(model_dir, MSNConfig.model_type, "Use `from-vit-msn` for ViTMSN folders.")
+    model = MSNModel(MSNConfig.from_pretrained(model_dir))
+    _load_exactly(model, read_weights(model_dir), f"The weights of {model_dir}")
+    model.freeze_target()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    occupied = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
+    if occupied and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass `overwrite=True` (`--overwrite`) to replace it.")
+
+
+@contextlib.contextmanager
+def _atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """
+    Yield a temporary folder next to `output_dir` and rename it to `output_dir` when the block succeeds; on any
+    error it is deleted, so `output_dir` either is complete or is left as it was.
+    """
+    output_dir = Path(output_dir).absolute()
+    _check_output_dir(output_dir, overwrite)
+    # The outermost folder this call creates, removed again on failure so that nothing at all is left behind.
+    created = next((parent for parent in reversed(output_dir.parents) if not parent.exists()), None)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Same parent, same file system: the final rename is atomic.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        yield staging
+        _move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(created or staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename `staging` to `output_dir`, replacing what is there only once the new folder is in place."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    # Moved aside rather than deleted first, so that a failed rename can put the old folder back.
+    previous = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex}"
+    os.replace(output_dir, previous)
+    try:
+        os.replace(staging, output_dir)
+    except BaseException:
+        os.replace(previous, output_dir)
+        raise
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    else:
+        previous.unlink()
+
+
+def _check_same_features(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    converted: Callable[[torch.Tensor], torch.Tensor],
+    architecture: ViTArchitecture,
+    what: str,
+) -> None:
+    """Compare two float32 encoders on a random image at their native size; a mismatch means a conversion bug."""
+    size = architecture.image_size
+    pixels = torch.randn(1, architecture.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = reference(pixels).float(), converted(pixels).float()
+    if expected.shape != actual.shape or not torch.allclose(expected, actual, atol=_VERIFY_TOLERANCE, rtol=_VERIFY_TOLERANCE):
+        difference = (expected - actual).abs().max().item() if expected.shape == actual.shape else "shape mismatch"
+        raise RuntimeError(f"{what}: the converted encoder does not reproduce the source (max difference {difference}).")
+
+
+def _msn_target_features(model: MSNModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    model = model.float().eval()
+    return lambda pixels: model(pixel_values=pixels).last_hidden_state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public conversions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_vit_msn(
+    model_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True
+) -> Path:
+    """
+    Export the target encoder of an msn_hf `MSNModel` folder as a Transformers `ViTMSNModel` folder (config.json,
+    model.safetensors, preprocessor_config.json) that loads with `ViTMSNModel.from_pretrained` and `AutoModel`
+    without remote code. Raises a `ValueError` naming what ViTMSN cannot express in the backbone.
+    """
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    model = load_msn_model(model_dir)
+    encoder = model.target_encoder
+    problems = vit_msn_unsupported_features(encoder)
+    if problems:
+        raise ValueError(f"ViTMSN cannot express the backbone {model.config.backbone!r}: " + "; ".join(problems) + ".")
+    architecture = architecture_from_timm_state_dict(encoder.state_dict(), num_heads=encoder.blocks[0].attn.num_heads)
+    vit_config = _vit_msn_config_for(architecture, _layer_norm_eps(encoder))
+    vit_config.dtype = str(encoder.cls_token.dtype).removeprefix("torch.")
+    weights = convert_timm_to_vit_msn_state_dict(encoder.state_dict())
+    processor = ViTImageProcessor(
+        size={"height": architecture.image_size, "width": architecture.image_size},
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+    with _atomic_output_dir(output_dir, overwrite) as staging:
+        vit_config.save_pretrained(staging)
+        safetensors.torch.save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+        processor.save_pretrained(staging)
+        if verify:
+            exported = _load_vit_msn_exactly(staging)
+            _check_same_features(_msn_target_features(model), _vit_msn_features(exported), architecture, "to-vit-msn")
+    logger.info(f"Wrote the target encoder of {model_dir} as a ViTMSNModel to {output_dir}.")
+    return output_dir
+
+
+def _load_vit_msn_exactly(model_dir: Path) -> ViTMSNModel:
+    """`ViTMSNModel.from_pretrained`, failing (instead of re-initialising) on any missing or unexpected weight."""
+    model, info = ViTMSNModel.from_pretrained(model_dir, output_loading_info=True, dtype=torch.float32)
+    problems = {name: keys for name, keys in info.items() if name != "error_msgs" and keys}
+    if problems:
+        raise ValueError(f"ViTMSNModel does not load {model_dir} exactly: {problems}.")
+    return model.eval()
+
+
+def _vit_msn_features(model: ViTMSNModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda pixels: model(pixel_values=pixels).last_hidden_state
+
+
+def timm_hub_config(config: MSNConfig, num_features: int) -> dict:
+    """The `config.json` of a timm Hub checkpoint for the backbone of `config` (architecture, args, preprocessing)."""
+    model_args = {key: value for key, value in config.timm_kwargs().items() if key not in ("pretrained", "num_classes")}
+    size = config.image_size
+    return {
+        "architecture": config.backbone,
+        "num_classes": 0,
+        "num_features": num_features,
+        "global_pool": model_args.get("global_pool", "token"),
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [model_args.get("in_chans", 3), size, size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            # The MSN evaluation protocol: resize to 256, centre crop 224.
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": list(IMAGENET_DEFAULT_MEAN),
+            "std": list(IMAGENET_DEFAULT_STD),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+
+
+def to_timm(
+    model_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True
+) -> Path:
+    """
+    Export the target encoder of an msn_hf `MSNModel` folder as a timm checkpoint: `model.safetensors` (plain timm
+    keys) and a timm Hub-style `config.json`. Load it with `timm.create_model(f"local-dir:{output_dir}",
+    pretrained=True)` or `timm.create_model(architecture, pretrained=True, num_classes=0, **model_args,
+    pretrained_cfg_overlay=dict(file=".../model.safetensors"))`.
+    """
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    model = load_msn_model(model_dir)
+    weights = {key: tensor.clone() for key, tensor in model.target_encoder.state_dict().items()}
+    hub_config = timm_hub_config(model.config, model.target_encoder.num_features)
+    with _atomic_output_dir(output_dir, overwrite) as staging:
+        safetensors.torch.save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
+        if verify:
+            exported = load_timm_export(staging).float().eval()
+            architecture = architecture_from_timm_state_dict(weights, num_heads=exported.blocks[0].attn.num_heads)
+            _check_same_features(_msn_target_features(model), exported.forward_features, architecture, "to-timm")
+    logger.info(f"Wrote the target encoder of {model_dir} as a timm {model.config.backbone} to {output_dir}.")
+    return output_dir
+
+
+def load_timm_export(export_dir: str | os.PathLike) -> timm.models.VisionTransformer:
+    """The timm model of a `to_timm` folder, built from its `config.json` and loaded from its `model.safetensors`."""
+    export_dir = Path(export_dir)
+    hub_config = json.loads((export_dir / "config.json").read_text())
+    return timm.create_model(
+        hub_config["architecture"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(export_dir / "model.safetensors")),
+        num_classes=hub_config["num_classes"],
+        **hub_config["model_args"],
+    )
+
+
+def _original_msn_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """
+    The `MSNModel` state dict of an original checkpoint: `encoder` / `target_encoder` (DistributedDataParallel
+    `module.` prefix removed) split into the ViT and its `fc.*` projection head, plus the prototypes.
+    """
+    state = {"prototypes": checkpoint["prototypes"]}
+    for entry, encoder_name, head_name in (
+        ("encoder", "encoder", "projection_head"),
+        ("target_encoder", "target_encoder", "target_projection_head"),
+    ):
+        for key, tensor in _strip_prefix(checkpoint[entry], "module.").items():
+            is_head = key.startswith("fc.")
+            state[f"{head_name}.{key[3:]}" if is_head else f"{encoder_name}.{key}"] = tensor
+    return state
+
+
+def from_original(
+    checkpoint_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    num_heads: int | None = None,
+    backbone_kwargs: dict | None = None,
+    overwrite: bool = False,
+    **config_kwargs,
+) -> Path:
+    """
+    Convert a checkpoint of the authors' release (`.pth.tar` with `encoder`, `target_encoder`, `prototypes`) into a
+    full msn_hf `MSNModel` folder: both encoders, both projection heads with their BatchNorm statistics, the
+    prototypes, and a config whose backbone is inferred from the weight shapes. `num_heads` is needed only for widths
+    other than those of ViT-Ti/S/B/L/H; `backbone_kwargs` and `config_kwargs` override the inferred config.
+    """
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    checkpoint = load_tensor_file(checkpoint_path)
+    absent = [entry for entry in ("encoder", "target_encoder", "prototypes") if entry not in checkpoint]
+    if absent:
+        raise ValueError(f"{checkpoint_path} is not an MSN checkpoint: it lacks {absent} (has {sorted(checkpoint)}).")
+    ignored = sorted(set(checkpoint) - {"encoder", "target_encoder", "prototypes", "temperature"})
+    if ignored:
+        logger.info(f"Ignoring the training state {ignored} of {checkpoint_path}.")
+    state = _original_msn_state_dict(checkpoint)
+    target = _strip_prefix({k: v for k, v in state.items() if k.startswith("target_encoder.")}, "target_encoder.")
+    num_heads = num_heads or (backbone_kwargs or {}).get("num_heads")
+    architecture = architecture_from_timm_state_dict(target, num_heads=num_heads)
+    prototypes = checkpoint["prototypes"]
+    if "target_projection_head.fc1.weight" not in state or prototypes.ndim != 2:
+        raise ValueError(f"{checkpoint_path}: the target encoder has no `fc.fc1` head, or the prototypes are not 2-D.")
+    head = dict(
+        projection_hidden_size=state["target_projection_head.fc1.weight"].shape[0],
+        projection_output_size=prototypes.shape[1],
+        projection_batch_norm="target_projection_head.bn1.weight" in state,
+        num_prototypes=prototypes.shape[0],
+    )
+    if isinstance(checkpoint.get("temperature"), (int, float)):
+        head["temperature"] = float(checkpoint["temperature"])
+    config = msn_config_for(architecture, backbone_kwargs, **{**head, **config_kwargs})
+    model = MSNModel(config)
+    source = f"{checkpoint_path} (keys under msn_hf names: encoder.* = checkpoint['encoder'] without `module.`)"
+    _load_exactly(model, state, source)
+    with _atomic_output_dir(output_dir, overwrite) as staging:
+        model.save_pretrained(staging)
+    logger.info(f"Converted {checkpoint_path} ({config.backbone} {config.backbone_kwargs}) to {output_dir}.")
+    return output_dir
+
+
+def from_vit_msn(
+    model_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True, **config_kwargs
+) -> Path:
+    """
+    Convert a Transformers `ViTMSNModel` folder (e.g. a local copy of facebook/vit-msn-small) into an msn_hf
+    `MSNModel` folder: the ViT becomes both the anchor and the target encoder; the projection heads and prototypes
+    are freshly initialised. `config_kwargs` set other `MSNConfig` fields (head sizes, mask ratio, ...).
+    """
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    _read_config_dict(model_dir, ViTMSNConfig.model_type, "Only ViTMSN folders are supported.")
+    architecture = _architecture_of_vit_msn_config(ViTMSNConfig.from_pretrained(model_dir))
+    config = msn_config_for(architecture, **config_kwargs)
+    model = MSNModel(config)
+    encoder_state = convert_vit_msn_to_timm_state_dict(read_weights(model_dir))
+    _load_exactly(model.target_encoder, encoder_state, f"The weights of {model_dir} (under timm names)")
+    model.encoder.load_state_dict(encoder_state)
+    if verify:
+        source = _load_vit_msn_exactly(model_dir)
+        _check_same_features(_vit_msn_features(source), _msn_target_features(model), architecture, "from-vit-msn")
+    with _atomic_output_dir(output_dir, overwrite) as staging:
+        model.save_pretrained(staging)
+    logger.info(f"Converted the ViTMSN folder {model_dir} to an msn_hf folder {output_dir} (new head and prototypes).")
+    return output_dir
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _json_dict(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msn-convert", description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, source_flag: str, source_help: str, verify: bool = True):
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument(source_flag, required=True, help=source_help)
+        command.add_argument("--output", required=True, help="Folder to create (written atomically).")
+        command.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty output folder.")
+        if verify:
+            command.add_argument("--no_verify", action="store_true", help="Skip the numerical check of the result.")
+        return command
+
+    add("to-vit-msn", "Export the target encoder as a Transformers ViTMSNModel folder.", "--model", "msn_hf folder.")
+    add("to-timm", "Export the target encoder as a timm checkpoint folder.", "--model", "msn_hf folder.")
+    original = add(
+        "from-original", "Convert a checkpoint of the original MSN release.", "--checkpoint", ".pth.tar file.", verify=False
+    )
+    original.add_argument("--num_heads", type=int, help="Attention heads, for widths other than ViT-Ti/S/B/L/H.")
+    original.add_argument("--backbone_kwargs", type=_json_dict, help="JSON overrides of the inferred timm kwargs.")
+    vit_msn = add("from-vit-msn", "Convert a Transformers ViTMSN folder.", "--model", "ViTMSN folder.")
+    for command in (original, vit_msn):
+        command.add_argument("--config", type=_json_dict, default={}, help="JSON MSNConfig fields, e.g. '{\"mask_ratio\": 0.3}'.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `msn-convert` and `python -m msn_hf.convert`."""
+    args = _build_parser().parse_args(argv)
+    # Progress lines for the command line, without leaving the library verbose for a caller of `main`.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_info()
+    try:
+        _run_command(args)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _run_command(args: argparse.Namespace) -> None:
+    if args.command == "to-vit-msn":
+        to_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
+    elif args.command == "to-timm":
+        to_timm(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
+    elif args.command == "from-original":
+        from_original(
+            args.checkpoint, args.output, num_heads=args.num_heads, backbone_kwargs=args.backbone_kwargs,
+            overwrite=args.overwrite, **args.config,
+        )
+    else:
+        from_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify, **args.config)
+
+if __name__ == "__main__":
+    main()

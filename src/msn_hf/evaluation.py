@@ -1,0 +1,572 @@
+"""
+Low-shot evaluation of frozen encoders, following the MSN protocol: frozen target-encoder class-token features,
+multinomial logistic regression on a few labelled images per class and on a fraction of the labels, and a
+cosine k-nearest-neighbour classifier on all labels. Baselines (a randomly initialised encoder of the same shape,
+raw pixels) run in the same call so that every number in a table shares its data and sampling.
+
+Library use (e.g. at the end of pretraining):
+
+```python
+>>> from msn_hf.data import load_digits_dataset, ImageDataset
+>>> from msn_hf.evaluation import evaluate_lowshot
+>>> train = ImageDataset(load_digits_dataset("train"), "image", "label")
+>>> test = ImageDataset(load_digits_dataset("test"), "image", "label")
+>>> results = evaluate_lowshot("outputs/msn-digits", train, test, output_file="eval_results.json")
+```
+
+Command line: `msn-evaluate --model_name_or_path outputs/msn-digits --baselines random pixels`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from .data import ImageDataset, decode_image, load_image_dataset
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHOTS = (1, 2, 5, 10)
+DEFAULT_LABEL_FRACTION = 0.01
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_KNN_K = 20
+# Inverse of the L2 weight per training image (cyanure's `lambd` of the MSN logistic evaluation):
+# C = 1 / (l2_reg * n_train), so the penalty does not weaken as the labelled set grows.
+DEFAULT_L2_REG = 0.0025
+BASELINES = ("random", "pixels")
+# Raw-pixel features are average-pooled to at most this side, so that 224 px images stay affordable.
+PIXEL_FEATURE_SIZE = 32
+MODEL_ENCODER_NAME = "msn"
+
+
+# ----------------------------------------------------------------------------------------------------- features
+def load_feature_model(model_name_or_path: str, trust_remote_code: bool = False, **kwargs) -> torch.nn.Module:
+    """
+    The frozen encoder stored at `model_name_or_path`: an `MSNModel` folder (features: target-encoder class
+    token), an `MSNForImageClassification` folder (its pooled features, the classifier removed), or any other
+    `AutoModel` checkpoint with a `pooler_output` or a class token (e.g. a `ViTMSNModel`).
+    """
+    from transformers import AutoConfig, AutoModel
+
+    from .modeling_msn import MSNForImageClassification
+
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    if config.model_type == "msn" and "MSNForImageClassification" in (config.architectures or []):
+        model = MSNForImageClassification.from_pretrained(model_name_or_path, **kwargs)
+        # Its logits then are the features the classifier was trained on (class token, or with the patch mean).
+        model.classifier = torch.nn.Identity()
+        return model
+    return AutoModel.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def random_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised model of the same class and configuration as `model` (the "random encoder" baseline)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random_model = type(model)(model.config)
+    if isinstance(getattr(model, "classifier", None), torch.nn.Identity):
+        random_model.classifier = torch.nn.Identity()
+    return random_model.to(next(model.parameters()).device)
+
+
+def _embed(model: torch.nn.Module | None, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Features of one batch: the model's pooled output or class token, or pooled raw pixels when `model` is None."""
+    if model is None:
+        side = min(PIXEL_FEATURE_SIZE, pixel_values.shape[-1])
+        return F.adaptive_avg_pool2d(pixel_values, side).flatten(1)
+    outputs = model(pixel_values=pixel_values)
+    for name in ("pooler_output", "logits"):
+        value = getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return outputs.last_hidden_state[:, 0]
+
+
+def _batches(
+    dataset: ImageDataset, image_processor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, list]]:
+    """Evaluation-preprocessed `(pixel_values, labels)` batches; unreadable images are skipped with their labels."""
+    for rows in dataset.dataset.iter(batch_size=batch_size):
+        images = [decode_image(value) for value in rows[dataset.image_column]]
+        kept = [i for i, image in enumerate(images) if image is not None]
+        if len(kept) < len(images):
+            logger.warning("Skipped %d unreadable images.", len(images) - len(kept))
+        if not kept:
+            continue
+        labels = [rows[dataset.label_column][i] for i in kept]
+        pixel_values = image_processor([images[i] for i in kept], return_tensors="pt")["pixel_values"]
+        yield pixel_values, labels
+
+
+def extract_features(
+    model: torch.nn.Module | None,
+    dataset: ImageDataset,
+    image_processor,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str = "Extracting features",
+) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Frozen features of a labelled dataset, batched and without gradient.
+
+    Args:
+        model: an encoder whose output has `pooler_output` (MSNModel: the target encoder's class token),
+            `logits` or `last_hidden_state`; `None` gives the raw-pixel baseline (pooled to at most 32 x 32).
+        dataset: images with a label column.
+        image_processor: the evaluation preprocessing, called as `image_processor(images, return_tensors="pt")`.
+        device: where to run the model; by default where its parameters are. The model is moved there and its
+            train/eval mode is restored afterwards.
+
+    Returns:
+        `(features, labels)`: float32 `(num_images, num_features)` and the label values `(num_images,)`.
+    """
+    if dataset.label_column is None:
+        raise ValueError(
+            f"`dataset` must have a label column for evaluation, got none among {list(dataset.dataset.features)}; "
+            "pass `label_column_name`."
+        )
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    was_training = model is not None and model.training
+    if model is not None:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        model.to(device).eval()
+    total = len(dataset.dataset) if hasattr(dataset.dataset, "__len__") else None
+    features, labels = [], []
+    try:
+        with torch.inference_mode(), tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+            for pixel_values, batch_labels in _batches(dataset, image_processor, batch_size):
+                if device is not None:
+                    pixel_values = pixel_values.to(device)
+                features.append(_embed(model, pixel_values).float().cpu())
+                labels.extend(batch_labels)
+                bar.update(len(batch_labels))
+    finally:
+        if was_training:
+            model.train()
+    if not features:
+        raise ValueError("`dataset` contains no readable image.")
+    return torch.cat(features).numpy(), np.asarray(labels)
+
+
+# ---------------------------------------------------------------------------------------------------- classifiers
+def sample_per_class(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Indices of `shots` random images of every class (all of a class's images when it has fewer)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        chosen.append(rng.choice(members, size=min(shots, len(members)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def sample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a stratified `fraction` of the images, at least one per class (like ImageNet's 1 % subset)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        chosen.append(rng.choice(members, size=count, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def logistic_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    l2_reg: float = DEFAULT_L2_REG,
+    max_iter: int = 1000,
+) -> float:
+    """Test accuracy of an L2-regularised multinomial logistic regression (lbfgs) on already standardised features."""
+    if len(np.unique(train_labels)) < 2:
+        # A single class needs no classifier (and lbfgs refuses one).
+        return float(np.mean(test_labels == train_labels[0]))
+    classifier = LogisticRegression(C=1.0 / (l2_reg * len(train_labels)), max_iter=max_iter)
+    classifier.fit(train_features, train_labels)
+    return float(classifier.score(test_features, test_labels))
+
+
+def knn_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    k: int = DEFAULT_KNN_K,
+) -> float:
+    """Test accuracy of a majority vote among the `k` nearest training images by cosine similarity."""
+    classifier = KNeighborsClassifier(n_neighbors=min(k, len(train_labels)), metric="cosine", algorithm="brute")
+    classifier.fit(train_features, train_labels)
+    return float(classifier.score(test_features, test_labels))
+
+
+def _mean_std(runs: list[float]) -> dict:
+    return {"mean": float(np.mean(runs)), "std": float(np.std(runs)), "runs": runs}
+
+
+def fraction_name(fraction: float) -> str:
+    """The result key of a label fraction: 0.01 -> '1%'."""
+    return f"{fraction * 100:g}%"
+
+
+# One BLAS thread: the per-iteration products of these small fits are too short to share, and multi-threaded
+# OpenBLAS on busy cores spends more time synchronising than computing (20x slower measured on 2 shared cores).
+@threadpool_limits.wrap(limits=1, user_api="blas")
+def evaluate_features(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    label_fraction: float | None = DEFAULT_LABEL_FRACTION,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    knn_k: int | None = DEFAULT_KNN_K,
+    l2_reg: float = DEFAULT_L2_REG,
+) -> dict:
+    """
+    Low-shot accuracies of one set of features: `{"num_features", "logistic": {"1-shot": {"mean", "std", "runs"},
+    ..., "1%": {...}}, "knn": accuracy}`; accuracies are fractions in [0, 1].
+
+    Features are standardised with the mean and scale of ALL training images (no labels needed for that), so
+    that every labelled subset of a seed sees the same feature space.
+    """
+    scaler = StandardScaler().fit(train_features)
+    train_scaled, test_scaled = scaler.transform(train_features), scaler.transform(test_features)
+    subsets = {f"{k}-shot": (lambda seed, k=k: sample_per_class(train_labels, k, seed)) for k in shots}
+    if label_fraction is not None:
+        subsets[fraction_name(label_fraction)] = lambda seed: sample_fraction(train_labels, label_fraction, seed)
+    logistic = {}
+    for name, sample in subsets.items():
+        runs = []
+        for seed in seeds:
+            indices = sample(seed)
+            runs.append(
+                logistic_accuracy(train_scaled[indices], train_labels[indices], test_scaled, test_labels, l2_reg)
+            )
+        logistic[name] = _mean_std(runs)
+    results = {"num_features": int(train_features.shape[1]), "logistic": logistic}
+    if knn_k is not None:
+        results["knn"] = knn_accuracy(train_features, train_labels, test_features, test_labels, knn_k)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+def _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg) -> None:
+    def fail(name, expected, value):
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+
+    if any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in shots):
+        fail("shots", "a sequence of positive integers", shots)
+    if label_fraction is not None and not (isinstance(label_fraction, (int, float)) and 0 < label_fraction <= 1):
+        fail("label_fraction", "a number in (0, 1] or None", label_fraction)
+    if not seeds or any(not isinstance(seed, int) for seed in seeds):
+        fail("seeds", "a non-empty sequence of integers", seeds)
+    if knn_k is not None and (isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k <= 0):
+        fail("knn_k", "a positive integer or None", knn_k)
+    unknown = [name for name in baselines if name not in BASELINES]
+    if isinstance(baselines, str) or unknown:
+        fail("baselines", f"a sequence of names among {BASELINES}", baselines)
+    if not isinstance(l2_reg, (int, float)) or l2_reg <= 0:
+        fail("l2_reg", "a positive number", l2_reg)
+
+
+def _encode_labels(train_labels: np.ndarray, test_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map label values (ints or strings) to 0..C-1 consistently across both splits."""
+    values, codes = np.unique(np.concatenate([train_labels, test_labels]), return_inverse=True)
+    return codes[: len(train_labels)], codes[len(train_labels) :]
+
+
+def evaluate_lowshot(
+    model_or_path: torch.nn.Module | str,
+    train: ImageDataset,
+    test: ImageDataset,
+    image_processor=None,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    label_fraction: float | None = DEFAULT_LABEL_FRACTION,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    knn_k: int | None = DEFAULT_KNN_K,
+    baselines: Sequence[str] = ("random",),
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    l2_reg: float = DEFAULT_L2_REG,
+    output_file: str | None = None,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> dict:
+    """
+    Low-shot evaluation of a frozen encoder and of baselines on the same data and samples.
+
+    Args:
+        model_or_path: an `MSNModel` (or any model accepted by [`extract_features`]) or a checkpoint folder / Hub
+            id for [`load_feature_model`].
+        train: labelled images the classifiers are trained on (subsets of them for the low-shot settings).
+        test: labelled images the accuracies are measured on.
+        image_processor: evaluation preprocessing (`image_processor(images, return_tensors="pt")`); by default
+            the one saved with `model_or_path` when it is a path.
+        shots: images per class of the few-shot logistic regressions.
+        label_fraction: stratified fraction of the training labels for one more logistic regression (None: skip).
+        seeds: one labelled subset per seed for every setting; results report mean and standard deviation.
+        knn_k: neighbours of the cosine kNN classifier on all training labels (None: skip).
+        baselines: among `"random"` (a randomly initialised model of the same class and configuration) and
+            `"pixels"` (raw pixels after the evaluation preprocessing, pooled to at most 32 x 32).
+        batch_size, device: feature extraction batches and device (default: CUDA when available for a path,
+            the model's own device for a model).
+        l2_reg: L2 weight per labelled image of the logistic regression (`C = 1 / (l2_reg * n)`).
+        output_file: where to write the results as JSON (None: do not write).
+
+    Returns:
+        `{"settings": {...}, "encoders": {"msn": {...}, "random": {...}, "pixels": {...}}}` where every encoder
+        has `num_features`, `logistic` (`"<k>-shot"` and e.g. `"1%"`: `{"mean", "std", "runs"}`) and `knn`;
+        accuracies are fractions in [0, 1].
+    """
+    shots, seeds, baselines = tuple(shots), tuple(seeds), tuple(baselines)
+    _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model = load_feature_model(str(model_or_path), trust_remote_code=trust_remote_code)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if image_processor is None:
+            from transformers import AutoImageProcessor
+
+            image_processor = AutoImageProcessor.from_pretrained(
+                str(model_or_path), trust_remote_code=trust_remote_code
+            )
+    elif isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path
+    else:
+        raise ValueError(
+            f"`model_or_path` must be a torch module or a checkpoint path, got {type(model_or_path).__name__}."
+        )
+    if image_processor is None:
+        raise ValueError("`image_processor` is required when `model_or_path` is a model, got None.")
+
+    encoders = {MODEL_ENCODER_NAME: lambda: model}
+    if "random" in baselines:
+        encoders["random"] = lambda: random_like(model)
+    if "pixels" in baselines:
+        encoders["pixels"] = lambda: None
+
+    results = {"encoders": {}}
+    for name, build in encoders.items():
+        start = time.perf_counter()
+        encoder = build()
+        features = {}
+        for split, dataset in (("train", train), ("test", test)):
+            features[split] = extract_features(
+                encoder, dataset, image_processor, batch_size, device, progress, desc=f"{name} {split} features"
+            )
+        (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+        train_y, test_y = _encode_labels(train_y, test_y)
+        results["encoders"][name] = evaluate_features(
+            train_x, train_y, test_x, test_y, shots, label_fraction, seeds, knn_k, l2_reg
+        )
+        results["encoders"][name]["seconds"] = round(time.perf_counter() - start, 2)
+    results["settings"] = {
+        "shots": list(shots),
+        "label_fraction": label_fraction,
+        "seeds": list(seeds),
+        "knn_k": knn_k,
+        "l2_reg": l2_reg,
+        "num_train": int(len(train_y)),
+        "num_test": int(len(test_y)),
+        "num_labels": int(len(np.unique(np.concatenate([train_y, test_y])))),
+    }
+    if output_file is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+        with open(output_file, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions)."""
+    encoders = results["encoders"]
+    columns = list(next(iter(encoders.values()))["logistic"])
+    has_knn = any("knn" in values for values in encoders.values())
+    knn_name = f"kNN (k={results['settings']['knn_k']})"
+    header = ["encoder", *columns, *([knn_name] if has_knn else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, values in encoders.items():
+        cells = [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" for r in values["logistic"].values()]
+        if has_knn:
+            cells.append(f"{100 * values['knn']:.1f}" if "knn" in values else "-")
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def hold_out_test(dataset: ImageDataset, test_size: float = 0.2, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """A stratified train/test split of a labelled dataset that has no test split."""
+    if not 0 < test_size < 1:
+        raise ValueError(f"`test_size` must be in (0, 1), got {test_size!r}.")
+    data = dataset.dataset
+    if not hasattr(data, "train_test_split"):
+        raise ValueError("Holding out a test part needs a map-style dataset, got a streaming one; give a test split.")
+    if dataset.num_labels is None:
+        # Stratification needs a ClassLabel column.
+        data = data.class_encode_column(dataset.label_column)
+    splits = data.train_test_split(test_size=test_size, stratify_by_column=dataset.label_column, seed=seed)
+    return (
+        ImageDataset(splits["train"], dataset.image_column, dataset.label_column),
+        ImageDataset(splits["test"], dataset.image_column, dataset.label_column),
+    )
+
+
+def _load_split(dataset_name: str | None, dataset_config_name: str | None, split: str, **kwargs) -> ImageDataset | None:
+    """The `split` of a dataset, or None when it has no such split (a `save_to_disk` Dataset has no splits at all)."""
+    if dataset_name is not None and os.path.isdir(dataset_name):
+        saved = datasets.load_from_disk(dataset_name)  # memory-mapped: cheap to open twice
+        if not isinstance(saved, datasets.DatasetDict) or split not in saved:
+            return None
+    try:
+        return load_image_dataset(dataset_name, dataset_config_name, split=split, **kwargs)
+    except (ValueError, KeyError) as error:
+        logger.debug("No split %r: %s", split, error)
+        return None
+
+
+def load_evaluation_datasets(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    test_dir: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    test_size: float = 0.2,
+    image_column_name: str | None = None,
+    label_column_name: str | None = None,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    cache_dir: str | None = None,
+) -> tuple[ImageDataset, ImageDataset]:
+    """
+    Labelled train and test sets from the same sources as pretraining (Hub id or `save_to_disk` folder, image
+    folder, or the built-in digits with their test split). Without a test split (or `test_dir`), a stratified
+    `test_size` of the training images is held out.
+    """
+    common = dict(image_column_name=image_column_name, label_column_name=label_column_name, cache_dir=cache_dir)
+    train = load_image_dataset(dataset_name, dataset_config_name, train_dir, split=train_split, **common)
+    if train.label_column is None:
+        raise ValueError(
+            f"Evaluation needs labels, but no label column was found among {list(train.dataset.features)}; "
+            "pass `label_column_name`."
+        )
+    if test_dir is not None:
+        test = load_image_dataset(train_dir=test_dir, **common)
+    elif train_dir is not None:
+        train, test = hold_out_test(train, test_size)
+    else:
+        test = _load_split(dataset_name, dataset_config_name, test_split, **common)
+        if test is None:
+            logger.warning("No %r split: holding out %.0f%% of %r.", test_split, 100 * test_size, train_split)
+            train, test = hold_out_test(train, test_size)
+    # Subsampling after the split keeps the held-out part disjoint from the training part.
+    for limit, part in ((max_train_samples, train), (max_test_samples, test)):
+        if limit is not None:
+            part.dataset = part.dataset.select(range(min(limit, len(part.dataset))))
+    return train, test
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="MSN checkpoint folder (or ViTMSN / AutoModel).")
+    parser.add_argument("--image_processor_name", default=None, help="Processor folder; default: the model's.")
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset id or save_to_disk folder; default: digits.")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_dir", default=None, help="Image folder (one sub-folder per class).")
+    parser.add_argument("--test_dir", default=None, help="Image folder of test images; default: held out.")
+    parser.add_argument("--train_split", default="train")
+    parser.add_argument("--test_split", default="test", help="Held out from train_split when absent.")
+    parser.add_argument("--test_size", type=float, default=0.2, help="Held-out fraction when there is no test split.")
+    parser.add_argument("--image_column_name", default=None)
+    parser.add_argument("--label_column_name", default=None)
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_test_samples", type=int, default=None)
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
+    parser.add_argument("--label_fraction", type=float, default=DEFAULT_LABEL_FRACTION, help="0 to skip.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
+    parser.add_argument("--knn_k", type=int, default=DEFAULT_KNN_K, help="0 to skip.")
+    parser.add_argument("--l2_reg", type=float, default=DEFAULT_L2_REG)
+    parser.add_argument("--baselines", nargs="*", default=[], choices=BASELINES)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--output_file", default=None, help="Default: lowshot_results.json in the model folder.")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`msn-evaluate`: evaluate a checkpoint (and baselines), print a table and write the results as JSON."""
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    train, test = load_evaluation_datasets(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_dir,
+        args.test_dir,
+        args.train_split,
+        args.test_split,
+        args.test_size,
+        args.image_column_name,
+        args.label_column_name,
+        args.max_train_samples,
+        args.max_test_samples,
+        args.cache_dir,
+    )
+    image_processor = None
+    if args.image_processor_name is not None:
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(
+            args.image_processor_name, trust_remote_code=args.trust_remote_code
+        )
+    output_file = args.output_file
+    if output_file is None:
+        folder = args.model_name_or_path if os.path.isdir(args.model_name_or_path) else "."
+        output_file = os.path.join(folder, "lowshot_results.json")
+    results = evaluate_lowshot(
+        args.model_name_or_path,
+        train,
+        test,
+        image_processor,
+        shots=args.shots,
+        label_fraction=args.label_fraction or None,
+        seeds=args.seeds,
+        knn_k=args.knn_k or None,
+        baselines=args.baselines,
+        batch_size=args.batch_size,
+        device=args.device,
+        l2_reg=args.l2_reg,
+        output_file=output_file,
+        progress=not args.no_progress,
+        trust_remote_code=args.trust_remote_code,
+    )
+    settings = results["settings"]
+    print(
+        f"\n{args.model_name_or_path}: {settings['num_train']} training / {settings['num_test']} test images, "
+        f"{settings['num_labels']} classes, seeds {settings['seeds']}; top-1 accuracy (%)\n"
+    )
+    print(format_table(results))
+    print(f"\nResults written to {output_file}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
