@@ -160,6 +160,10 @@ def test_hold_out_is_stratified_and_disjoint(tmp_path):
     assert len(set(test.dataset["label"])) == 10
     with pytest.raises(ValueError, match="test_size"):
         hold_out_test(train, test_size=1.5)
+    held_out = evaluate_lowshot(
+        MSNModel(tiny_config()), train, None, tiny_processor(), shots=(1,), seeds=(0,), knn_k=None, progress=False
+    )
+    assert held_out["settings"]["num_test"] == 45 and held_out["settings"]["num_train"] == 180
 
 
 def test_load_feature_model_of_a_classifier_gives_its_encoder_features(saved_msn, tmp_path):

@@ -49,6 +49,7 @@ BASELINES = ("random", "pixels")
 # Raw-pixel features are average-pooled to at most this side, so that 224 px images stay affordable.
 PIXEL_FEATURE_SIZE = 32
 MODEL_ENCODER_NAME = "msn"
+DEFAULT_TEST_SIZE = 0.2
 
 
 # ----------------------------------------------------------------------------------------------------- features
@@ -293,7 +294,7 @@ def _encode_labels(train_labels: np.ndarray, test_labels: np.ndarray) -> tuple[n
 def evaluate_lowshot(
     model_or_path: torch.nn.Module | str,
     train: ImageDataset,
-    test: ImageDataset,
+    test: ImageDataset | None,
     image_processor=None,
     shots: Sequence[int] = DEFAULT_SHOTS,
     label_fraction: float | None = DEFAULT_LABEL_FRACTION,
@@ -314,7 +315,7 @@ def evaluate_lowshot(
         model_or_path: an `MSNModel` (or any model accepted by [`extract_features`]) or a checkpoint folder / Hub
             id for [`load_feature_model`].
         train: labelled images the classifiers are trained on (subsets of them for the low-shot settings).
-        test: labelled images the accuracies are measured on.
+        test: labelled images the accuracies are measured on; None holds out a stratified 20 % of `train`.
         image_processor: evaluation preprocessing (`image_processor(images, return_tensors="pt")`); by default
             the one saved with `model_or_path` when it is a path.
         shots: images per class of the few-shot logistic regressions.
@@ -335,6 +336,8 @@ def evaluate_lowshot(
     """
     shots, seeds, baselines = tuple(shots), tuple(seeds), tuple(baselines)
     _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg)
+    if test is None:
+        train, test = hold_out_test(train, DEFAULT_TEST_SIZE)
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_feature_model(str(model_or_path), trust_remote_code=trust_remote_code)
         if device is None:
@@ -409,7 +412,7 @@ def format_table(results: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- data
-def hold_out_test(dataset: ImageDataset, test_size: float = 0.2, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+def hold_out_test(dataset: ImageDataset, test_size: float = DEFAULT_TEST_SIZE, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """A stratified train/test split of a labelled dataset that has no test split."""
     if not 0 < test_size < 1:
         raise ValueError(f"`test_size` must be in (0, 1), got {test_size!r}.")
@@ -446,7 +449,7 @@ def load_evaluation_datasets(
     test_dir: str | None = None,
     train_split: str = "train",
     test_split: str = "test",
-    test_size: float = 0.2,
+    test_size: float = DEFAULT_TEST_SIZE,
     image_column_name: str | None = None,
     label_column_name: str | None = None,
     max_train_samples: int | None = None,
@@ -492,7 +495,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_dir", default=None, help="Image folder of test images; default: held out.")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--test_split", default="test", help="Held out from train_split when absent.")
-    parser.add_argument("--test_size", type=float, default=0.2, help="Held-out fraction when there is no test split.")
+    parser.add_argument("--test_size", type=float, default=DEFAULT_TEST_SIZE, help="Held-out fraction when there is no test split.")
     parser.add_argument("--image_column_name", default=None)
     parser.add_argument("--label_column_name", default=None)
     parser.add_argument("--max_train_samples", type=int, default=None)

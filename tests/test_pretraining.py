@@ -1,0 +1,302 @@
+"""Pretraining: schedules, parameter groups, the Accelerate loop end to end, resume, Hub push, bad data, Trainer."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_BACKBONE_KWARGS, tiny_config
+from PIL import Image
+
+from msn_hf import MSNImageProcessor, MSNModel
+from msn_hf import pretraining as pt
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "pretrain_msn.py"
+TINY_ARGS = [
+    "--backbone", "vit_tiny_patch16_224",
+    "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
+    "--config_overrides",
+    "image_size=32,focal_image_size=16,projection_hidden_size=64,projection_output_size=32,num_prototypes=16",
+    "--num_focal_views", "2",
+    "--per_device_train_batch_size", "16",
+    "--max_train_samples", "64",
+    "--logging_steps", "1",
+]  # fmt: skip
+
+
+def run_script(*args, env=None, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# --- schedules and optimiser ---------------------------------------------------------------------------------------
+
+
+def test_schedules_follow_the_original_recipe():
+    s = pt.MSNSchedules(total_steps=1000, warmup_steps=100)
+    span = 1250.0
+    assert s.lr(0) == pytest.approx(2e-4)
+    assert s.lr(50) == pytest.approx(2e-4 + 0.5 * (1e-3 - 2e-4))
+    assert s.lr(100) == pytest.approx(1e-3)
+    for step in (300, 999):
+        progress = (step - 100) / (span - 100)
+        assert s.lr(step) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert s.lr(1250) == pytest.approx(1e-6)
+    assert s.wd(0) == pytest.approx(0.04) and s.wd(1250) == pytest.approx(0.4)
+    assert s.wd(625) == pytest.approx(0.22)
+    # Training stops at 80 % of every schedule: momentum ends near 0.9992, not 1.
+    assert s.ema_momentum(0) == pytest.approx(0.996)
+    assert s.ema_momentum(1000) == pytest.approx(0.996 + 0.004 * 0.8)
+    assert all(s.ema_momentum(i) <= s.ema_momentum(i + 1) for i in range(0, 1000, 50))
+
+
+def test_parameter_groups_exclude_biases_norms_prototypes_and_the_target():
+    model = MSNModel(tiny_config())
+    decay, no_decay = pt.parameter_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "encoder.blocks.0.attn.qkv.weight" in decay_names and "projection_head.fc1.weight" in decay_names
+    assert {"prototypes", "encoder.blocks.0.attn.qkv.bias", "encoder.norm.weight"} <= no_decay_names
+    assert "projection_head.bn1.weight" in no_decay_names
+    assert not any(n.startswith("target_") for n in decay_names | no_decay_names)
+    assert all(model.get_parameter(n).ndim > 1 for n in decay_names)
+    assert no_decay["weight_decay"] == 0.0
+
+    optimizer = torch.optim.AdamW([decay, no_decay])
+    pt.apply_schedules(optimizer, pt.MSNSchedules(total_steps=10, warmup_steps=2), step=5)
+    assert optimizer.param_groups[0]["weight_decay"] > 0.04 and optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_config_overrides_parse_json_values_and_reject_unknown_fields():
+    assert pt.parse_config_overrides("mask_ratio=0.3,mask_strategy=drop,projection_batch_norm=false") == {
+        "mask_ratio": 0.3,
+        "mask_strategy": "drop",
+        "projection_batch_norm": False,
+    }
+    with pytest.raises(ValueError, match="unknown MSNConfig fields.*masking"):
+        pt.parse_config_overrides("masking=0.3")
+    with pytest.raises(ValueError, match="key=value"):
+        pt.parse_config_overrides("mask_ratio")
+
+
+def test_find_latest_checkpoint_ignores_incomplete_saves(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-11"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp"):
+        (tmp_path / name / pt.TRAINING_STATE_FILE).write_text("{}")
+    assert pt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert pt.find_latest_checkpoint(tmp_path / "missing") is None
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+
+def test_script_end_to_end_on_builtin_digits(tmp_path):
+    out = tmp_path / "run"
+    result = run_script(*TINY_ARGS, "--max_train_steps", 3, "--output_dir", out, "--checkpointing_steps", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "loss_curve.png",
+                 "metrics.jsonl", "eval_results.json", "train_results.json", "modeling_msn.py"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-2" / pt.TRAINING_STATE_FILE).is_file()
+    assert not list(out.glob("*.tmp")) and not (out / ".final").exists()
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for key in ("loss", "prediction_loss", "me_max_loss", "distinct_target_prototypes", "mean_max_target_prob",
+                "lr", "momentum", "images_per_second"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    assert 1 <= metrics[-1]["distinct_target_prototypes"] <= 16
+
+    model = MSNModel.from_pretrained(out)
+    processor = MSNImageProcessor.from_pretrained(out)
+    assert processor.crop_size["height"] == 32 and model.config.image_size == 32
+    pixel_values = processor(Image.new("RGB", (40, 40), "white"), return_tensors="pt")["pixel_values"]
+    assert model(pixel_values).pooler_output.shape == (1, 64)
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert {"msn", "random"} <= set(evaluation["encoders"])
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "max_train_steps" in card and "5-shot" in card
+
+
+def final_state(out):
+    return MSNModel.from_pretrained(out).state_dict()
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = [*TINY_ARGS, "--skip_evaluation", "--seed", "3"]
+    pt.main([*common, "--max_train_steps", "6", "--output_dir", str(tmp_path / "straight")])
+    pt.main([*common, "--max_train_steps", "6", "--output_dir", str(tmp_path / "split"), "--checkpointing_steps", "3"])
+    # Interrupted after 3 steps: throw away everything but checkpoint-3, then resume from it.
+    split = tmp_path / "split"
+    for path in split.iterdir():
+        if path.name != "checkpoint-3":
+            (path.unlink() if path.is_file() else __import__("shutil").rmtree(path))
+    pt.main([*common, "--max_train_steps", "6", "--output_dir", str(split), "--resume_from_checkpoint", "latest"])
+    straight, resumed = final_state(tmp_path / "straight"), final_state(split)
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 5, 6]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--skip_evaluation", "--max_train_steps", 40, "--checkpointing_steps", 2, "--output_dir", out]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while pt.find_latest_checkpoint(out) is None and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    last = pt.find_latest_checkpoint(out)
+    assert last is not None, "the run was killed before any checkpoint"
+    done = json.loads((last / pt.TRAINING_STATE_FILE).read_text())["completed_steps"]
+    assert done < 40
+    result = run_script(*args, "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {last}" in result.stdout + result.stderr
+    assert json.loads((out / "train_results.json").read_text())["completed_steps"] == 40
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_existing_checkpoints_are_not_overwritten_by_accident(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(ValueError, match="--resume_from_checkpoint latest"):
+        pt.main([*TINY_ARGS, "--skip_evaluation", "--max_train_steps", "1", "--output_dir", str(tmp_path)])
+
+
+def test_push_to_hub_uploads_the_final_folder_without_checkpoints(tmp_path, monkeypatch):
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["create_repo"] = dict(repo_id=repo_id, private=private, exist_ok=exist_ok)
+            return type("RepoUrl", (), {"repo_id": f"user/{repo_id}"})()
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None):
+            files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+            calls["uploaded"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+            calls["repo_id"] = repo_id
+
+    monkeypatch.setattr(pt, "HfApi", FakeApi)
+    out = tmp_path / "run"
+    pt.main([*TINY_ARGS, "--skip_evaluation", "--max_train_steps", "2", "--checkpointing_steps", "1",
+             "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "msn-tiny", "--hub_token", "hf_x",
+             "--hub_private_repo"])
+    assert calls["token"] == "hf_x"
+    assert calls["create_repo"] == dict(repo_id="msn-tiny", private=True, exist_ok=True)
+    assert calls["repo_id"] == "user/msn-tiny"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_msn.py"} <= set(
+        calls["uploaded"]
+    )
+    assert not any(name.startswith("checkpoint-") for name in calls["uploaded"])
+    assert (out / "checkpoint-2").is_dir()
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    images = tmp_path / "images" / "train"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    for i in range(4):
+        (images / f"corrupt_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
+    out = tmp_path / "run"
+    pt.main([*TINY_ARGS, "--train_dir", str(tmp_path / "images"), "--skip_evaluation", "--max_train_steps", "4",
+             "--per_device_train_batch_size", "8", "--output_dir", str(out)])
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["completed_steps"] == 4
+    assert 1 <= results["skipped_images"] <= 4 * 4  # four corrupt files, seen up to once per epoch
+
+
+def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
+    forward = MSNModel.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MSNModel, "forward", sometimes_nan)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row at step 2.*checkpoint-2"):
+        pt.main([*TINY_ARGS, "--skip_evaluation", "--max_train_steps", "10", "--max_nonfinite_steps", "3",
+                 "--checkpointing_steps", "1", "--output_dir", str(out)])
+    # Steps 1 and 2 came from forward calls 1 and 3; call 2 was skipped; calls 4-6 stopped the run.
+    assert calls["n"] == 6
+    assert pt.find_latest_checkpoint(out) == out / "checkpoint-2"
+
+
+def test_two_processes_train_log_once_and_checkpoint_once(tmp_path):
+    out = tmp_path / "run"
+    # `accelerate launch --cpu` starts one process per machine without mpirun; torchrun starts two, and
+    # ACCELERATE_USE_CPU makes Accelerate join them with gloo.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+               *TINY_ARGS, "--skip_evaluation", "--max_train_steps", "2", "--checkpointing_steps", "2",
+               "--output_dir", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"
+    ]
+    assert MSNModel.from_pretrained(out).config.num_prototypes == 16
+
+
+def test_trainer_callback_applies_the_ema_schedule(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from msn_hf.data import load_digits_dataset
+
+    model = MSNModel(tiny_config(ema_momentum=0.9, ema_momentum_end=1.0))
+    initial_target = model.target_encoder.blocks[0].attn.qkv.weight.detach().clone()
+    processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16, num_focal_views=2)
+    dataset = load_digits_dataset("train").select(range(32))
+    collator = pt.MSNViewsCollator(processor, "image")
+
+    def collate(rows):
+        batch = collator(rows)
+        batch.pop("num_skipped")
+        return dict(batch)
+
+    momenta = []
+    update = model.update_target_encoder
+    model.update_target_encoder = lambda momentum: (momenta.append(momentum), update(momentum))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to="none", use_cpu=True,
+        remove_unused_columns=False, save_strategy="no", logging_steps=1,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                      callbacks=[pt.MSNMomentumCallback()])
+    trainer.train()
+    assert momenta == pytest.approx([0.9 + 0.1 * step / (1.25 * 3) for step in (1, 2, 3)])
+    target = model.target_encoder.blocks[0].attn.qkv.weight
+    assert not torch.equal(target, initial_target)
+    assert not torch.equal(target, model.encoder.blocks[0].attn.qkv.weight)
+    assert not any(p.requires_grad for p in model.target_encoder.parameters())
