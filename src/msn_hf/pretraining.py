@@ -39,21 +39,31 @@ TRAINING_STATE_FILE = "training_state.json"
 METRICS_FILE = "metrics.jsonl"
 INDEX_KEY = "__index__"
 
-# The built-in digits are 32 px: a small ViT with 4 px patches, views scaled from 224 / 96 to 32 / 16, and
-# schedules sized for a run of a few minutes on two CPU cores.
+# The built-in digits are 32 px grey images upscaled from 8 x 8: a small ViT with 8 px patches (2 x 2 of the
+# original pixels, and fast enough for ~500 steps in three minutes on two CPU cores), views scaled from 224 / 96 to
+# 32 / 16 (blur sigma too), as many prototypes as images in a batch (Sinkhorn spreads a batch over all prototypes),
+# and no colour jitter: it only changes the brightness of grey digits, and with it the anchor assignments of such a
+# short run stay uniform (cross-entropy stuck at log K; see benchmarks/RESULTS.md).
 DIGITS_DEFAULTS = dict(
     backbone="vit_tiny_patch16_224",
-    backbone_kwargs=dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4),
+    backbone_kwargs=dict(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4),
     config=dict(
         image_size=32,
         focal_image_size=16,
         projection_hidden_size=512,
         projection_output_size=128,
-        num_prototypes=256,
+        num_prototypes=64,
         ema_momentum=0.99,
     ),
-    processor=dict(size={"shortest_edge": 32}, crop_size=32, focal_crop_size=16, num_focal_views=4),
-    training=dict(num_train_epochs=12, per_device_train_batch_size=64, num_warmup_epochs=1),
+    processor=dict(
+        size={"shortest_edge": 32},
+        crop_size=32,
+        focal_crop_size=16,
+        num_focal_views=2,
+        blur_sigma=(0.02, 0.3),
+        color_jitter_probability=0.0,
+    ),
+    training=dict(num_train_epochs=22, per_device_train_batch_size=64, num_warmup_epochs=1),
 )
 
 
@@ -300,7 +310,7 @@ def parse_config_overrides(text: str | None) -> dict:
 def build_model_and_processor(args) -> tuple[MSNModel, MSNImageProcessor]:
     overrides = parse_config_overrides(args.config_overrides)
     digits = args.use_builtin_data and args.backbone is None and args.model_name_or_path is None
-    processor_kwargs = dict(DIGITS_DEFAULTS["processor"]) if digits else {}
+    processor_kwargs = dict(DIGITS_DEFAULTS["processor"]) if args.use_builtin_data else {}
     if args.model_name_or_path:
         model = MSNModel.from_pretrained(args.model_name_or_path, **overrides)
         try:
