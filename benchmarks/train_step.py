@@ -103,7 +103,7 @@ def main():
             rows.append(json.loads(output.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
 
-    print(f"| precision | masking | images/s | peak memory (MiB) | speed vs mask_token | memory vs mask_token |")
+    print("| precision | masking | images/s | peak memory (MiB) | speed vs mask_token | memory vs mask_token |")
     print("|---|---|---:|---:|---:|---:|")
     for precision in PRECISIONS:
         group = [r for r in rows if r["precision"] == precision]

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE_KWARGS, tiny_config
 from PIL import Image
 
+from conftest import TINY_BACKBONE_KWARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
 
@@ -142,7 +143,7 @@ def test_resume_continues_exactly(tmp_path):
     split = tmp_path / "split"
     for path in split.iterdir():
         if path.name != "checkpoint-3":
-            (path.unlink() if path.is_file() else __import__("shutil").rmtree(path))
+            path.unlink() if path.is_file() else shutil.rmtree(path)
     pt.main([*common, "--max_train_steps", "6", "--output_dir", str(split), "--resume_from_checkpoint", "latest"])
     straight, resumed = final_state(tmp_path / "straight"), final_state(split)
     for key, value in straight.items():
