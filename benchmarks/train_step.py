@@ -3,7 +3,9 @@ One full MSN training step (forward, backward, AdamW, EMA) for each masking stra
 
 ViT-Ti/16 at 224 px, one anchor and one target view per image, mask ratio 0.6, no focal views. Each setting runs in
 its own subprocess so that its peak memory is its own: on CPU the peak resident set size above the level after
-building the model, on CUDA `torch.cuda.max_memory_allocated`.
+building the model (noisy: the allocator keeps freed pages), on CUDA `torch.cuda.max_memory_allocated`. The
+warm-up step also counts, exactly, the bytes of the tensors saved for the backward pass (the activation memory that
+masking is meant to cut) and the FLOPs of the step (`torch.utils.flop_counter`).
 
     python benchmarks/train_step.py                       # CPU, batch 32, writes a markdown table to stdout
     python benchmarks/train_step.py --device cuda --batch_size 128
@@ -31,6 +33,7 @@ def rss_bytes() -> int:
 
 def run_one(strategy: str, mask_ratio: float, precision: str, args) -> dict:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from msn_hf import MSNConfig, MSNModel
 
@@ -55,7 +58,16 @@ def run_one(strategy: str, mask_ratio: float, precision: str, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up: allocator, optimiser state, kernels
+    # Warm-up (allocator, optimiser state, kernels), measuring the saved activations and FLOPs of one step.
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), FlopCounterMode(display=False) as flops:
+        step()
     synchronize()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -78,6 +90,8 @@ def run_one(strategy: str, mask_ratio: float, precision: str, args) -> dict:
         "precision": precision,
         "images_per_second": args.batch_size * args.steps / elapsed,
         "peak_memory_mib": peak_memory / 2**20,
+        "saved_activations_mib": sum(saved.values()) / 2**20,
+        "gflops_per_step": flops.get_total_flops() / 1e9,
     }
 
 
@@ -110,9 +124,10 @@ def main():
         baseline = next(r for r in group if r["strategy"] == "mask_token")
         for r in group:
             print(
-                f"| {precision} | {r['strategy']} ({r['mask_ratio']}) | {r['images_per_second']:.1f} | "
-                f"{r['peak_memory_mib']:.0f} | {r['images_per_second'] / baseline['images_per_second']:.2f}x | "
-                f"{r['peak_memory_mib'] / baseline['peak_memory_mib']:.2f}x |"
+                f"| {precision} | {r['strategy']} ({r['mask_ratio']}) | {r['images_per_second']:.2f} | "
+                f"{r['images_per_second'] / baseline['images_per_second']:.2f}x | {r['gflops_per_step']:.0f} | "
+                f"{r['saved_activations_mib']:.0f} | "
+                f"{r['saved_activations_mib'] / baseline['saved_activations_mib']:.2f}x | {r['peak_memory_mib']:.0f} |"
             )
 
 
