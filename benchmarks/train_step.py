@@ -117,8 +117,9 @@ def main():
             rows.append(json.loads(output.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
 
-    print("| precision | masking | images/s | peak memory (MiB) | speed vs mask_token | memory vs mask_token |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| precision | masking | images/s | speed vs mask_token | GFLOPs/step | saved activations (MiB) "
+          "| activations vs mask_token | peak RSS growth (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for precision in PRECISIONS:
         group = [r for r in rows if r["precision"] == precision]
         baseline = next(r for r in group if r["strategy"] == "mask_token")
