@@ -214,9 +214,14 @@ class MSNMomentumCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         config = model.config
-        progress = state.global_step / (self.stretch * max(1, state.max_steps))
-        momentum = config.ema_momentum + (config.ema_momentum_end - config.ema_momentum) * progress
-        model.update_target_encoder(momentum)
+        schedules = MSNSchedules(
+            total_steps=max(1, state.max_steps),
+            warmup_steps=0,
+            momentum=config.ema_momentum,
+            final_momentum=config.ema_momentum_end,
+            stretch=self.stretch,
+        )
+        model.update_target_encoder(schedules.ema_momentum(state.global_step))
         return control
 
 
