@@ -454,11 +454,11 @@ def push_to_hub(args, output_dir: Path) -> None:
     )
 
 
-def export_final(accelerator: Accelerator, model: MSNModel, processor: MSNImageProcessor, output_dir: Path) -> None:
+def export_final(model: MSNModel, processor: MSNImageProcessor, output_dir: Path) -> None:
     """`save_pretrained` of model and processor into a temporary folder, then each file moved into `output_dir`."""
     staging = output_dir / ".final"
     shutil.rmtree(staging, ignore_errors=True)
-    accelerator.unwrap_model(model).save_pretrained(staging)
+    model.save_pretrained(staging)
     processor.save_pretrained(staging)
     for path in staging.iterdir():
         os.replace(path, output_dir / path.name)
@@ -671,7 +671,7 @@ def train(args: argparse.Namespace) -> dict:
         unwrapped.eval()
         if not args.skip_evaluation:
             results.update(run_lowshot_evaluation(args, unwrapped, processor, output_dir))
-        export_final(accelerator, model, processor, output_dir)
+        export_final(unwrapped, processor, output_dir)
         if metrics_history:
             plot_loss_curve(metrics_history, output_dir / "loss_curve.png")
         write_model_card(args, output_dir, unwrapped, results)
