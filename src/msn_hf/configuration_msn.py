@@ -8,6 +8,9 @@ from transformers import PreTrainedConfig
 
 MASK_STRATEGIES = ("drop", "mask_token")
 CLASSIFIER_POOLINGS = ("cls", "cls_mean")
+WEIGHT_INITS = ("msn", "mae")
+POSITION_EMBEDDINGS = ("learned", "sincos")
+TARGET_PRIORS = ("uniform", "power_law")
 
 
 class MSNConfig(PreTrainedConfig):
@@ -60,6 +63,21 @@ class MSNConfig(PreTrainedConfig):
         classifier_pooling (`str`, *optional*, defaults to `"cls"`):
             Features of [`MSNForImageClassification`]: `"cls"` or `"cls_mean"` (class token concatenated with
             the mean of the patch tokens).
+        weight_init (`str`, *optional*, defaults to `"msn"`):
+            `"msn"`: the authors' recipe (truncated normal Linears and tokens, Kaiming-normal fan-in patch
+            convolution); `"mae"`: Xavier-uniform Linears and patch projection (as a flattened linear map), normal
+            class token, as MAE.
+        position_embedding (`str`, *optional*, defaults to `"learned"`):
+            `"learned"` (the original) or `"sincos"`: fixed 2-D sine-cosine position embeddings, a non-trainable
+            buffer, interpolated for focal views like learned ones.
+        target_prior (`str`, *optional*, defaults to `"uniform"`):
+            Prior over prototypes that the mean anchor assignment is pulled towards: `"uniform"` (me-max, MSN) or
+            `"power_law"` (PMSN, Assran et al., ICLR 2023).
+        power_law_exponent (`float`, *optional*, defaults to 0.25):
+            Exponent tau of the power-law prior `p_k ~ k^(-tau)`.
+        backbone_pretrained (`str`, *optional*):
+            timm weights the encoders start from: a local file (`.safetensors`, `.pth`, `.bin`) or, only when given,
+            a Hub id (downloaded). Ignored when loading an MSN checkpoint.
 
     Example:
 
@@ -93,6 +111,11 @@ class MSNConfig(PreTrainedConfig):
     ema_momentum_end: float = 1.0
     initializer_range: float = 0.02
     classifier_pooling: str = "cls"
+    weight_init: str = "msn"
+    position_embedding: str = "learned"
+    target_prior: str = "uniform"
+    power_law_exponent: float = 0.25
+    backbone_pretrained: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.backbone_kwargs is None:
@@ -130,6 +153,18 @@ class MSNConfig(PreTrainedConfig):
             fail("mask_strategy", f"one of {MASK_STRATEGIES}")
         if self.classifier_pooling not in CLASSIFIER_POOLINGS:
             fail("classifier_pooling", f"one of {CLASSIFIER_POOLINGS}")
+        for name, choices in (
+            ("weight_init", WEIGHT_INITS), ("position_embedding", POSITION_EMBEDDINGS), ("target_prior", TARGET_PRIORS)
+        ):
+            if getattr(self, name) not in choices:
+                fail(name, f"one of {choices}")
+        value = self.power_law_exponent
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            fail("power_law_exponent", "a positive number")
+        if self.backbone_pretrained is not None and (
+            not isinstance(self.backbone_pretrained, str) or not self.backbone_pretrained.strip()
+        ):
+            fail("backbone_pretrained", "None, a local weights file or a Hub id")
         if not isinstance(self.backbone_kwargs, dict):
             fail("backbone_kwargs", "a dict of timm.create_model arguments")
         self._check_backbone()

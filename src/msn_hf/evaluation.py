@@ -18,6 +18,7 @@ Command line: `msn-evaluate --model_name_or_path outputs/msn-digits --baselines 
 """
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -42,9 +43,25 @@ DEFAULT_SHOTS = (1, 2, 5, 10)
 DEFAULT_LABEL_FRACTION = 0.01
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_KNN_K = 20
-# Inverse of the L2 weight per training image (cyanure's `lambd` of the MSN logistic evaluation):
-# C = 1 / (l2_reg * n_train), so the penalty does not weaken as the labelled set grows.
+# cyanure's `lambd` of the authors' logistic evaluation (their `--lambd`), which they divide by the number of
+# labelled images before fitting; `PROTOCOLS` states what each protocol does with it.
 DEFAULT_L2_REG = 0.0025
+# How each protocol regularises, written into the results. cyanure minimises
+#   (1/n) sum_i CE(W x_i, y_i) + (lambda / 2) ||W||^2,
+# scikit-learn (lbfgs) C sum_i CE(W x_i + b, y_i) + (1/2) ||W||^2; multiplying cyanure's objective by n / lambda
+# gives scikit-learn's with C = 1 / (n lambda).
+PROTOCOLS = {
+    "msn": (
+        "the authors' protocol: each feature vector centred (its own mean removed) and L2-normalised; multinomial "
+        "logistic regression without intercept minimising mean cross-entropy + (l2_reg / n) / 2 * ||W||^2 (cyanure "
+        "lambd = l2_reg / n for n labelled images), i.e. scikit-learn C = 1 / l2_reg"
+    ),
+    "standardized": (
+        "features standardised with the mean and scale of all training images; multinomial logistic regression "
+        "with intercept minimising mean cross-entropy + l2_reg / 2 * ||W||^2, i.e. scikit-learn C = 1 / (l2_reg * n)"
+    ),
+}
+DEFAULT_PROTOCOL = "msn"
 BASELINES = ("random", "pixels")
 # Raw-pixel features are average-pooled to at most this side, so that 224 px images stay affordable.
 PIXEL_FEATURE_SIZE = 32
@@ -76,7 +93,10 @@ def random_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """A freshly initialised model of the same class and configuration as `model` (the "random encoder" baseline)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        random_model = type(model)(model.config)
+        config = copy.deepcopy(model.config)
+        if getattr(config, "backbone_pretrained", None) is not None:
+            config.backbone_pretrained = None  # random means random, not the timm weights the model started from
+        random_model = type(model)(config)
     if isinstance(getattr(model, "classifier", None), torch.nn.Identity):
         random_model.classifier = torch.nn.Identity()
     return random_model.to(next(model.parameters()).device)
@@ -185,6 +205,25 @@ def sample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return np.sort(np.concatenate(chosen))
 
 
+def logistic_classifier(protocol: str, l2_reg: float, num_samples: int, max_iter: int = 1000) -> LogisticRegression:
+    """The scikit-learn classifier of `protocol` (see `PROTOCOLS`) for `num_samples` labelled images."""
+    if protocol == "msn":
+        return LogisticRegression(C=1.0 / l2_reg, fit_intercept=False, max_iter=max_iter)
+    return LogisticRegression(C=1.0 / (l2_reg * num_samples), max_iter=max_iter)
+
+
+def preprocess_features(protocol: str, train_features: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Features as the protocol's classifier sees them: `"msn"` per image, `"standardized"` fitted on `train_features`."""
+    if protocol == "msn":
+        def normalise(features):
+            centred = features - features.mean(axis=1, keepdims=True)
+            return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+        return [normalise(features) for features in (train_features, *others)]
+    scaler = StandardScaler().fit(train_features)
+    return [scaler.transform(features) for features in (train_features, *others)]
+
+
 def logistic_accuracy(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -192,12 +231,13 @@ def logistic_accuracy(
     test_labels: np.ndarray,
     l2_reg: float = DEFAULT_L2_REG,
     max_iter: int = 1000,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> float:
-    """Test accuracy of an L2-regularised multinomial logistic regression (lbfgs) on already standardised features."""
+    """Test accuracy of the protocol's multinomial logistic regression (lbfgs) on already preprocessed features."""
     if len(np.unique(train_labels)) < 2:
         # A single class needs no classifier (and lbfgs refuses one).
         return float(np.mean(test_labels == train_labels[0]))
-    classifier = LogisticRegression(C=1.0 / (l2_reg * len(train_labels)), max_iter=max_iter)
+    classifier = logistic_classifier(protocol, l2_reg, len(train_labels), max_iter)
     classifier.fit(train_features, train_labels)
     return float(classifier.score(test_features, test_labels))
 
@@ -237,16 +277,16 @@ def evaluate_features(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     knn_k: int | None = DEFAULT_KNN_K,
     l2_reg: float = DEFAULT_L2_REG,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict:
     """
     Low-shot accuracies of one set of features: `{"num_features", "logistic": {"1-shot": {"mean", "std", "runs"},
     ..., "1%": {...}}, "knn": accuracy}`; accuracies are fractions in [0, 1].
 
-    Features are standardised with the mean and scale of ALL training images (no labels needed for that), so
-    that every labelled subset of a seed sees the same feature space.
+    The logistic regressions follow `protocol` (see `PROTOCOLS`); `"standardized"` scales with the statistics of
+    ALL training images (no labels needed for that), so that every labelled subset sees the same feature space.
     """
-    scaler = StandardScaler().fit(train_features)
-    train_scaled, test_scaled = scaler.transform(train_features), scaler.transform(test_features)
+    train_scaled, test_scaled = preprocess_features(protocol, train_features, test_features)
     subsets = {f"{k}-shot": (lambda seed, k=k: sample_per_class(train_labels, k, seed)) for k in shots}
     if label_fraction is not None:
         subsets[fraction_name(label_fraction)] = lambda seed: sample_fraction(train_labels, label_fraction, seed)
@@ -256,7 +296,9 @@ def evaluate_features(
         for seed in seeds:
             indices = sample(seed)
             runs.append(
-                logistic_accuracy(train_scaled[indices], train_labels[indices], test_scaled, test_labels, l2_reg)
+                logistic_accuracy(
+                    train_scaled[indices], train_labels[indices], test_scaled, test_labels, l2_reg, protocol=protocol
+                )
             )
         logistic[name] = _mean_std(runs)
     results = {"num_features": int(train_features.shape[1]), "logistic": logistic}
@@ -266,7 +308,7 @@ def evaluate_features(
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
-def _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg) -> None:
+def _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg, protocol) -> None:
     def fail(name, expected, value):
         raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
 
@@ -283,6 +325,8 @@ def _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg) -> N
         fail("baselines", f"a sequence of names among {BASELINES}", baselines)
     if not isinstance(l2_reg, (int, float)) or l2_reg <= 0:
         fail("l2_reg", "a positive number", l2_reg)
+    if protocol not in PROTOCOLS:
+        fail("protocol", f"one of {tuple(PROTOCOLS)}", protocol)
 
 
 def _encode_labels(train_labels: np.ndarray, test_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -307,6 +351,7 @@ def evaluate_lowshot(
     output_file: str | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict:
     """
     Low-shot evaluation of a frozen encoder and of baselines on the same data and samples.
@@ -326,8 +371,10 @@ def evaluate_lowshot(
             `"pixels"` (raw pixels after the evaluation preprocessing, pooled to at most 32 x 32).
         batch_size, device: feature extraction batches and device (default: CUDA when available for a path,
             the model's own device for a model).
-        l2_reg: L2 weight per labelled image of the logistic regression (`C = 1 / (l2_reg * n)`).
+        l2_reg: regularisation of the logistic regressions, cyanure's `lambd` (see `PROTOCOLS`).
         output_file: where to write the results as JSON (None: do not write).
+        protocol: `"msn"` (the authors': centred, L2-normalised features, `C = 1 / l2_reg`, no intercept) or
+            `"standardized"` (standardised features, `C = 1 / (l2_reg * n)`); stated in `settings`.
 
     Returns:
         `{"settings": {...}, "encoders": {"msn": {...}, "random": {...}, "pixels": {...}}}` where every encoder
@@ -335,7 +382,7 @@ def evaluate_lowshot(
         accuracies are fractions in [0, 1].
     """
     shots, seeds, baselines = tuple(shots), tuple(seeds), tuple(baselines)
-    _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg)
+    _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg, protocol)
     if test is None:
         train, test = hold_out_test(train, DEFAULT_TEST_SIZE)
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -375,7 +422,7 @@ def evaluate_lowshot(
         (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
         train_y, test_y = _encode_labels(train_y, test_y)
         results["encoders"][name] = evaluate_features(
-            train_x, train_y, test_x, test_y, shots, label_fraction, seeds, knn_k, l2_reg
+            train_x, train_y, test_x, test_y, shots, label_fraction, seeds, knn_k, l2_reg, protocol
         )
         results["encoders"][name]["seconds"] = round(time.perf_counter() - start, 2)
     results["settings"] = {
@@ -384,6 +431,8 @@ def evaluate_lowshot(
         "seeds": list(seeds),
         "knn_k": knn_k,
         "l2_reg": l2_reg,
+        "protocol": protocol,
+        "regularisation": PROTOCOLS[protocol],
         "num_train": int(len(train_y)),
         "num_test": int(len(test_y)),
         "num_labels": int(len(np.unique(np.concatenate([train_y, test_y])))),
@@ -505,7 +554,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label_fraction", type=float, default=DEFAULT_LABEL_FRACTION, help="0 to skip.")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--knn_k", type=int, default=DEFAULT_KNN_K, help="0 to skip.")
-    parser.add_argument("--l2_reg", type=float, default=DEFAULT_L2_REG)
+    parser.add_argument("--l2_reg", type=float, default=DEFAULT_L2_REG, help="cyanure's lambd (see --protocol).")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=DEFAULT_PROTOCOL)
     parser.add_argument("--baselines", nargs="*", default=[], choices=BASELINES)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default=None)
@@ -560,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         output_file=output_file,
         progress=not args.no_progress,
         trust_remote_code=args.trust_remote_code,
+        protocol=args.protocol,
     )
     settings = results["settings"]
     print(

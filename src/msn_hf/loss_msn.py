@@ -73,7 +73,8 @@ class MSNLossOutput:
     Args:
         loss (`torch.FloatTensor` of shape `()`): total objective.
         prediction_loss (`torch.FloatTensor` of shape `()`): cross-entropy between targets and anchor assignments.
-        me_max_loss (`torch.FloatTensor` of shape `()`): mean-entropy maximisation penalty (0 at uniform usage).
+        me_max_loss (`torch.FloatTensor` of shape `()`): KL divergence of the mean anchor assignment from the prior
+            (mean-entropy maximisation for the uniform prior; 0 when usage matches the prior).
         entropy_loss (`torch.FloatTensor` of shape `()`): mean entropy of the anchor assignments.
         anchor_probs (`torch.FloatTensor` of shape `(num_anchor_views * batch_size, num_prototypes)`).
         target_probs (`torch.FloatTensor` of shape `(batch_size, num_prototypes)`): sharpened, balanced targets.
@@ -100,12 +101,19 @@ class MSNLoss(nn.Module):
 
         t = SinkhornKnopp( p(z_target)^(1/T) / sum_k p(z_target)_k^(1/T) ),
 
-    then repeated once per anchor view. With p_bar the mean of all anchor rows (averaged over processes):
+    then repeated once per anchor view. With p_bar the mean of all anchor rows (averaged over processes) and
+    q a prior over the K prototypes:
 
         prediction_loss = mean_i  -sum_k t_ik log p_ik
-        me_max_loss     = sum_k p_bar_k log p_bar_k + log K
+        me_max_loss     = KL(p_bar || q) = sum_k p_bar_k log p_bar_k - sum_k p_bar_(k) log q_k
         entropy_loss    = mean_i  -sum_k p_ik log p_ik
         loss            = prediction_loss + me_max_weight * me_max_loss + entropy_weight * entropy_loss
+
+    `target_prior="uniform"` (MSN's mean-entropy maximisation): q_k = 1/K, so me_max_loss = sum_k p_bar_k log
+    p_bar_k + log K. `"power_law"` (PMSN, Assran et al., ICLR 2023): q_k = k^(-tau) / sum_j j^(-tau) for ranks
+    k = 1..K, and p_bar_(k) is the k-th largest entry of p_bar: prototypes are interchangeable, so the prior is
+    matched to them by rank (the relabelling with the smallest KL, by the rearrangement inequality); tau = 0 is
+    the uniform case.
 
     All logarithms are taken from log-softmax values, so no exponential of a large logit is ever formed.
     """
@@ -118,14 +126,27 @@ class MSNLoss(nn.Module):
         me_max_weight: float = 1.0,
         entropy_weight: float = 0.0,
         label_smoothing: float = 0.0,
+        target_prior: str = "uniform",
+        power_law_exponent: float = 0.25,
     ):
         super().__init__()
+        if target_prior not in ("uniform", "power_law"):
+            raise ValueError(f"`target_prior` must be 'uniform' or 'power_law', got {target_prior!r}.")
+        self.target_prior = target_prior
+        self.power_law_exponent = power_law_exponent
         self.temperature = temperature
         self.target_sharpen_temperature = target_sharpen_temperature
         self.sinkhorn_iterations = sinkhorn_iterations
         self.me_max_weight = me_max_weight
         self.entropy_weight = entropy_weight
         self.label_smoothing = label_smoothing
+
+    def log_prior(self, num_prototypes: int, device: torch.device | None = None) -> torch.Tensor:
+        """`log q_k` for ranks k = 1..K, shape `(num_prototypes,)`: uniform, or the normalised power law k^(-tau)."""
+        if self.target_prior == "uniform":
+            return torch.full((num_prototypes,), -math.log(num_prototypes), device=device)
+        log_unnormalised = -self.power_law_exponent * torch.arange(1, num_prototypes + 1, device=device).float().log()
+        return log_unnormalised - torch.logsumexp(log_unnormalised, dim=0)
 
     def log_probs(self, embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """Log prototype assignments `log p(z)`, shape `(num_rows, num_prototypes)`."""
@@ -173,7 +194,12 @@ class MSNLoss(nn.Module):
             mean_probs = _AllReduceMean.apply(anchor_probs.mean(dim=0))
             # Clamped so that an unused prototype contributes 0 * finite rather than 0 * -inf.
             log_mean_probs = mean_probs.clamp_min(torch.finfo(mean_probs.dtype).tiny).log()
-            me_max_loss = (mean_probs * log_mean_probs).sum() + math.log(prototypes.shape[0])
+            me_max_loss = (mean_probs * log_mean_probs).sum()
+            if self.target_prior == "uniform":
+                me_max_loss = me_max_loss + math.log(prototypes.shape[0])
+            else:
+                ranked = mean_probs.sort(descending=True).values
+                me_max_loss = me_max_loss - (ranked * self.log_prior(prototypes.shape[0], ranked.device)).sum()
             entropy_loss = -(anchor_probs * anchor_log_probs).sum(dim=-1).mean()
             loss = prediction_loss + self.me_max_weight * me_max_loss + self.entropy_weight * entropy_loss
         return MSNLossOutput(

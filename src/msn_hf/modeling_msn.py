@@ -1,6 +1,7 @@
 """PyTorch MSN model: Masked Siamese Networks pretraining of timm Vision Transformers."""
 
 import math
+import os
 from dataclasses import dataclass
 
 import timm
@@ -26,8 +27,8 @@ class MSNModelOutput(ModelOutput):
         prediction_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Cross-entropy between the target assignments and the anchor assignments.
         me_max_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Mean-entropy maximisation penalty, `sum(p_bar * log p_bar) + log K` (0 when all prototypes are used
-            equally).
+            KL divergence of the mean anchor assignment p_bar from the prior over prototypes (`config.target_prior`);
+            for the uniform prior the mean-entropy maximisation penalty `sum(p_bar * log p_bar) + log K`.
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, hidden_size)`):
             Target encoder tokens of `pixel_values` after the final norm (class token first).
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
@@ -76,9 +77,60 @@ class MSNProjectionHead(nn.Module):
         return self.fc3(hidden)
 
 
+def sincos_position_embedding(grid_height: int, grid_width: int, dim: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """
+    Fixed 2-D sine-cosine position embeddings (as MAE), shape `(1, num_prefix_tokens + grid_height * grid_width, dim)`.
+
+    The patch at row i, column j (row-major order) gets `[sin(j w), cos(j w), sin(i w), cos(i w)]` with the
+    `dim / 4` frequencies `w_f = 10000^(-f / (dim / 4))`; prefix tokens (class token) get zeros.
+    """
+    if dim % 4:
+        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {dim}.")
+    frequencies = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, columns = torch.meshgrid(
+        torch.arange(grid_height, dtype=torch.float64), torch.arange(grid_width, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coordinate in (columns.reshape(-1), rows.reshape(-1)):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [angles.sin(), angles.cos()]
+    patches = torch.cat(parts, dim=1)
+    prefix = torch.zeros(num_prefix_tokens, dim, dtype=torch.float64)
+    return torch.cat([prefix, patches]).unsqueeze(0).float()
+
+
+def _load_pretrained_backbone(config: MSNConfig) -> timm.models.VisionTransformer:
+    """The timm ViT of `config` with the weights of `config.backbone_pretrained` (a local file, else a Hub id)."""
+    source = config.backbone_pretrained
+    overlay = dict(file=source) if os.path.isfile(source) else dict(hf_hub_id=source)
+    kwargs = {**config.timm_kwargs(), "pretrained": True, "pretrained_cfg_overlay": overlay}
+    try:
+        return timm.create_model(config.backbone, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"MSNConfig: `backbone_pretrained` must be a weights file of {config.backbone!r} or a Hub id of one, "
+            f"got {source!r}; timm said: {error}"
+        ) from error
+
+
 def create_backbone(config: MSNConfig) -> timm.models.VisionTransformer:
-    """A randomly initialised timm Vision Transformer of `config.backbone`, accepting any multiple of its patch size."""
-    return timm.create_model(config.backbone, **config.timm_kwargs())
+    """
+    The timm Vision Transformer of `config.backbone`, accepting any multiple of its patch size: randomly
+    initialised, or holding `config.backbone_pretrained` weights (marked so that `post_init` keeps them). With
+    `config.position_embedding="sincos"`, `pos_embed` is a buffer (never trained, resampled for other
+    resolutions by timm like a learned one).
+    """
+    # Under `from_pretrained` modules are built on the meta device and the checkpoint supplies every weight.
+    pretrained = config.backbone_pretrained is not None and not torch.empty(0).is_meta
+    backbone = _load_pretrained_backbone(config) if pretrained else timm.create_model(config.backbone, **config.timm_kwargs())
+    if config.position_embedding == "sincos" and isinstance(backbone.pos_embed, nn.Parameter):
+        position_embedding = backbone.pos_embed.detach().clone()
+        del backbone.pos_embed
+        backbone.register_buffer("pos_embed", position_embedding)
+    if pretrained:
+        for tensor in (*backbone.parameters(), *backbone.buffers()):
+            tensor._is_hf_initialized = True
+    return backbone
 
 
 def random_keep_indices(
@@ -102,10 +154,29 @@ class MSNPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The original initialisation: truncated normal for weights and embeddings, zero biases, unit norms."""
+        """
+        `config.weight_init="msn"`, the authors' recipe: Linear weights truncated normal (std `initializer_range`),
+        the patch convolution Kaiming normal (fan-in, gain sqrt(2)); `"mae"`: Linear weights and the patch
+        projection (as a flattened `(out, in * kh * kw)` linear map) Xavier uniform. Both: zero biases, unit
+        norms, class / register tokens and learned position embeddings truncated normal (`"mae"`: normal) of std
+        `initializer_range`, sine-cosine position embeddings by formula, prototypes uniform(+-1/sqrt(dim)).
+        """
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, std=std)
+        mae = self.config.weight_init == "mae"
+        if isinstance(module, nn.Linear):
+            if mae:
+                init.xavier_uniform_(module.weight)
+            else:
+                init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            if mae:
+                fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                init.uniform_(module.weight, -bound, bound)
+            else:
+                init.kaiming_normal_(module.weight, mode="fan_in")
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
@@ -119,9 +190,18 @@ class MSNPreTrainedModel(PreTrainedModel):
         elif isinstance(module, timm.layers.LayerScale):
             init.constant_(module.gamma, module.init_values)
         elif isinstance(module, timm.models.VisionTransformer):
-            for name in ("cls_token", "reg_token", "pos_embed"):
+            token_init = init.normal_ if mae else init.trunc_normal_
+            for name in ("cls_token", "reg_token"):
                 if getattr(module, name, None) is not None:
-                    init.trunc_normal_(getattr(module, name), std=std)
+                    token_init(getattr(module, name), std=std)
+            if module.pos_embed is not None:
+                if self.config.position_embedding == "sincos":
+                    grid_height, grid_width = module.patch_embed.grid_size
+                    num_prefix = module.pos_embed.shape[1] - grid_height * grid_width
+                    values = sincos_position_embedding(grid_height, grid_width, module.pos_embed.shape[-1], num_prefix)
+                    init.copy_(module.pos_embed, values.to(module.pos_embed.device, module.pos_embed.dtype))
+                else:
+                    token_init(module.pos_embed, std=std)
         elif isinstance(module, MSNModel):
             bound = 1.0 / math.sqrt(self.config.projection_output_size)
             init.uniform_(module.prototypes, -bound, bound)
@@ -233,6 +313,8 @@ class MSNModel(MSNPreTrainedModel):
             me_max_weight=config.me_max_weight,
             entropy_weight=config.entropy_weight,
             label_smoothing=config.label_smoothing,
+            target_prior=config.target_prior,
+            power_law_exponent=config.power_law_exponent,
         )
         self.gradient_checkpointing = False
         self.post_init()
@@ -241,6 +323,52 @@ class MSNModel(MSNPreTrainedModel):
 
     def get_encoder(self) -> timm.models.VisionTransformer:
         return self.encoder
+
+    @classmethod
+    def from_timm(cls, vit_module: timm.models.VisionTransformer, **config_kwargs) -> "MSNModel":
+        """
+        An `MSNModel` whose anchor and target encoders start as copies of an existing timm ViT (its classifier,
+        if any, dropped). The backbone name and `backbone_kwargs` (width, depth, heads, patch and image size, MLP
+        ratio, qkv bias, register tokens) are read from the module unless given in `config_kwargs`; its position
+        embeddings are kept as they are, whatever `position_embedding` says.
+        """
+        if not isinstance(vit_module, timm.models.VisionTransformer) or getattr(vit_module, "cls_token", None) is None:
+            raise ValueError(
+                "`vit_module` must be a timm VisionTransformer with a class token, got "
+                f"{type(vit_module).__name__}."
+            )
+        block = vit_module.blocks[0]
+        backbone_kwargs = dict(
+            img_size=tuple(vit_module.patch_embed.img_size),
+            patch_size=tuple(vit_module.patch_embed.patch_size),
+            embed_dim=vit_module.embed_dim,
+            depth=len(vit_module.blocks),
+            num_heads=block.attn.num_heads,
+            mlp_ratio=block.mlp.fc1.out_features / vit_module.embed_dim,
+            qkv_bias=block.attn.qkv.bias is not None,
+            reg_tokens=vit_module.num_reg_tokens,
+            no_embed_class=vit_module.no_embed_class,
+        )
+        config_kwargs.setdefault("backbone", (vit_module.pretrained_cfg or {}).get("architecture") or "vit_small_patch16_224")
+        config_kwargs.setdefault("backbone_kwargs", backbone_kwargs)
+        config_kwargs.setdefault("image_size", backbone_kwargs["img_size"][0])
+        config_kwargs["backbone_pretrained"] = None
+        model = cls(MSNConfig(**config_kwargs))
+        weights = {k: v for k, v in vit_module.state_dict().items() if not k.startswith("head.")}
+        expected = model.encoder.state_dict()
+        mismatched = sorted(
+            set(weights) ^ set(expected) | {k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape}
+        )
+        if mismatched:
+            raise ValueError(
+                f"`vit_module` does not match the encoder of backbone {model.config.backbone!r} with "
+                f"{model.config.backbone_kwargs}: differing weights {mismatched[:8]}; pass `backbone` and "
+                "`backbone_kwargs` that rebuild it."
+            )
+        with torch.no_grad():
+            model.encoder.load_state_dict(weights)
+        model.copy_anchor_to_target()
+        return model
 
     def _target_and_anchor_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         target = [*self.target_encoder.parameters(), *self.target_projection_head.parameters()]
