@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import tiny_config
@@ -98,7 +99,9 @@ def test_classifiers_separate_informative_features_and_not_noise():
     assert set(results["logistic"]) == {"1-shot", "5-shot", "10%"}
     assert len(results["logistic"]["5-shot"]["runs"]) == 2 and results["num_features"] == 16
     assert results["logistic"]["5-shot"]["mean"] > 0.9 and results["knn"] > 0.9
-    noise = evaluate_features(rng.normal(size=(150, 16)), train_y, test_x, test_y, shots=(5,), seeds=(0,), knn_k=5)
+    noise = evaluate_features(
+        rng.normal(size=(150, 16)), train_y, rng.normal(size=(100, 16)), test_y, shots=(5,), seeds=(0,), knn_k=5
+    )
     assert noise["logistic"]["5-shot"]["mean"] < 0.6 and noise["knn"] < 0.6
 
 
@@ -188,3 +191,65 @@ def test_command_line_prints_a_table_and_writes_results(saved_msn, tmp_path, cap
     assert "| msn |" in printed and "| random |" in printed and "kNN (k=20)" in printed
     assert json.loads(output_file.read_text()) == results
     assert results["settings"]["num_test"] == 60 and results["settings"]["shots"] == [1, 2]
+
+
+def plain_logistic_regression(features, labels, l2_weight, intercept):
+    """argmin_{W, b} mean_i CE(W x_i + b, y_i) + l2_weight / 2 * ||W||^2, by L-BFGS in float64."""
+    from scipy.optimize import minimize
+
+    num, dim = features.shape
+    classes = labels.max() + 1
+    x, onehot = torch.tensor(features, dtype=torch.float64), F.one_hot(torch.tensor(labels), classes).double()
+
+    def objective(flat):
+        params = torch.tensor(flat, requires_grad=True)
+        weights, bias = params[: classes * dim].view(classes, dim), params[classes * dim :]
+        logits = x @ weights.t() + (bias if intercept else 0)
+        value = -(onehot * logits.log_softmax(dim=1)).sum(dim=1).mean() + l2_weight / 2 * (weights**2).sum()
+        value.backward()
+        return value.item(), params.grad.numpy()
+
+    result = minimize(objective, np.zeros(classes * dim + classes), jac=True, method="L-BFGS-B", tol=1e-12)
+    return result.x[: classes * dim].reshape(classes, dim)
+
+
+@pytest.mark.parametrize("protocol", ["msn", "standardized"])
+def test_logistic_protocols_match_a_plain_rederivation(protocol):
+    from msn_hf.evaluation import logistic_classifier, preprocess_features
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 5)
+    features = rng.normal(size=(15, 4)) + 2.0 * np.eye(3, 4)[labels] + 3.0
+    lambd = 0.05
+    n = len(labels)
+    if protocol == "msn":
+        # The authors: each feature vector centred and L2-normalised; cyanure's lambd divided by n; no intercept.
+        centred = features - features.mean(axis=1, keepdims=True)
+        plain_x = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+        expected = plain_logistic_regression(plain_x, labels, lambd / n, intercept=False)
+    else:
+        plain_x = (features - features.mean(axis=0)) / features.std(axis=0)
+        expected = plain_logistic_regression(plain_x, labels, lambd, intercept=True)
+    (processed,) = preprocess_features(protocol, features)
+    np.testing.assert_allclose(processed, plain_x, atol=1e-12)
+    classifier = logistic_classifier(protocol, lambd, n, max_iter=10_000)
+    classifier.set_params(tol=1e-10)
+    classifier.fit(processed, labels)
+    assert classifier.fit_intercept == (protocol == "standardized")
+    # Multinomial weights are defined up to a common shift of the class rows; the L2 penalty picks zero-sum columns.
+    np.testing.assert_allclose(classifier.coef_, expected, atol=2e-3 * np.abs(expected).max())
+
+
+def test_results_state_the_protocol_and_its_regularisation(digits):
+    train, test = digits
+    results = {}
+    for protocol in ("msn", "standardized"):
+        results[protocol] = evaluate_lowshot(
+            MSNModel(tiny_config()), train, test, tiny_processor(), shots=(2,), label_fraction=None, seeds=(0,),
+            knn_k=None, baselines=(), progress=False, protocol=protocol,
+        )
+        assert results[protocol]["settings"]["protocol"] == protocol
+    assert "C = 1 / l2_reg" in results["msn"]["settings"]["regularisation"]
+    assert "C = 1 / (l2_reg * n)" in results["standardized"]["settings"]["regularisation"]
+    with pytest.raises(ValueError, match="`protocol`"):
+        evaluate_lowshot(MSNModel(tiny_config()), train, test, tiny_processor(), protocol="cyanure")

@@ -136,9 +136,18 @@ def test_me_max_is_zero_at_uniform_usage_and_positive_otherwise():
 
 
 def test_loss_is_finite_for_extreme_logits_and_under_bf16_autocast():
+    # temperature 1e-4 makes the logits up to 1e4: exp() of them overflows unless taken through log-softmax.
     loss_fn = MSNModel(tiny_config(temperature=1e-4, target_sharpen_temperature=1e-3)).criterion
-    out = loss_fn(torch.randn(8, 32) * 1e30, torch.randn(4, 32) * 1e30, torch.randn(16, 32) * 1e30)
-    assert torch.isfinite(out.loss)
+    anchors, targets, prototypes = torch.randn(8, 32), torch.randn(4, 32), torch.randn(16, 32)
+    reference = loss_fn(anchors, targets, prototypes)
+    assert torch.isfinite(reference.loss) and reference.loss > 100  # far from uniform: the logits are really large
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = loss_fn(anchors.bfloat16(), targets.bfloat16(), prototypes.bfloat16())
+    assert autocast.loss.dtype == torch.float32
+    # bf16 inputs carry ~3 significant digits; the loss computed from them must not drift further than that.
+    rounded = loss_fn(anchors.bfloat16().float(), targets.bfloat16().float(), prototypes.bfloat16().float())
+    torch.testing.assert_close(autocast.loss, rounded.loss)
+    torch.testing.assert_close(autocast.loss, reference.loss, rtol=2e-2, atol=0)
 
     model = MSNModel(tiny_config()).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -57,9 +57,11 @@ def sinkhorn_knopp(probs: torch.Tensor, num_iterations: int = 3) -> torch.Tensor
     q = probs.t().clone()
     num_prototypes = q.shape[0]
     global_batch = q.shape[1] * _world_size()
+    # A prototype no sample reaches (all its entries underflowed to 0) would divide 0 by 0: it keeps its zeros.
+    tiny = torch.finfo(q.dtype).tiny
     q /= _all_reduce_sum_(q.sum())
     for _ in range(num_iterations):
-        q /= _all_reduce_sum_(q.sum(dim=1, keepdim=True))
+        q /= _all_reduce_sum_(q.sum(dim=1, keepdim=True)).clamp_min(tiny)
         q /= num_prototypes
         q /= q.sum(dim=0, keepdim=True)
         q /= global_batch
