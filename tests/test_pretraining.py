@@ -79,18 +79,6 @@ def test_parameter_groups_exclude_biases_norms_prototypes_and_the_target():
     assert optimizer.param_groups[0]["weight_decay"] > 0.04 and optimizer.param_groups[1]["weight_decay"] == 0.0
 
 
-def test_config_overrides_parse_json_values_and_reject_unknown_fields():
-    assert pt.parse_config_overrides("mask_ratio=0.3,mask_strategy=drop,projection_batch_norm=false") == {
-        "mask_ratio": 0.3,
-        "mask_strategy": "drop",
-        "projection_batch_norm": False,
-    }
-    with pytest.raises(ValueError, match="unknown MSNConfig fields.*masking"):
-        pt.parse_config_overrides("masking=0.3")
-    with pytest.raises(ValueError, match="key=value"):
-        pt.parse_config_overrides("mask_ratio")
-
-
 def test_find_latest_checkpoint_ignores_incomplete_saves(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-11"):
         (tmp_path / name).mkdir()

@@ -8,12 +8,14 @@ examples of Transformers: `setup_run`, `build_train_data`, `resume`, then `train
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,16 @@ from .data import (
 )
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
+from .recipe import (
+    IMAGENET_TRAINING,
+    RECIPE_FILE,
+    auto_recipe,
+    describe_images,
+    imagenet_recipe,
+    load_recipe,
+    parse_overrides,
+    save_recipe,
+)
 
 logger = get_logger(__name__)
 
@@ -52,34 +64,21 @@ DATALOADER_STATE_FILE = "dataloader_state_{rank}.json"
 METRICS_FILE = "metrics.jsonl"
 INDEX_KEY = "__index__"
 
-# The built-in digits are 32 px grey images upscaled from 8 x 8: a small ViT with 8 px patches (2 x 2 of the
-# original pixels, and fast enough for ~500 steps in three minutes on two CPU cores), views scaled from 224 / 96 to
-# 32 / 16 (blur sigma too), as many prototypes as images in a batch (Sinkhorn spreads a batch over all prototypes),
-# and no colour jitter: it only changes the brightness of grey digits, and with it the anchor assignments of such a
-# short run stay uniform (cross-entropy stuck at log K; see benchmarks/RESULTS.md).
-DIGITS_DEFAULTS = dict(
-    backbone="vit_tiny_patch16_224",
-    backbone_kwargs=dict(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4),
-    config=dict(
-        image_size=32,
-        focal_image_size=16,
-        projection_hidden_size=512,
-        projection_output_size=128,
-        num_prototypes=64,
-        ema_momentum=0.99,
-    ),
-    processor=dict(
-        size={"shortest_edge": 32},
-        crop_size=32,
-        focal_crop_size=16,
-        num_focal_views=2,
-        blur_sigma=(0.02, 0.3),
-        color_jitter_probability=0.0,
-    ),
-    training=dict(num_train_epochs=22, per_device_train_batch_size=64, num_warmup_epochs=1),
-)
+# The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 22 epochs of 64 images:
+# 484 steps, about three minutes on two CPU cores. Model and views are what the auto rule picks for such a run.
+DIGITS_TRAINING_DEFAULTS = dict(num_train_epochs=22, per_device_train_batch_size=64)
+DIGITS_DEFAULTS = {
+    **auto_recipe(image_size=32, grey=True, num_images=1437, global_batch=64, planned_steps=22 * (1437 // 64)),
+    "training": DIGITS_TRAINING_DEFAULTS,
+}
 # The original ViT-S/16 recipe on ImageNet: 800 epochs, 64 images per GPU, 15 warmup epochs.
-IMAGENET_TRAINING_DEFAULTS = dict(num_train_epochs=800, per_device_train_batch_size=64, num_warmup_epochs=15)
+IMAGENET_TRAINING_DEFAULTS = IMAGENET_TRAINING
+# The optimisation settings a recipe file carries (its `training` section) and a run writes into its own.
+RECIPE_TRAINING_FIELDS = (
+    "learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay", "final_weight_decay",
+    "schedule_stretch", "max_grad_norm", "num_train_epochs", "max_train_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "num_warmup_steps", "num_warmup_epochs", "seed",
+)  # fmt: skip
 
 
 @dataclass
@@ -98,6 +97,23 @@ class PretrainingArguments:
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma-separated MSNConfig fields, e.g. mask_ratio=0.3,temperature=0.1."}
+    )
+    recipe: Literal["auto", "imagenet"] | None = field(
+        default=None,
+        metadata={
+            "help": "Built-in recipe of model, views and warmup: 'auto' (from the data and the run; the default "
+            "without --backbone, --model_name_or_path or --recipe_file) or 'imagenet' (the ViT-S/16 release)."
+        },
+    )
+    recipe_file: str | None = field(
+        default=None,
+        metadata={"help": "JSON or YAML recipe (backbone, config, processor, training), e.g. a run's msn_recipe.json."},
+    )
+    processor_overrides: str | None = field(
+        default=None, metadata={"help": "Comma-separated MSNImageProcessor settings, e.g. blur_sigma=[0.1,1.0]."}
+    )
+    backbone_pretrained: str | None = field(
+        default=None, metadata={"help": "timm weights to start from: a local file, or a Hub id (downloaded)."}
     )
     num_anchor_views: int | None = field(default=None, metadata={"help": "Random anchor views per image."})
     num_focal_views: int | None = field(default=None, metadata={"help": "Focal anchor views per image."})
@@ -178,6 +194,19 @@ class PretrainingArguments:
                 fail("backbone_kwargs", f"a JSON object ({error})", self.backbone_kwargs)
         if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
             fail("backbone_kwargs", "a JSON object", self.backbone_kwargs)
+        if self.recipe is not None and self.recipe_file is not None:
+            fail("recipe", "unset when --recipe_file is given", self.recipe)
+        if self.model_name_or_path and (self.recipe or self.recipe_file or self.backbone_pretrained):
+            fail("model_name_or_path", "given without --recipe, --recipe_file or --backbone_pretrained", self.model_name_or_path)
+
+    @property
+    def recipe_name(self) -> str | None:
+        """The built-in recipe in force: `--recipe`, else 'auto' unless the user chose a model or a recipe file."""
+        if self.recipe is not None:
+            return self.recipe
+        if self.backbone or self.model_name_or_path or self.recipe_file:
+            return None
+        return "auto"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, DataArguments]:
@@ -185,10 +214,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     parser = HfArgumentParser(
         (PretrainingArguments, DataArguments), description="Pretrain a Vision Transformer with Masked Siamese Networks."
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    if args.recipe_file is not None:
+        # The file's optimisation settings, below the flags given on the command line.
+        given = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")}
+        training = load_recipe(args.recipe_file)["training"]
+        unknown = sorted(set(training) - set(RECIPE_TRAINING_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"--recipe_file {args.recipe_file!r}: `training` has unknown keys {unknown}; expected some of "
+                f"{list(RECIPE_TRAINING_FIELDS)}."
+            )
+        for name, value in training.items():
+            if name not in given:
+                setattr(args, name, value)
+        args.__post_init__()
     if data_args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps (an iterable dataset has no length), got none.")
-    defaults = DIGITS_DEFAULTS["training"] if data_args.uses_builtin_data else IMAGENET_TRAINING_DEFAULTS
+    if data_args.uses_builtin_data:
+        defaults = dict(DIGITS_TRAINING_DEFAULTS, num_warmup_epochs=1)
+    else:
+        defaults = dict(IMAGENET_TRAINING_DEFAULTS)
+    if args.recipe_name == "auto":
+        del defaults["num_warmup_epochs"]  # the auto recipe sets the warmup from the planned steps
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -447,53 +496,86 @@ def build_dataloader(train_data: TrainData, collator: MSNViewsCollator, args: Pr
 # --- model ---------------------------------------------------------------------------------------------------------
 
 
-def parse_config_overrides(text: str | None) -> dict:
-    """`"mask_ratio=0.3,mask_strategy=drop"` -> `{"mask_ratio": 0.3, "mask_strategy": "drop"}` (JSON values)."""
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        if "=" not in item:
-            raise ValueError(f"--config_overrides items must be key=value, got {item!r}.")
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    unknown = set(overrides) - set(MSNConfig().to_dict())
-    if unknown:
-        raise ValueError(f"--config_overrides has unknown MSNConfig fields: {sorted(unknown)}.")
-    return overrides
+def choose_recipe(
+    args: PretrainingArguments, data_args: DataArguments, train_data: "TrainData", num_processes: int = 1
+) -> dict:
+    """
+    The recipe of a new model: `--recipe_file`, the ImageNet recipe, the auto rule applied to a sample of the
+    training images and to the planned run, or (with `--backbone` alone) no recipe: MSNConfig's defaults.
+    """
+    if args.recipe_file is not None:
+        return load_recipe(args.recipe_file)
+    name = args.recipe_name
+    if name == "imagenet":
+        return imagenet_recipe()
+    if name is None:
+        return dict(name="none", backbone=MSNConfig.backbone, backbone_kwargs={}, config={}, processor={}, training={})
+    rows = train_data.dataset
+    if train_data.streaming:
+        sample = [row[train_data.image_column] for row in itertools.islice(iter(rows), 32)]
+    else:
+        sample = [rows.dataset[i][train_data.image_column] for i in range(min(32, len(rows)))]
+    image_size, grey = describe_images(image for image in map(decode_image, sample) if image is not None)
+    global_batch = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
+    num_images = len(rows) if not train_data.streaming else args.max_train_steps * global_batch
+    planned_steps = args.max_train_steps or args.num_train_epochs * max(1, num_images // global_batch)
+    return auto_recipe(image_size, grey, num_images, global_batch, planned_steps)
 
 
 def build_model_and_processor(
-    args: PretrainingArguments, data_args: DataArguments
+    args: PretrainingArguments, data_args: DataArguments, recipe: dict | None = None
 ) -> tuple[MSNModel, MSNImageProcessor]:
-    """A new model (or the one of `--model_name_or_path`) and its views processor, with the digits preset on digits."""
-    overrides = parse_config_overrides(args.config_overrides)
-    digits = data_args.uses_builtin_data and args.backbone is None and args.model_name_or_path is None
-    processor_kwargs = dict(DIGITS_DEFAULTS["processor"]) if data_args.uses_builtin_data else {}
+    """
+    A new model and its views processor from `recipe` (see `choose_recipe`; None: MSNConfig's defaults), under the
+    command line's
+`--backbone`, `--backbone_kwargs`, `--config_overrides`, `--backbone_pretrained` and `--processor_overrides`;
+    or the model (and processor) of `--model_name_or_path`. Crop sizes follow the config unless overridden.
+    """
+    config_keys = [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
+    overrides = parse_overrides(args.config_overrides, config_keys, "--config_overrides")
+    processor_overrides = parse_overrides(
+        args.processor_overrides, MSNImageProcessor.valid_kwargs.__annotations__, "--processor_overrides"
+    )
+    processor = None
     if args.model_name_or_path:
         model = MSNModel.from_pretrained(args.model_name_or_path, **overrides)
         try:
-            processor = MSNImageProcessor.from_pretrained(args.model_name_or_path)
+            processor = MSNImageProcessor.from_pretrained(args.model_name_or_path, **processor_overrides)
         except OSError:
-            processor = None
+            pass
+        processor_kwargs = {}
     else:
-        config_kwargs = dict(DIGITS_DEFAULTS["config"]) if digits else {}
-        config_kwargs.update(overrides)
-        backbone = args.backbone or (DIGITS_DEFAULTS["backbone"] if digits else MSNConfig.backbone)
-        backbone_kwargs = args.backbone_kwargs or (DIGITS_DEFAULTS["backbone_kwargs"] if digits else {})
+        recipe = recipe or dict(backbone_kwargs={}, config={}, processor={})  # MSNConfig's defaults
+        config_kwargs = {**recipe["config"], **overrides}
+        if args.backbone_pretrained is not None:
+            config_kwargs["backbone_pretrained"] = args.backbone_pretrained
+        backbone = args.backbone or recipe.get("backbone") or MSNConfig.backbone
+        backbone_kwargs = args.backbone_kwargs if args.backbone_kwargs is not None else recipe["backbone_kwargs"]
         model = MSNModel(MSNConfig(backbone=backbone, backbone_kwargs=backbone_kwargs, **config_kwargs))
-        processor = None
+        processor_kwargs = dict(recipe["processor"])
     if processor is None:
         config = model.config
-        processor_kwargs.setdefault("crop_size", config.image_size)
-        processor_kwargs.setdefault("focal_crop_size", config.focal_image_size)
+        processor_kwargs.update(crop_size=config.image_size, focal_crop_size=config.focal_image_size)
         processor_kwargs.setdefault("size", {"shortest_edge": round(config.image_size * 256 / 224)})
-        processor = MSNImageProcessor(**processor_kwargs)
+        processor = MSNImageProcessor(**{**processor_kwargs, **processor_overrides})
     for name in ("num_anchor_views", "num_focal_views"):
         if getattr(args, name) is not None:
             setattr(processor, name, getattr(args, name))
     return model, processor
+
+
+def effective_recipe(name: str, args: PretrainingArguments, model: MSNModel, processor: MSNImageProcessor) -> dict:
+    """What the run used, as a recipe file that reproduces it (`--recipe_file`) on the same data."""
+    config = model.config
+    processor_settings = processor.to_dict()
+    return dict(
+        name=name,
+        backbone=config.backbone,
+        backbone_kwargs=config.backbone_kwargs,
+        config={k: getattr(config, k) for k in MSNConfig.__annotations__ if k not in ("backbone", "backbone_kwargs")},
+        processor={k: v for k, v in processor_settings.items() if k in MSNImageProcessor.valid_kwargs.__annotations__},
+        training={k: getattr(args, k) for k in RECIPE_TRAINING_FIELDS},
+    )
 
 
 # --- state and checkpoints -----------------------------------------------------------------------------------------
@@ -646,6 +728,10 @@ def write_model_card(
         pipeline_tag="image-feature-extraction",
     )
     hyperparameters = {k: v for k, v in sorted({**vars(data_args), **vars(args)}.items()) if k != "hub_token"}
+    recipe_section = ""
+    if (output_dir / RECIPE_FILE).is_file():
+        recipe_section = f"## Recipe (`{RECIPE_FILE}`: `--recipe_file` reproduces the run)\n\n```json\n"
+        recipe_section += (output_dir / RECIPE_FILE).read_text() + "```\n\n"
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -666,7 +752,7 @@ embeddings = model(pixel_values).pooler_output
 
 {dataset}
 
-## Training arguments
+{recipe_section}## Training arguments
 
 ```json
 {json.dumps(hyperparameters, indent=2, default=str)}
@@ -904,10 +990,24 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     """Run MSN pretraining (see `PretrainingArguments` and `DataArguments`); returns the final metrics."""
     accelerator = setup_run(args)
     output_dir = Path(args.output_dir)
-    model, processor = build_model_and_processor(args, data_args)
+    train_data = build_train_data(data_args, args, accelerator)
+    recipe = None
+    if not args.model_name_or_path:
+        recipe = choose_recipe(args, data_args, train_data, accelerator.num_processes)
+        if args.num_warmup_steps is None and args.num_warmup_epochs is None:
+            args.num_warmup_steps = recipe["training"]["num_warmup_steps"]
+    model, processor = build_model_and_processor(args, data_args, recipe)
+    if recipe is not None:
+        used = effective_recipe(recipe["name"], args, model, processor)
+        accelerator.print(
+            f"Recipe {used['name']!r}: {used['backbone']} {used['backbone_kwargs']}, config {recipe['config']}, "
+            f"views {recipe['processor']}, warmup {args.num_warmup_steps or args.num_warmup_epochs}"
+            f"{' steps' if args.num_warmup_steps else ' epochs'}; written to {output_dir / RECIPE_FILE}"
+        )
+        if accelerator.is_main_process:
+            save_recipe(used, output_dir / RECIPE_FILE)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_data = build_train_data(data_args, args, accelerator)
     collator = MSNViewsCollator(processor, train_data.image_column, seed=args.seed)
     dataloader = build_dataloader(train_data, collator, args)
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -193,6 +193,24 @@ def recipe_table(image_sizes: Iterable[int] = (28, 32, 64, 96, 224), grey_sizes:
     return "\n".join(lines)
 
 
+def describe_images(images: Iterable) -> tuple[int, bool]:
+    """
+    `(image_size, grey)` of a sample of PIL images: the median shortest side, and whether every image is grey-scale
+    (mode L / LA / I / F, or RGB with equal channels).
+    """
+    import numpy as np
+
+    sides, grey = [], True
+    for image in images:
+        sides.append(min(image.size))
+        if grey and image.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+            pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+            grey = bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+    if not sides:
+        raise ValueError("describe_images: `images` must hold at least one readable image, got none.")
+    return int(np.median(sides)), grey
+
+
 # --- command-line overrides ------------------------------------------------------------------------------------
 
 
@@ -276,4 +294,4 @@ def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
         raise
 
 
-__all__ = ["auto_recipe", "imagenet_recipe", "load_recipe", "parse_overrides", "recipe_table", "save_recipe"]
+__all__ = ["auto_recipe", "describe_images", "imagenet_recipe", "load_recipe", "parse_overrides", "recipe_table", "save_recipe"]
