@@ -1,14 +1,34 @@
 """Recipes: the auto rule, the ImageNet recipe, command-line overrides and recipe files."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from msn_hf import MSNConfig, MSNImageProcessor
-from msn_hf.recipe import auto_recipe, imagenet_recipe, load_recipe, parse_overrides, recipe_table, save_recipe
+from msn_hf import pretraining as pt
+from msn_hf.recipe import (
+    RECIPE_FILE,
+    auto_recipe,
+    imagenet_recipe,
+    load_recipe,
+    parse_overrides,
+    recipe_table,
+    save_recipe,
+)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def run_script(*args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "examples" / "pretrain_msn.py"), *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def build(recipe):
@@ -132,3 +152,76 @@ def test_bad_recipe_files_raise_value_error(tmp_path):
     (tmp_path / "section.json").write_text(json.dumps({"config": [1]}))
     with pytest.raises(ValueError, match="section `config` must be a mapping"):
         load_recipe(tmp_path / "section.json")
+
+
+# --- the pretraining command line ---------------------------------------------------------------------------------
+
+
+def small_image_folder(folder, size=24, count=24):
+    """Two classes of grey squares, light and dark, of `size` px."""
+    for label, shade in (("light", 200), ("dark", 60)):
+        (folder / label).mkdir(parents=True)
+        for i in range(count // 2):
+            Image.new("L", (size, size), shade + i).save(folder / label / f"{i}.png")
+    return folder
+
+
+def test_recipe_imagenet_reproduces_the_original_defaults(tmp_path):
+    args, data_args = pt.parse_args(["--recipe", "imagenet", "--train_dir", str(tmp_path)])
+    model, processor = pt.build_model_and_processor(args, data_args, pt.choose_recipe(args, data_args, None))
+    assert model.config.to_dict() == MSNConfig().to_dict()
+    assert processor.to_dict() == MSNImageProcessor().to_dict()
+    assert (args.num_train_epochs, args.num_warmup_epochs, args.num_warmup_steps) == (800, 15, None)
+    assert (args.per_device_train_batch_size, args.learning_rate, args.weight_decay) == (64, 1e-3, 0.04)
+
+
+def test_overrides_reach_config_and_processor_and_are_validated(tmp_path):
+    args, data_args = pt.parse_args([
+        "--recipe", "imagenet", "--train_dir", str(tmp_path), "--config_overrides", "mask_ratio=0.3,target_prior=power_law",
+        "--processor_overrides", "blur_sigma=[0.1,1.0],color_jitter_probability=0",
+        "--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", json.dumps(dict(depth=2)),
+    ])  # fmt: skip
+    model, processor = pt.build_model_and_processor(args, data_args, pt.choose_recipe(args, data_args, None))
+    assert (model.config.mask_ratio, model.config.target_prior, len(model.encoder.blocks)) == (0.3, "power_law", 2)
+    assert list(processor.blur_sigma) == [0.1, 1.0] and processor.color_jitter_probability == 0
+    args.processor_overrides = "blur=1"
+    with pytest.raises(ValueError, match=r"--processor_overrides has unknown keys \['blur'\]"):
+        pt.build_model_and_processor(args, data_args, imagenet_recipe())
+
+
+def test_auto_is_the_default_and_its_recipe_file_reproduces_the_run(tmp_path):
+    data = small_image_folder(tmp_path / "images")
+    first = tmp_path / "first"
+    result = run_script("--train_dir", data, "--max_train_steps", 2, "--per_device_train_batch_size", 8,
+                        "--output_dir", first, "--skip_evaluation", "--learning_rate", 5e-4)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Recipe 'auto'" in result.stdout
+    recipe = json.loads((first / RECIPE_FILE).read_text())
+    config = json.loads((first / "config.json").read_text())
+    processor = json.loads((first / "preprocessor_config.json").read_text())
+    # 24 px grey images: the auto rule's choice, in the config and processor the run saved.
+    expected = auto_recipe(24, grey=True, num_images=24, global_batch=8, planned_steps=2)
+    assert config["image_size"] == 24 and config["backbone_kwargs"] == expected["backbone_kwargs"]
+    assert config["position_embedding"] == "sincos" and processor["color_jitter_probability"] == 0.0
+    assert recipe["training"]["learning_rate"] == 5e-4 and recipe["training"]["num_warmup_steps"] == 1
+    assert RECIPE_FILE in (first / "README.md").read_text()
+
+    second = tmp_path / "second"
+    result = run_script("--train_dir", data, "--recipe_file", first / RECIPE_FILE, "--output_dir", second,
+                        "--skip_evaluation", "--logging_steps", 1)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "preprocessor_config.json", RECIPE_FILE):
+        assert json.loads((second / name).read_text()) == json.loads((first / name).read_text()), name
+    metrics = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_recipe_file_training_settings_yield_to_explicit_flags(tmp_path):
+    save_recipe(dict(imagenet_recipe(), training=dict(learning_rate=5e-4, max_train_steps=7)), tmp_path / "r.json")
+    args, _ = pt.parse_args(["--recipe_file", str(tmp_path / "r.json"), "--learning_rate", "2e-3"])
+    assert (args.learning_rate, args.max_train_steps, args.recipe_name) == (2e-3, 7, None)
+    save_recipe(dict(imagenet_recipe(), training=dict(lr=1)), tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"`training` has unknown keys \['lr'\]"):
+        pt.parse_args(["--recipe_file", str(tmp_path / "bad.json")])
+    with pytest.raises(ValueError, match="--recipe must be unset when --recipe_file is given"):
+        pt.parse_args(["--recipe_file", str(tmp_path / "r.json"), "--recipe", "auto"])

@@ -216,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    training = {}
     if args.recipe_file is not None:
         # The file's optimisation settings, below the flags given on the command line.
         given = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")}
@@ -239,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     if args.recipe_name == "auto":
         del defaults["num_warmup_epochs"]  # the auto recipe sets the warmup from the planned steps
     for name, value in defaults.items():
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and name not in training:  # a recipe file's None stays None
             setattr(args, name, value)
     return args, data_args
 
