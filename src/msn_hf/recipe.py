@@ -35,11 +35,10 @@ _MODEL_SIZES = (
     (5_000_000, dict(embed_dim=192, depth=12, num_heads=3), (1024, 256)),
     (math.inf, dict(embed_dim=384, depth=12, num_heads=6), (2048, 256)),
 )
-# Patch tokens of a view the auto rule aims for: the paper's 14 x 14; fewer for short runs, where each step
-# has to be cheap and a small model gains little from a finer grid.
-_PAPER_GRID = 14
-_SHORT_RUN_GRID = 8
-_SHORT_RUN_IMAGES = 200_000
+# Largest token grid of a view, by images seen during the run: the paper's 14 x 14 for long runs; coarser for
+# short ones, where a step must be cheap (a 4 x 4 grid trains ~4x more steps than 8 x 8 in the same time, which
+# won on the digits: benchmarks/RESULTS.md).
+_GRID_BY_RUN = ((100_000, 4), (200_000, 8), (math.inf, 14))
 # The paper's geometry at 224 px.
 _PAPER_SIDE, _PAPER_FOCAL_SIDE, _PAPER_BLUR = 224, 96, (0.1, 2.0)
 
@@ -83,7 +82,7 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
     Rules (constants chosen by the sweeps in benchmarks/RESULTS.md):
         - view side: `image_size` rounded down to a multiple of 4 (at most 224);
         - patch size: the smallest divisor of the side, at least 4 px, whose grid is at most 14 x 14 (the paper's),
-          or 8 x 8 for runs that see fewer than 200,000 images;
+          8 x 8 for runs that see fewer than 200,000 images, 4 x 4 below 100,000;
         - focal side: 96 / 224 of the view side as a multiple of the patch, at least two patches; focal views:
           10 for runs of the paper's scale, fewer for short runs so that focal tokens cost about as much as the
           anchor view's;
@@ -106,8 +105,8 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
         raise ValueError(f"auto_recipe: `image_size` must be at least 16 px, got {image_size}.")
     side = min(_PAPER_SIDE, image_size - image_size % 4)
     images_seen = planned_steps * global_batch
-    short_run = images_seen < _SHORT_RUN_IMAGES
-    patch = _patch_size(side, _SHORT_RUN_GRID if short_run else _PAPER_GRID)
+    max_grid = next(grid for limit, grid in _GRID_BY_RUN if images_seen < limit)
+    patch = _patch_size(side, max_grid)
     grid = side // patch
 
     focal_patches = max(2, round(grid * _PAPER_FOCAL_SIDE / _PAPER_SIDE))
@@ -159,8 +158,12 @@ def _ema_start(planned_steps: int) -> float:
     return round(min(0.996, max(0.9, 1.0 - 5.0 / planned_steps)), 4)
 
 
-# Two runs for the README table: a few minutes on a CPU, and a long multi-GPU run.
-TABLE_RUNS = (("short: batch 64, 2,000 steps", 64, 2_000), ("long: batch 1,024, 300,000 steps", 1024, 300_000))
+# Runs of the README table: minutes on a CPU (the digits' size), an hour or so, and a long multi-GPU run.
+TABLE_RUNS = (
+    ("minutes: batch 64, 500 steps", 64, 500),
+    ("short: batch 64, 2,000 steps", 64, 2_000),
+    ("long: batch 1,024, 300,000 steps", 1024, 300_000),
+)
 
 
 def recipe_table(image_sizes: Iterable[int] = (28, 32, 64, 96, 224), grey_sizes: Iterable[int] = (28,),
