@@ -14,6 +14,7 @@ from msn_hf import pretraining as pt
 from msn_hf.recipe import (
     RECIPE_FILE,
     auto_recipe,
+    describe_images,
     imagenet_recipe,
     load_recipe,
     parse_overrides,
@@ -225,3 +226,12 @@ def test_recipe_file_training_settings_yield_to_explicit_flags(tmp_path):
         pt.parse_args(["--recipe_file", str(tmp_path / "bad.json")])
     with pytest.raises(ValueError, match="--recipe must be unset when --recipe_file is given"):
         pt.parse_args(["--recipe_file", str(tmp_path / "r.json"), "--recipe", "auto"])
+
+
+def test_describe_images_reads_side_and_colour_mode():
+    grey_rgb = Image.merge("RGB", [Image.linear_gradient("L").resize((40, 30))] * 3)
+    colour = Image.new("RGB", (64, 64), (200, 10, 10))
+    assert describe_images([Image.new("L", (28, 28)), grey_rgb, Image.new("L", (32, 50))]) == (30, True)
+    assert describe_images([grey_rgb, colour, colour]) == (64, False)
+    with pytest.raises(ValueError, match="`images`"):
+        describe_images([])
