@@ -152,6 +152,40 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == [4, 5, 6]
 
 
+def test_views_on_device_train_end_to_end_and_resume_exactly(tmp_path, monkeypatch):
+    rendered = []
+    render = pt.MSNViewsCollator.render_views
+
+    def spy(self, batch, device):
+        canvas = batch.get("canvas")
+        rendered.append(None if canvas is None else (canvas.dtype, tuple(canvas.shape)))
+        return render(self, batch, device)
+
+    monkeypatch.setattr(pt.MSNViewsCollator, "render_views", spy)
+    common = [*TINY_ARGS, "--skip_evaluation", "--seed", "3", "--views_on_device", "--max_train_steps", "4"]
+    pt.main([*common, "--output_dir", str(tmp_path / "straight")])
+    # Workers made square uint8 canvases; the views were drawn afterwards, in this process.
+    assert len(rendered) == 4
+    assert all(dtype == torch.uint8 and shape[:2] == (16, 3) and shape[2] == shape[3] for dtype, shape in rendered)
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(m["images_per_second"] > 0 for m in metrics)
+
+    split = tmp_path / "split"
+    pt.main([*common, "--output_dir", str(split), "--checkpointing_steps", "2"])
+    for path in split.iterdir():
+        if path.name != "checkpoint-2":
+            path.unlink() if path.is_file() else shutil.rmtree(path)
+    pt.main([*common, "--output_dir", str(split), "--resume_from_checkpoint", "latest"])
+    straight, resumed = final_state(tmp_path / "straight"), final_state(split)
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    # Not the CPU views: the canvas changes what the views see.
+    pt.main([*TINY_ARGS, "--skip_evaluation", "--seed", "3", "--max_train_steps", "4", "--output_dir", str(tmp_path / "c")])
+    cpu_views = final_state(tmp_path / "c")
+    assert not torch.equal(cpu_views["encoder.cls_token"], straight["encoder.cls_token"])
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = [*TINY_ARGS, "--skip_evaluation", "--max_train_steps", 40, "--checkpointing_steps", 2, "--output_dir", out]
