@@ -126,6 +126,13 @@ class PretrainingArguments:
     dataloader_num_workers: int = field(
         default=0, metadata={"help": "Processes decoding images and drawing views; the views do not depend on it."}
     )
+    views_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "Workers only decode and resize to a square uint8 canvas (MSNImageProcessor.make_canvas); the views "
+            "are drawn in the training process on its device, with the same per-batch seeds."
+        },
+    )
     # outputs
     output_dir: str = field(default="outputs/msn", metadata={"help": "Where the model, checkpoints and logs go."})
     overwrite_output_dir: bool = field(
@@ -316,29 +323,49 @@ class MSNViewsCollator:
     The views are drawn from a generator seeded by `(seed, epoch, rows)`, where a row is named by its index in an
     [`IndexedDataset`], else by its file path or the hash of its bytes (streaming): the same batch gets the same views
     whichever process, worker or resumed run draws it.
+
+    With `views_on_device`, the collator only decodes and makes the `uint8` canvases (`canvas`, with the batch's
+    `view_seed`); `render_views` then draws the views in the training process, on its device, from that seed.
     """
 
-    def __init__(self, image_processor: MSNImageProcessor, image_column: str, seed: int = 0):
+    def __init__(
+        self, image_processor: MSNImageProcessor, image_column: str, seed: int = 0, views_on_device: bool = False
+    ):
         self.image_processor = image_processor
         self.image_column = image_column
         self.seed = seed
+        self.views_on_device = views_on_device
         self.epoch = 0
 
-    def _generator(self, rows: list[dict]) -> torch.Generator | None:
+    def _view_seed(self, rows: list[dict]) -> int | None:
         keys = [_row_key(row, self.image_column) for row in rows]
         if any(key is None for key in keys):
             return None
         digest = hashlib.blake2b(repr((self.seed, self.epoch, keys)).encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        return int.from_bytes(digest, "little")
+
+    @staticmethod
+    def _generator(seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator().manual_seed(seed)
 
     def __call__(self, rows: list[dict]) -> dict:
         images = [decode_image(row[self.image_column]) for row in rows]
         valid = [image for image in images if image is not None]
         batch = {"num_skipped": len(images) - len(valid)}
-        if valid:
-            views = self.image_processor(valid, return_views=True, generator=self._generator(rows), return_tensors="pt")
-            batch.update(views)
+        if valid and self.views_on_device:
+            batch.update(canvas=self.image_processor.make_canvas(valid), view_seed=self._view_seed(rows))
+        elif valid:
+            generator = self._generator(self._view_seed(rows))
+            batch.update(self.image_processor(valid, return_views=True, generator=generator, return_tensors="pt"))
         return batch
+
+    def render_views(self, batch: dict, device: torch.device) -> dict:
+        """A canvas batch with its views drawn on `device` (a batch with views already is returned as it is)."""
+        if "canvas" not in batch:
+            return batch
+        canvas, generator = batch.pop("canvas"), self._generator(batch.pop("view_seed"))
+        views = self.image_processor(canvas, return_views=True, generator=generator, device=device, return_tensors="pt")
+        return {**batch, **views}
 
 
 @dataclass
@@ -796,11 +823,12 @@ def epoch_batches(
         state.batches_in_epoch += 1
         skipped = batch.pop("num_skipped")
         state.skipped_images += int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum"))
-        if not all_processes(accelerator, "pixel_values" in batch):
+        if not all_processes(accelerator, "pixel_values" in batch or "canvas" in batch):
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
         set_seed(seed + 1_000_003 * state.epoch + state.batches_in_epoch, device_specific=True)
-        yield send_to_device(batch, accelerator.device) if streaming else batch
+        batch = send_to_device(batch, accelerator.device) if streaming else batch
+        yield collator.render_views(batch, accelerator.device)
 
 
 def clipped_parameters(model: MSNModel) -> list[torch.nn.Parameter]:
@@ -908,7 +936,9 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_data = build_train_data(data_args, args, accelerator)
-    collator = MSNViewsCollator(processor, train_data.image_column, seed=args.seed)
+    collator = MSNViewsCollator(
+        processor, train_data.image_column, seed=args.seed, views_on_device=args.views_on_device
+    )
     dataloader = build_dataloader(train_data, collator, args)
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     if train_data.streaming:  # each process already reads its own part of the stream
