@@ -11,6 +11,7 @@ of the same work in one run, each in its own subprocess so that its peak memory 
 Implementations (`--impls`):
 
     msn_hf   MSNModel (this package)
+    msn_hf_before  MSNModel with the anchor's last block computed for every token (msn_hf before issue 12)
     timm     the same work written directly on two timm ViTs, two heads and a prototype matrix, with the simplest
              loss (sharpened softmax targets, no Sinkhorn): the floor, so that msn_hf / timm is the overhead of MSN
     lightly  lightly's MSN building blocks (MaskedVisionTransformerTIMM, MSNProjectionHead, MSNLoss,
@@ -56,7 +57,24 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def build_msn_hf(work: dict, device, mask_strategy: str = "drop", torch_compile: bool = False):
+class FullLastBlock:
+    """Context for msn_hf_before: the anchor's last block computed for every token, as before issue 12."""
+
+    def __enter__(self):
+        from msn_hf import modeling_msn
+
+        self.module, self.saved = modeling_msn, modeling_msn.class_token_block
+        modeling_msn.class_token_block = lambda block, tokens: block(tokens)[:, :1]
+
+    def __exit__(self, *exc):
+        self.module.class_token_block = self.saved
+
+
+def build_msn_hf(
+    work: dict, device, mask_strategy: str = "drop", torch_compile: bool = False, full_last_block: bool = False
+):
+    import contextlib
+
     import torch
 
     from msn_hf import MSNConfig, MSNModel
@@ -74,7 +92,8 @@ def build_msn_hf(work: dict, device, mask_strategy: str = "drop", torch_compile:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def loss_fn(target, anchor, focal):
-        return forward(target, anchor_pixel_values=anchor, focal_pixel_values=focal).loss
+        with FullLastBlock() if full_last_block else contextlib.nullcontext():
+            return forward(target, anchor_pixel_values=anchor, focal_pixel_values=focal).loss
 
     return loss_fn, optimizer, lambda: model.update_target_encoder(MOMENTUM)
 
@@ -249,8 +268,8 @@ def run_one(args) -> list[dict]:
     steps, results = {}, {}
     for impl in args.impls.split(","):
         torch.manual_seed(0)
-        if impl == "msn_hf":
-            built = build_msn_hf(work, device, mask_strategy, args.torch_compile)
+        if impl in ("msn_hf", "msn_hf_before"):
+            built = build_msn_hf(work, device, mask_strategy, args.torch_compile, full_last_block=impl != "msn_hf")
         elif impl == "timm":
             built = build_timm(work, device)
         else:
@@ -261,6 +280,10 @@ def run_one(args) -> list[dict]:
         # Warm-up: the first step allocates optimiser state and, for compiled models, compiles.
         for _ in range(args.warmup):
             step()
+        if args.torch_compile:
+            # Saved-tensor hooks and the FLOP counter do not see inside compiled graphs: take them from an eager run.
+            results[impl]["saved_activations_mib"] = None
+            continue
         results[impl]["saved_activations_mib"] = saved_activation_bytes(step) / 2**20
         if args.flops:
             with FlopCounterMode(display=False) as counter:
@@ -321,20 +344,27 @@ def compare_impls(args) -> None:
     print(f"| impl | images/s per round | vs timm per round | vs lightly per round | saved activations (MiB){memory} |")
     print("|---|---|---|---|---|" + ("---|" if cuda else ""))
     for impl in impls:
-        def ratios(baseline):
+        def ratios(baseline, impl=impl):
             if baseline not in impls:
                 return "-"
             return ", ".join(f"{paired_ratio(r[impl]['times'], r[baseline]['times']):.2f}x" for r in rounds)
 
         speeds = ", ".join(f"{r[impl]['images_per_second']:.2f}" for r in rounds)
         line = f"| {impl} | {speeds} | {ratios('timm')} | {ratios('lightly')} | "
-        line += f"{rounds[0][impl]['saved_activations_mib']:.0f} |"
+        saved = rounds[0][impl]["saved_activations_mib"]
+        line += f"{saved:.0f} |" if saved is not None else "- |"
         if cuda:
             line += f" {rounds[0][impl]['cuda_max_allocated_mib']:.0f} |"
         print(line)
     for impl in impls:
-        if rounds[0][impl].get("flops_per_step"):
-            print(f"{impl}: {rounds[0][impl]['flops_per_step'] / 1e9:.1f} GFLOP per step (FlopCounterMode)")
+        flops = rounds[0][impl].get("flops_per_step")
+        if flops:
+            line = f"{impl}: {flops / 1e9:.1f} GFLOP per step (FlopCounterMode)"
+            if args.peak_tflops:
+                achieved = [flops / statistics.median(r[impl]["times"]) for r in rounds]
+                mfu = ", ".join(f"{a / 1e12:.0f} TFLOP/s = {100 * a / (args.peak_tflops * 1e12):.1f} %" for a in achieved)
+                line += f"; per round {mfu} MFU of {args.peak_tflops:g} TFLOP/s peak"
+            print(line)
 
 
 def compare_masking(args) -> None:
@@ -353,7 +383,7 @@ def compare_masking(args) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", choices=sorted(WORKS), default="pair")
-    parser.add_argument("--impls", default="msn_hf,timm,lightly")
+    parser.add_argument("--impls", default="msn_hf,msn_hf_before,timm,lightly")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--backbone", help="override the work's timm model, e.g. vit_small_patch16_224")
@@ -363,6 +393,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--flops", action="store_true", help="count the FLOPs of one extra step")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the msn_hf model")
+    parser.add_argument("--peak_tflops", type=float, help="with --flops: print the MFU against this peak")
     parser.add_argument("--lightly_path", default=os.environ.get("LIGHTLY_PATH", "/work/lightly-pkgs"))
     parser.add_argument("--masking", action="store_true", help="compare masking strategies instead (issue 2)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
