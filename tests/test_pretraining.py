@@ -268,36 +268,3 @@ def test_two_processes_train_log_once_and_checkpoint_once(tmp_path):
         "random_states_0.pkl", "random_states_1.pkl"
     ]
     assert MSNModel.from_pretrained(out).config.num_prototypes == 16
-
-
-def test_trainer_callback_applies_the_ema_schedule(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    from msn_hf.data import load_digits_dataset
-
-    model = MSNModel(tiny_config(ema_momentum=0.9, ema_momentum_end=1.0))
-    initial_target = model.target_encoder.blocks[0].attn.qkv.weight.detach().clone()
-    processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16, num_focal_views=2)
-    dataset = load_digits_dataset("train").select(range(32))
-    collator = pt.MSNViewsCollator(processor, "image")
-
-    def collate(rows):
-        batch = collator(rows)
-        batch.pop("num_skipped")
-        return dict(batch)
-
-    momenta = []
-    update = model.update_target_encoder
-    model.update_target_encoder = lambda momentum: (momenta.append(momentum), update(momentum))
-    args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to="none", use_cpu=True,
-        remove_unused_columns=False, save_strategy="no", logging_steps=1,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                      callbacks=[pt.MSNMomentumCallback()])
-    trainer.train()
-    assert momenta == pytest.approx([0.9 + 0.1 * step / (1.25 * 3) for step in (1, 2, 3)])
-    target = model.target_encoder.blocks[0].attn.qkv.weight
-    assert not torch.equal(target, initial_target)
-    assert not torch.equal(target, model.encoder.blocks[0].attn.qkv.weight)
-    assert not any(p.requires_grad for p in model.target_encoder.parameters())

@@ -25,7 +25,6 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from .configuration_msn import MSNConfig
 from .data import ImageDataset, decode_image, load_image_dataset
@@ -200,29 +199,6 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: MSNSchedules, s
         group["lr"] = schedules.lr(step)
         if group.get("name") == "decay":
             group["weight_decay"] = schedules.wd(step)
-
-
-class MSNMomentumCallback(TrainerCallback):
-    """
-    For pretraining an [`MSNModel`] with the Transformers `Trainer`: after every optimiser step, the EMA update of
-    the target branch with the linear momentum schedule (`config.ema_momentum` -> `config.ema_momentum_end` over
-    `stretch * max_steps` steps).
-    """
-
-    def __init__(self, stretch: float = 1.25):
-        self.stretch = stretch
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        config = model.config
-        schedules = MSNSchedules(
-            total_steps=max(1, state.max_steps),
-            warmup_steps=0,
-            momentum=config.ema_momentum,
-            final_momentum=config.ema_momentum_end,
-            stretch=self.stretch,
-        )
-        model.update_target_encoder(schedules.ema_momentum(state.global_step))
-        return control
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
