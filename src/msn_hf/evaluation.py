@@ -395,8 +395,11 @@ def evaluate_lowshot(
     return results
 
 
-def format_table(results: dict) -> str:
-    """A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions)."""
+def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
+    """
+    A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions), one row per
+    encoder, named by `labels` where it has the encoder's name.
+    """
     encoders = results["encoders"]
     columns = list(next(iter(encoders.values()))["logistic"])
     has_knn = any("knn" in values for values in encoders.values())
@@ -407,7 +410,7 @@ def format_table(results: dict) -> str:
         cells = [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" for r in values["logistic"].values()]
         if has_knn:
             cells.append(f"{100 * values['knn']:.1f}" if "knn" in values else "-")
-        lines.append("| " + " | ".join([name, *cells]) + " |")
+        lines.append("| " + " | ".join([(labels or {}).get(name, name), *cells]) + " |")
     return "\n".join(lines)
 
 
