@@ -205,7 +205,7 @@ class MSNTrainer(Trainer):
         self._epoch, self._batches_in_epoch = 0, 0
         self._consecutive_nonfinite = 0
         self._skipped_images = 0
-        self._step_values = {}
+        self._step_values, self._batch_losses = {}, {}
 
     def _msn_model(self) -> MSNModel:
         return self.accelerator.unwrap_model(self.model_wrapped)
@@ -259,7 +259,10 @@ class MSNTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._batch_losses = dict(
+            prediction_loss=outputs.prediction_loss.item(), me_max_loss=outputs.me_max_loss.item()
+        )
         # Every process must take the same decision, or the gradient all-reduce would hang.
         finite = self.accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() == 0
         if not finite:
@@ -281,7 +284,8 @@ class MSNTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            logs = {**logs, **self._step_values, "skipped_images": self._skipped_images}
+            # The two parts of the loss are those of the last batch; `loss` is the mean since the last log.
+            logs = {**logs, **self._batch_losses, **self._step_values, "skipped_images": self._skipped_images}
         super().log(logs, start_time)
 
 
