@@ -29,28 +29,10 @@ from transformers import (
 )
 
 import msn_hf  # noqa: F401  (registers the MSN classes with the Auto classes)
-from msn_hf.data import ImageDataset, decode_image
+from msn_hf.data import DataArguments, ImageDataset, decode_image
 from msn_hf.evaluation import load_evaluation_datasets
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DataTrainingArguments:
-    """Where the labelled images come from; the same sources as pretraining and low-shot evaluation."""
-
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id or save_to_disk folder."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder of training images."})
-    test_dir: str | None = field(default=None, metadata={"help": "Image folder of evaluation images."})
-    train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    test_split: str = field(default="test", metadata={"help": "Split used for evaluation (held out if absent)."})
-    test_size: float = field(default=0.2, metadata={"help": "Held-out fraction when there is no evaluation split."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column (detected by default)."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Label column (detected by default)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub datasets."})
 
 
 @dataclass
@@ -164,7 +146,7 @@ def load_model(model_args: ModelArguments, label_names: list[str]):
 
 def main(argv: list[str] | None = None) -> dict:
     """Train and/or evaluate; returns the metrics (`train_*`, `eval_*`)."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # The transform builds `pixel_values` and `labels` from the image and label columns, which the Trainer must keep.
     training_args.remove_unused_columns = False
@@ -180,13 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
         data_args.train_dir,
         data_args.test_dir,
         data_args.train_split,
-        data_args.test_split,
+        data_args.eval_split,
         data_args.test_size,
         data_args.image_column_name,
         data_args.label_column_name,
         data_args.max_train_samples,
         data_args.max_test_samples,
         data_args.cache_dir,
+        data_args.train_files,
     )
     ensure_class_labels(train, test)
     model = load_model(model_args, train.label_names)
@@ -222,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     card = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
-        "dataset": data_args.dataset_name or data_args.train_dir or "sklearn digits",
+        "dataset": data_args.source_name,
         "tags": ["image-classification", "msn", "vision"],
     }
     if training_args.push_to_hub:

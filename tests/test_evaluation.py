@@ -10,12 +10,11 @@ from PIL import Image
 
 from conftest import tiny_config
 from msn_hf import MSNForImageClassification, MSNImageProcessor, MSNModel
-from msn_hf.data import ImageDataset, load_digits_dataset
+from msn_hf.data import ImageDataset, hold_out, load_digits_dataset
 from msn_hf.evaluation import (
     evaluate_features,
     evaluate_lowshot,
     extract_features,
-    hold_out_test,
     load_evaluation_datasets,
     load_feature_model,
     main,
@@ -159,7 +158,7 @@ def test_hold_out_is_stratified_and_disjoint(tmp_path):
     assert len(test.dataset) == 75 and not set(train.dataset["id"]) & set(test.dataset["id"])
     assert len(set(test.dataset["label"])) == 10
     with pytest.raises(ValueError, match="test_size"):
-        hold_out_test(train, test_size=1.5)
+        hold_out(train, test_size=1.5)
     held_out = evaluate_lowshot(
         MSNModel(tiny_config()), train, None, tiny_processor(), shots=(1,), seeds=(0,), knn_k=None, progress=False
     )

@@ -178,3 +178,28 @@ def test_example_script_pretrains_evaluates_and_writes_a_card(tmp_path):
     assert "ViT 2x64, patch 8" in card and "MSNTrainer" in card
     assert "5-shot top-1: MSN" in result.stdout
     assert MSNModel.from_pretrained(out).config.num_prototypes == 64
+
+
+def test_nonfinite_windows_take_no_step_then_stop_the_run(initial_folder, tmp_path, monkeypatch):
+    trainer = make_trainer(initial_folder, tmp_path, max_steps=10, max_nonfinite_steps=3)
+    momenta, calls = [], {"n": 0}
+    update = trainer.model.update_target_encoder
+    monkeypatch.setattr(trainer.model, "update_target_encoder", lambda m: (momenta.append(m), update(m)))
+    forward = trainer.model.forward
+
+    def sometimes_nan(**kwargs):
+        output = forward(**kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(trainer.model, "forward", sometimes_nan)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        trainer.train()
+    assert calls["n"] == 6
+    schedules = trainer.lr_scheduler.schedules
+    # Windows 1 and 3 were steps 0 and 1 of the schedules; window 2 and windows 4-6 took no step.
+    assert momenta == pytest.approx([schedules.ema_momentum(0), schedules.ema_momentum(1)])
+    assert trainer.lr_scheduler.last_epoch == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -1,20 +1,96 @@
-"""Image datasets for pretraining and evaluation: the Hub, `save_to_disk` folders, image folders, built-in digits."""
+"""
+Image datasets for pretraining and evaluation: the Hub, `save_to_disk` folders, image folders, shards of parquet,
+arrow or webdataset files (local or remote, map-style or streaming), and the built-in digits.
+"""
 
+import glob
 import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
 from PIL import Image
+from transformers.image_transforms import convert_to_rgb
 
 logger = logging.getLogger(__name__)
 
 DIGITS_IMAGE_SIZE = 32
 DIGITS_TEST_FRACTION = 0.2
-_IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture")
-_LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
+DEFAULT_TEST_SIZE = 0.2
+EVAL_SPLITS = ("validation", "test")
+_IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "jpg", "png", "jpeg", "webp")
+_LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "cls")
+# `datasets` builders for shards, by file extension.
+SHARD_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+
+
+@dataclass
+class DataArguments:
+    """
+    Where the images come from; shared by `msn-pretrain`, `msn-evaluate` and `examples/finetune_classification.py`.
+    With no source given, the built-in scikit-learn digits (offline).
+    """
+
+    _argument_group_name = "data (none given: the built-in scikit-learn digits, offline)"
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub dataset id, or a folder written by `Dataset.save_to_disk`."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of images (the `imagefolder` layout)."})
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Shards by glob, local or remote (hf://, s3://, ...): .parquet, .arrow, or .tar (webdataset: "
+            "an image plus an optional cls/json label per key). Repeatable.",
+            "action": "extend",
+        },
+    )
+    test_dir: str | None = field(default=None, metadata={"help": "A folder of labelled evaluation images."})
+    train_split: str = field(default="train", metadata={"help": "Split used for (pre)training."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Labelled split for evaluation; default: 'validation', then 'test', whichever has labels. "
+            "Without one, a stratified --test_size of the training images is held out (before pretraining).",
+            "aliases": ["--test_split"],
+        },
+    )
+    test_size: float = field(default=DEFAULT_TEST_SIZE, metadata={"help": "Held-out fraction without an eval split."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Detected from the features when omitted."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Detected from the features when omitted."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training data."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation data."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Iterate over the data without downloading it first (needs a step count)."}
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={"help": "Streaming: rows in the shuffle buffer (0: shuffle the shard order only)."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub datasets."})
+
+    def __post_init__(self):
+        sources = [name for name in ("dataset_name", "train_dir", "train_files") if getattr(self, name)]
+        if len(sources) > 1:
+            raise ValueError(f"Give one data source, got {', '.join('--' + name for name in sources)}.")
+        if self.shuffle_buffer_size < 0:
+            raise ValueError(f"--shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size}.")
+        if not 0 < self.test_size < 1:
+            raise ValueError(f"--test_size must be in (0, 1), got {self.test_size}.")
+
+    @property
+    def uses_builtin_data(self) -> bool:
+        return not (self.dataset_name or self.train_dir or self.train_files)
+
+    @property
+    def source_name(self) -> str:
+        """How the data is named on a model card."""
+        if self.train_files:
+            return ", ".join(self.train_files)
+        return self.dataset_name or self.train_dir or "scikit-learn digits (built in)"
 
 
 @dataclass
@@ -75,6 +151,31 @@ def _find_column(features: datasets.Features, explicit: str | None, feature_type
     return next((name for name in names if name in features), None)
 
 
+def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
+    """
+    The `datasets` builder and the files of `--train_files` globs. Local globs must match files; remote ones
+    (`hf://`, `s3://`, ...) are passed on to `datasets`, which resolves them. All shards must share one extension.
+    """
+    files = []
+    for pattern in patterns:
+        if "://" in pattern:
+            files.append(pattern)
+            continue
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise ValueError(f"--train_files {pattern!r} matches no file.")
+        files.extend(matched)
+    extensions = {os.path.splitext(path)[1].lower() for path in files}
+    unknown = extensions - set(SHARD_BUILDERS)
+    if unknown:
+        raise ValueError(
+            f"--train_files must be shards with an extension among {sorted(SHARD_BUILDERS)}, got {sorted(unknown)}."
+        )
+    if len(extensions) > 1:
+        raise ValueError(f"--train_files must all have one extension, got {sorted(extensions)}.")
+    return SHARD_BUILDERS[extensions.pop()], files
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -85,14 +186,23 @@ def load_image_dataset(
     max_samples: int | None = None,
     streaming: bool = False,
     cache_dir: str | None = None,
+    train_files: list[str] | None = None,
 ) -> ImageDataset:
     """
     Load images from a Hub id or a `Dataset.save_to_disk` folder (`dataset_name`), an image folder (`train_dir`),
-    or, with neither, the built-in digits. Image and label columns are detected from the features when not given.
+    shards (`train_files` globs, see [`resolve_shards`]) or, with none, the built-in digits. Image and label
+    columns are detected from the features when not given.
     """
-    if dataset_name is not None and train_dir is not None:
-        raise ValueError("Give either `dataset_name` or `train_dir`, not both.")
-    if train_dir is not None:
+    if sum(map(bool, (dataset_name, train_dir, train_files))) > 1:
+        raise ValueError("Give one of `dataset_name`, `train_dir` and `train_files`, not several.")
+    if train_files:
+        if split != "train":
+            raise ValueError(f"`train_files` hold the 'train' split only, got `split` {split!r}.")
+        builder, files = resolve_shards(train_files)
+        dataset = datasets.load_dataset(
+            builder, data_files={"train": files}, split="train", streaming=streaming, cache_dir=cache_dir
+        )
+    elif train_dir is not None:
         if not os.path.isdir(train_dir):
             raise ValueError(f"`train_dir` must be a folder of images, got {train_dir!r}.")
         dataset = datasets.load_dataset("imagefolder", data_dir=train_dir, split="train", streaming=streaming)
@@ -127,8 +237,9 @@ def load_image_dataset(
 
 def decode_image(value) -> Image.Image | None:
     """
-    An RGB PIL image from a decoded image or an undecoded `{"bytes", "path"}` record; `None` when the image
-    cannot be read (corrupt or missing file), so that callers can skip it instead of crashing mid-epoch.
+    An RGB PIL image from a decoded image or an undecoded `{"bytes", "path"}` record, transparency composited on
+    white as the image processor does; `None` when the image cannot be read (corrupt or missing file, or a
+    decompression bomb), so that callers can skip it instead of crashing mid-epoch.
     """
     try:
         if isinstance(value, Image.Image):
@@ -140,7 +251,58 @@ def decode_image(value) -> Image.Image | None:
         else:
             return None
         image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
+        return image if image.mode == "RGB" else Image.fromarray(convert_to_rgb(image, return_numpy=True))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         logger.debug("Unreadable image skipped: %s", error)
         return None
+
+
+def has_labels(data: ImageDataset) -> bool:
+    """Whether a split has real labels: a label column and, when it can be read without streaming, no label < 0
+    (ImageNet's test split, for one, labels every image -1)."""
+    if data.label_column is None:
+        return False
+    if isinstance(data.dataset, datasets.IterableDataset):
+        return True
+    labels = np.asarray(data.dataset[data.label_column])
+    return labels.size > 0 and labels.min() >= 0
+
+
+def load_labelled_split(
+    dataset_name: str | None, dataset_config_name: str | None, split: str | None, **kwargs
+) -> ImageDataset | None:
+    """
+    The labelled evaluation split of a Hub dataset, a `save_to_disk` folder or the built-in digits: `split`, or else
+    the first of 'validation' and 'test' that exists with real labels (see [`has_labels`]). `None` when there is none.
+    """
+    for name in [split] if split else EVAL_SPLITS:
+        if dataset_name is not None and os.path.isdir(dataset_name):
+            saved = datasets.load_from_disk(dataset_name)  # memory-mapped: cheap to open twice
+            if not isinstance(saved, datasets.DatasetDict) or name not in saved:
+                continue
+        try:
+            data = load_image_dataset(dataset_name, dataset_config_name, split=name, **kwargs)
+        except (ValueError, KeyError) as error:
+            logger.debug("No split %r: %s", name, error)
+            continue
+        if has_labels(data):
+            return data
+        logger.info("Split %r has no labels (or labels < 0): not used for evaluation.", name)
+    return None
+
+
+def hold_out(data: ImageDataset, test_size: float = DEFAULT_TEST_SIZE, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """A stratified (train, held-out) split of a labelled map-style dataset that has no evaluation split."""
+    if not 0 < test_size < 1:
+        raise ValueError(f"`test_size` must be in (0, 1), got {test_size!r}.")
+    dataset = data.dataset
+    if not hasattr(dataset, "train_test_split"):
+        raise ValueError("Holding out a test part needs a map-style dataset, got a streaming one; give a test split.")
+    if data.num_labels is None:
+        # Stratification needs a ClassLabel column.
+        dataset = dataset.class_encode_column(data.label_column)
+    splits = dataset.train_test_split(test_size=test_size, stratify_by_column=data.label_column, seed=seed)
+    return (
+        ImageDataset(splits["train"], data.image_column, data.label_column),
+        ImageDataset(splits["test"], data.image_column, data.label_column),
+    )

@@ -17,14 +17,13 @@ Library use (e.g. at the end of pretraining):
 Command line: `msn-evaluate --model_name_or_path outputs/msn-digits --baselines random pixels`.
 """
 
-import argparse
 import json
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,17 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
-from .data import ImageDataset, decode_image, load_image_dataset
+from .data import (
+    DEFAULT_TEST_SIZE,
+    DataArguments,
+    ImageDataset,
+    decode_image,
+    hold_out,
+    load_image_dataset,
+    load_labelled_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +57,6 @@ BASELINES = ("random", "pixels")
 # Raw-pixel features are average-pooled to at most this side, so that 224 px images stay affordable.
 PIXEL_FEATURE_SIZE = 32
 MODEL_ENCODER_NAME = "msn"
-DEFAULT_TEST_SIZE = 0.2
 
 
 # ----------------------------------------------------------------------------------------------------- features
@@ -337,7 +344,7 @@ def evaluate_lowshot(
     shots, seeds, baselines = tuple(shots), tuple(seeds), tuple(baselines)
     _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg)
     if test is None:
-        train, test = hold_out_test(train, DEFAULT_TEST_SIZE)
+        train, test = hold_out(train, DEFAULT_TEST_SIZE)
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_feature_model(str(model_or_path), trust_remote_code=trust_remote_code)
         if device is None:
@@ -415,57 +422,32 @@ def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- data
-def hold_out_test(dataset: ImageDataset, test_size: float = DEFAULT_TEST_SIZE, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
-    """A stratified train/test split of a labelled dataset that has no test split."""
-    if not 0 < test_size < 1:
-        raise ValueError(f"`test_size` must be in (0, 1), got {test_size!r}.")
-    data = dataset.dataset
-    if not hasattr(data, "train_test_split"):
-        raise ValueError("Holding out a test part needs a map-style dataset, got a streaming one; give a test split.")
-    if dataset.num_labels is None:
-        # Stratification needs a ClassLabel column.
-        data = data.class_encode_column(dataset.label_column)
-    splits = data.train_test_split(test_size=test_size, stratify_by_column=dataset.label_column, seed=seed)
-    return (
-        ImageDataset(splits["train"], dataset.image_column, dataset.label_column),
-        ImageDataset(splits["test"], dataset.image_column, dataset.label_column),
-    )
-
-
-def _load_split(dataset_name: str | None, dataset_config_name: str | None, split: str, **kwargs) -> ImageDataset | None:
-    """The `split` of a dataset, or None when it has no such split (a `save_to_disk` Dataset has no splits at all)."""
-    if dataset_name is not None and os.path.isdir(dataset_name):
-        saved = datasets.load_from_disk(dataset_name)  # memory-mapped: cheap to open twice
-        if not isinstance(saved, datasets.DatasetDict) or split not in saved:
-            return None
-    try:
-        return load_image_dataset(dataset_name, dataset_config_name, split=split, **kwargs)
-    except (ValueError, KeyError) as error:
-        logger.debug("No split %r: %s", split, error)
-        return None
-
-
 def load_evaluation_datasets(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
     train_dir: str | None = None,
     test_dir: str | None = None,
     train_split: str = "train",
-    test_split: str = "test",
+    test_split: str | None = None,
     test_size: float = DEFAULT_TEST_SIZE,
     image_column_name: str | None = None,
     label_column_name: str | None = None,
     max_train_samples: int | None = None,
     max_test_samples: int | None = None,
     cache_dir: str | None = None,
+    train_files: list[str] | None = None,
+    seed: int = 0,
 ) -> tuple[ImageDataset, ImageDataset]:
     """
     Labelled train and test sets from the same sources as pretraining (Hub id or `save_to_disk` folder, image
-    folder, or the built-in digits with their test split). Without a test split (or `test_dir`), a stratified
-    `test_size` of the training images is held out.
+    folder, shards, or the built-in digits with their test split). The test set is `test_dir`, `test_split`, or
+    else the first labelled one of 'validation' and 'test'; without any, a stratified `test_size` of the training
+    images is held out with `seed` (the split `msn-pretrain` holds out before pretraining).
     """
     common = dict(image_column_name=image_column_name, label_column_name=label_column_name, cache_dir=cache_dir)
-    train = load_image_dataset(dataset_name, dataset_config_name, train_dir, split=train_split, **common)
+    train = load_image_dataset(
+        dataset_name, dataset_config_name, train_dir, split=train_split, train_files=train_files, **common
+    )
     if train.label_column is None:
         raise ValueError(
             f"Evaluation needs labels, but no label column was found among {list(train.dataset.features)}; "
@@ -473,13 +455,13 @@ def load_evaluation_datasets(
         )
     if test_dir is not None:
         test = load_image_dataset(train_dir=test_dir, **common)
-    elif train_dir is not None:
-        train, test = hold_out_test(train, test_size)
+    elif train_dir is not None or train_files:
+        test = None
     else:
-        test = _load_split(dataset_name, dataset_config_name, test_split, **common)
-        if test is None:
-            logger.warning("No %r split: holding out %.0f%% of %r.", test_split, 100 * test_size, train_split)
-            train, test = hold_out_test(train, test_size)
+        test = load_labelled_split(dataset_name, dataset_config_name, test_split, **common)
+    if test is None:
+        logger.warning("No labelled evaluation split: holding out %.0f%% of %r.", 100 * test_size, train_split)
+        train, test = hold_out(train, test_size, seed=seed)
     # Subsampling after the split keeps the held-out part disjoint from the training part.
     for limit, part in ((max_train_samples, train), (max_test_samples, test)):
         if limit is not None:
@@ -488,53 +470,52 @@ def load_evaluation_datasets(
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="MSN checkpoint folder (or ViTMSN / AutoModel).")
-    parser.add_argument("--image_processor_name", default=None, help="Processor folder; default: the model's.")
-    parser.add_argument("--dataset_name", default=None, help="Hub dataset id or save_to_disk folder; default: digits.")
-    parser.add_argument("--dataset_config_name", default=None)
-    parser.add_argument("--train_dir", default=None, help="Image folder (one sub-folder per class).")
-    parser.add_argument("--test_dir", default=None, help="Image folder of test images; default: held out.")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--test_split", default="test", help="Held out from train_split when absent.")
-    parser.add_argument("--test_size", type=float, default=DEFAULT_TEST_SIZE, help="Held-out fraction when there is no test split.")
-    parser.add_argument("--image_column_name", default=None)
-    parser.add_argument("--label_column_name", default=None)
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--max_test_samples", type=int, default=None)
-    parser.add_argument("--cache_dir", default=None)
-    parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
-    parser.add_argument("--label_fraction", type=float, default=DEFAULT_LABEL_FRACTION, help="0 to skip.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
-    parser.add_argument("--knn_k", type=int, default=DEFAULT_KNN_K, help="0 to skip.")
-    parser.add_argument("--l2_reg", type=float, default=DEFAULT_L2_REG)
-    parser.add_argument("--baselines", nargs="*", default=[], choices=BASELINES)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--output_file", default=None, help="Default: lowshot_results.json in the model folder.")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--no_progress", action="store_true")
-    return parser.parse_args(argv)
+@dataclass
+class EvaluationArguments:
+    """What to evaluate, and how."""
+
+    _argument_group_name = "evaluation"
+
+    model_name_or_path: str = field(metadata={"help": "MSN checkpoint folder (or ViTMSN / AutoModel), or a Hub id."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Processor folder; default: the model's."})
+    shots: list[int] = field(default_factory=lambda: list(DEFAULT_SHOTS), metadata={"help": "Labelled images per class."})
+    label_fraction: float = field(default=DEFAULT_LABEL_FRACTION, metadata={"help": "Fraction of labels; 0 to skip."})
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS), metadata={"help": "One draw of labels each."})
+    knn_k: int = field(default=DEFAULT_KNN_K, metadata={"help": "Neighbours of the kNN classifier; 0 to skip."})
+    l2_reg: float = field(default=DEFAULT_L2_REG, metadata={"help": "L2 weight per labelled image."})
+    baselines: list[str] = field(
+        default_factory=list, metadata={"help": f"Among {BASELINES}.", "choices": BASELINES, "nargs": "*"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "Feature extraction batch size."})
+    device: str | None = field(default=None, metadata={"help": "Default: CUDA when available."})
+    output_file: str | None = field(default=None, metadata={"help": "Default: lowshot_results.json in the model folder."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Load code shipped with the checkpoint."})
+    no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[EvaluationArguments, DataArguments]:
+    parser = HfArgumentParser((EvaluationArguments, DataArguments), description=__doc__.split("\n\n")[0])
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """`msn-evaluate`: evaluate a checkpoint (and baselines), print a table and write the results as JSON."""
-    args = parse_args(argv)
+    args, data_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     train, test = load_evaluation_datasets(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.train_dir,
-        args.test_dir,
-        args.train_split,
-        args.test_split,
-        args.test_size,
-        args.image_column_name,
-        args.label_column_name,
-        args.max_train_samples,
-        args.max_test_samples,
-        args.cache_dir,
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_dir,
+        data_args.test_dir,
+        data_args.train_split,
+        data_args.eval_split,
+        data_args.test_size,
+        data_args.image_column_name,
+        data_args.label_column_name,
+        data_args.max_train_samples,
+        data_args.max_test_samples,
+        data_args.cache_dir,
+        data_args.train_files,
     )
     image_processor = None
     if args.image_processor_name is not None:

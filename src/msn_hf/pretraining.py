@@ -1,11 +1,12 @@
 """
-MSN pretraining with Accelerate: one process or many, CPU or GPU, resumable, with the original schedules.
+MSN pretraining with Accelerate: one process or many, CPU or GPU, map-style or streaming data, resumable, with the
+original schedules.
 
-`examples/pretrain_msn.py` and the `msn-pretrain` console script run `main()`; the pieces (schedules, parameter
-groups, data collation, checkpoints) are importable and tested on their own.
+`examples/pretrain_msn.py` and the `msn-pretrain` console script run `main()`. The loop reads as the `no_trainer`
+examples of Transformers: `setup_run`, `build_train_data`, `resume`, then `training_step`, `log_step` and
+`save_checkpoint` per step, and `finish` (export first, evaluation after). Each piece is importable and tested.
 """
 
-import argparse
 import hashlib
 import json
 import logging
@@ -14,20 +15,32 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
+from datasets.distributed import split_dataset_by_node
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 from .configuration_msn import MSNConfig
-from .data import ImageDataset, decode_image, load_image_dataset
+from .data import (
+    DataArguments,
+    ImageDataset,
+    decode_image,
+    has_labels,
+    hold_out,
+    load_image_dataset,
+    load_labelled_split,
+)
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 
@@ -35,6 +48,7 @@ logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILE = "training_state.json"
+DATALOADER_STATE_FILE = "dataloader_state_{rank}.json"
 METRICS_FILE = "metrics.jsonl"
 INDEX_KEY = "__index__"
 
@@ -64,79 +78,121 @@ DIGITS_DEFAULTS = dict(
     ),
     training=dict(num_train_epochs=22, per_device_train_batch_size=64, num_warmup_epochs=1),
 )
+# The original ViT-S/16 recipe on ImageNet: 800 epochs, 64 images per GPU, 15 warmup epochs.
+IMAGENET_TRAINING_DEFAULTS = dict(num_train_epochs=800, per_device_train_batch_size=64, num_warmup_epochs=15)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Pretrain a Vision Transformer with Masked Siamese Networks.")
-    data = parser.add_argument_group("data (none given: the built-in scikit-learn digits, offline)")
-    data.add_argument("--dataset_name", help="A Hub dataset id, or a folder written by `Dataset.save_to_disk`.")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--train_dir", help="A folder of images (the `imagefolder` layout).")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--eval_split", default="test", help="Labelled split for the final low-shot evaluation.")
-    data.add_argument("--image_column_name", help="Detected from the features when omitted.")
-    data.add_argument("--label_column_name", help="Detected from the features when omitted.")
-    data.add_argument("--max_train_samples", type=int)
-    data.add_argument("--streaming", action="store_true", help="Iterate without downloading (needs --max_train_steps).")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+@dataclass
+class PretrainingArguments:
+    """The model, the optimisation (defaults: the original ViT-S/16 recipe) and the outputs of an MSN run."""
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", help="Continue from an MSN checkpoint folder or Hub id.")
-    model.add_argument("--backbone", help="timm ViT name (default: vit_small_patch16_224, or a small ViT for digits).")
-    model.add_argument("--backbone_kwargs", type=json.loads, help='JSON, e.g. \'{"img_size": 32, "patch_size": 4}\'.')
-    model.add_argument("--config_overrides", help="Comma-separated MSNConfig fields, e.g. mask_ratio=0.3,temperature=0.1.")
-    model.add_argument("--num_anchor_views", type=int)
-    model.add_argument("--num_focal_views", type=int)
+    _argument_group_name = "model, optimisation and outputs"
 
-    optim = parser.add_argument_group("optimisation (defaults: the original ViT-S/16 recipe)")
-    optim.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate after warmup.")
-    optim.add_argument("--warmup_start_learning_rate", type=float, default=2e-4)
-    optim.add_argument("--final_learning_rate", type=float, default=1e-6)
-    optim.add_argument("--weight_decay", type=float, default=0.04, help="Start of the cosine weight-decay schedule.")
-    optim.add_argument("--final_weight_decay", type=float, default=0.4)
-    optim.add_argument("--schedule_stretch", type=float, default=1.25, help="Schedules span stretch x the real steps.")
-    optim.add_argument("--max_grad_norm", type=float, default=3.0, help="Clipping of encoder and head gradients.")
-    optim.add_argument("--num_train_epochs", type=int, default=None)
-    optim.add_argument("--max_train_steps", type=int, help="Overrides the epochs.")
-    optim.add_argument("--per_device_train_batch_size", type=int, default=None)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--num_warmup_steps", type=int, help="Overrides --num_warmup_epochs.")
-    optim.add_argument("--num_warmup_epochs", type=float, default=None)
-    optim.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many bad steps in a row.")
-    optim.add_argument("--seed", type=int, default=42)
-    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: the Accelerate config.")
-
-    run = parser.add_argument_group("outputs")
-    run.add_argument("--output_dir", default="outputs/msn")
-    run.add_argument("--overwrite_output_dir", action="store_true")
-    run.add_argument("--checkpointing_steps", help="Save the training state every N steps, or 'epoch'.")
-    run.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
-    run.add_argument("--checkpoints_total_limit", type=int, default=2)
-    run.add_argument("--logging_steps", type=int, default=10)
-    run.add_argument("--report_to", default="none", help="Accelerate trackers: tensorboard, wandb, all, none.")
-    run.add_argument("--skip_evaluation", action="store_true", help="No low-shot evaluation at the end.")
-    run.add_argument("--push_to_hub", action="store_true")
-    run.add_argument("--hub_model_id")
-    run.add_argument("--hub_token")
-    run.add_argument("--hub_private_repo", action="store_true")
-    args = parser.parse_args(argv)
-
-    if args.dataset_name and args.train_dir:
-        parser.error("give either --dataset_name or --train_dir, not both")
-    if args.streaming and args.max_train_steps is None:
-        parser.error("--streaming needs --max_train_steps (an iterable dataset has no length)")
-    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
-        parser.error(f"--checkpointing_steps must be a number of steps or 'epoch', got {args.checkpointing_steps!r}")
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id")
-    args.use_builtin_data = args.dataset_name is None and args.train_dir is None
-    defaults = DIGITS_DEFAULTS["training"] if args.use_builtin_data else dict(
-        num_train_epochs=800, per_device_train_batch_size=64, num_warmup_epochs=15
+    # model
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from an MSN folder or Hub id."})
+    backbone: str | None = field(
+        default=None, metadata={"help": "timm ViT name (default: vit_small_patch16_224, or a small ViT for digits)."}
     )
+    backbone_kwargs: str | None = field(
+        default=None, metadata={"help": 'JSON arguments of timm.create_model, e.g. \'{"img_size": 32, "patch_size": 4}\'.'}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Comma-separated MSNConfig fields, e.g. mask_ratio=0.3,temperature=0.1."}
+    )
+    num_anchor_views: int | None = field(default=None, metadata={"help": "Random anchor views per image."})
+    num_focal_views: int | None = field(default=None, metadata={"help": "Focal anchor views per image."})
+    # optimisation
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate after warmup."})
+    warmup_start_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the first step."})
+    final_learning_rate: float = field(default=1e-6, metadata={"help": "End of the cosine learning-rate schedule."})
+    weight_decay: float = field(default=0.04, metadata={"help": "Start of the cosine weight-decay schedule."})
+    final_weight_decay: float = field(default=0.4, metadata={"help": "End of the cosine weight-decay schedule."})
+    schedule_stretch: float = field(default=1.25, metadata={"help": "Schedules span stretch x the real steps."})
+    max_grad_norm: float = field(default=3.0, metadata={"help": "Clipping of encoder and head gradients (0: none)."})
+    num_train_epochs: int | None = field(default=None, metadata={"help": "Passes over map-style data."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; overrides the epochs."})
+    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Images per process and step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    num_warmup_steps: int | None = field(default=None, metadata={"help": "Overrides --num_warmup_epochs."})
+    num_warmup_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Warmup length; without epochs (streaming) the same fraction of --num_train_epochs."},
+    )
+    max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many bad steps in a row."})
+    seed: int = field(default=42, metadata={"help": "Seed of the initialisation, the data order and the views."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "Default: the Accelerate config."}
+    )
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "Processes decoding images and drawing views; the views do not depend on it."}
+    )
+    # outputs
+    output_dir: str = field(default="outputs/msn", metadata={"help": "Where the model, checkpoints and logs go."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start again in an --output_dir that holds a run: its checkpoints and metrics are removed."},
+    )
+    checkpointing_steps: str | None = field(
+        default=None, metadata={"help": "Save the training state every N steps, or 'epoch'."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' in --output_dir."}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=2, metadata={"help": "Complete checkpoints kept (the newest always is); 0 or none: all."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Write metrics every N steps."})
+    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, wandb, all, none."})
+    skip_evaluation: bool = field(default=False, metadata={"help": "No low-shot evaluation at the end."})
+    max_eval_samples: int = field(
+        default=50_000, metadata={"help": "Skip the final evaluation (logged) above this many labelled images."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository of --push_to_hub."})
+    hub_token: str | None = field(default=None, metadata={"help": "Token of --push_to_hub."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository private."})
+
+    def __post_init__(self):
+        def fail(flag: str, expected: str, value) -> None:
+            raise ValueError(f"--{flag} must be {expected}, got {value!r}.")
+
+        for name in ("logging_steps", "gradient_accumulation_steps", "max_nonfinite_steps"):
+            if getattr(self, name) <= 0:
+                fail(name, "a positive number of steps", getattr(self, name))
+        for name in ("max_train_steps", "per_device_train_batch_size", "num_train_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                fail(name, "a positive integer", getattr(self, name))
+        if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
+            if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) <= 0:
+                fail("checkpointing_steps", "a positive number of steps or 'epoch'", self.checkpointing_steps)
+        if self.dataloader_num_workers < 0:
+            fail("dataloader_num_workers", ">= 0", self.dataloader_num_workers)
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
+            fail("checkpoints_total_limit", ">= 0", self.checkpoints_total_limit)
+        if self.push_to_hub and not self.hub_model_id:
+            fail("hub_model_id", "a repository name with --push_to_hub", self.hub_model_id)
+        if isinstance(self.backbone_kwargs, str):
+            try:
+                self.backbone_kwargs = json.loads(self.backbone_kwargs)
+            except json.JSONDecodeError as error:
+                fail("backbone_kwargs", f"a JSON object ({error})", self.backbone_kwargs)
+        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
+            fail("backbone_kwargs", "a JSON object", self.backbone_kwargs)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, DataArguments]:
+    """The command line of `msn-pretrain`, with the defaults of the data filled in (digits or ImageNet recipe)."""
+    parser = HfArgumentParser(
+        (PretrainingArguments, DataArguments), description="Pretrain a Vision Transformer with Masked Siamese Networks."
+    )
+    args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.streaming and args.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps (an iterable dataset has no length), got none.")
+    defaults = DIGITS_DEFAULTS["training"] if data_args.uses_builtin_data else IMAGENET_TRAINING_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    return args
+    return args, data_args
 
 
 # --- schedules ---------------------------------------------------------------------------------------------------
@@ -217,14 +273,26 @@ class IndexedDataset(torch.utils.data.Dataset):
         return {**self.dataset[index], INDEX_KEY: index}
 
 
+def _row_key(row: dict, image_column: str):
+    """What identifies a row: its index in a map-style dataset, else its file path or a hash of its bytes."""
+    if INDEX_KEY in row:
+        return row[INDEX_KEY]
+    value = row[image_column]
+    if isinstance(value, dict) and value.get("path") and value.get("bytes") is None:
+        return value["path"]
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return hashlib.blake2b(value["bytes"], digest_size=16).hexdigest()
+    return None
+
+
 class MSNViewsCollator:
     """
-    Collate dataset rows into MSN views: decodes each image (unreadable ones are skipped and counted) and runs the
-    image processor's view mode on the batch. Picklable, so it runs inside DataLoader workers.
+    Collate rows into MSN views: decodes each image (unreadable ones are skipped and counted in `num_skipped`) and
+    runs the image processor's view mode on the batch. Picklable, so it runs inside DataLoader workers.
 
-    Rows from an [`IndexedDataset`] get views drawn from a generator seeded by `(seed, epoch, row indices)`: the
-    same batch gets the same views whichever process, worker or resumed run draws it. Other rows use torch's
-    global generator.
+    The views are drawn from a generator seeded by `(seed, epoch, rows)`, where a row is named by its index in an
+    [`IndexedDataset`], else by its file path or the hash of its bytes (streaming): the same batch gets the same views
+    whichever process, worker or resumed run draws it.
     """
 
     def __init__(self, image_processor: MSNImageProcessor, image_column: str, seed: int = 0):
@@ -234,38 +302,123 @@ class MSNViewsCollator:
         self.epoch = 0
 
     def _generator(self, rows: list[dict]) -> torch.Generator | None:
-        if not all(INDEX_KEY in row for row in rows):
+        keys = [_row_key(row, self.image_column) for row in rows]
+        if any(key is None for key in keys):
             return None
-        key = repr((self.seed, self.epoch, [row[INDEX_KEY] for row in rows])).encode()
-        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-        return torch.Generator().manual_seed(seed)
+        digest = hashlib.blake2b(repr((self.seed, self.epoch, keys)).encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
     def __call__(self, rows: list[dict]) -> dict:
         images = [decode_image(row[self.image_column]) for row in rows]
         valid = [image for image in images if image is not None]
-        batch = {"num_skipped": torch.tensor(len(images) - len(valid))}
+        batch = {"num_skipped": len(images) - len(valid)}
         if valid:
             views = self.image_processor(valid, return_views=True, generator=self._generator(rows), return_tensors="pt")
             batch.update(views)
         return batch
 
 
-def build_train_data(args) -> ImageDataset:
+@dataclass
+class TrainData:
+    """
+    The pretraining rows, ready for a DataLoader, and what the final evaluation needs.
+
+    Attributes:
+        dataset: an [`IndexedDataset`] (map-style) or this process's part of a shuffled `datasets.IterableDataset`.
+        image_column: the column the collator decodes.
+        evaluation: labelled (train, test) sets for the final low-shot evaluation, or None.
+        no_evaluation_reason: why there is no evaluation, when there is none.
+    """
+
+    dataset: torch.utils.data.Dataset | datasets.IterableDataset
+    image_column: str
+    evaluation: tuple[ImageDataset, ImageDataset] | None = None
+    no_evaluation_reason: str | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.dataset, datasets.IterableDataset)
+
+
+def _evaluation_sets(
+    data: ImageDataset, data_args: DataArguments, seed: int
+) -> tuple[ImageDataset, tuple[ImageDataset, ImageDataset] | None, str | None]:
+    """
+    The labelled test set of the final evaluation: `--test_dir`, the labelled evaluation split, or else a stratified
+    `--test_size` held out of `data` BEFORE pretraining, so that no test image is pretrained on. Returns the data to
+    pretrain on, the (train, test) sets or None, and the reason when None.
+    """
+    if data.label_column is None or not has_labels(data):
+        return data, None, "the training data has no labels"
+    common = dict(image_column_name=data_args.image_column_name, label_column_name=data_args.label_column_name,
+                  cache_dir=data_args.cache_dir)  # fmt: skip
+    test = None
+    if data_args.test_dir is not None:
+        test = load_image_dataset(train_dir=data_args.test_dir, **common)
+    elif not (data_args.train_dir or data_args.train_files):
+        test = load_labelled_split(data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split, **common)
+    if test is None:
+        logger.info(f"No labelled evaluation split: holding out {data_args.test_size:.0%} of the images before pretraining.")
+        data, test = hold_out(data, data_args.test_size, seed=seed)
+    if data_args.max_test_samples is not None:
+        test.dataset = test.dataset.select(range(min(data_args.max_test_samples, len(test.dataset))))
+    return data, (data, test), None
+
+
+def build_train_data(data_args: DataArguments, args: PretrainingArguments, accelerator: Accelerator) -> TrainData:
+    """
+    Load the pretraining rows (images stay undecoded: the collator decodes, so that an unreadable file is skipped
+    rather than raised inside `datasets`). Map-style rows are indexed; a stream is shuffled with a fixed seed
+    (shard order and a `--shuffle_buffer_size` buffer, reseeded per epoch by `set_epoch`) and split across processes
+    with `split_dataset_by_node`, so that each process reads and decodes only its own rows.
+    """
     data = load_image_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_dir=args.train_dir,
-        split=args.train_split,
-        image_column_name=args.image_column_name,
-        label_column_name=args.label_column_name,
-        max_samples=args.max_train_samples,
-        streaming=args.streaming,
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        train_files=data_args.train_files,
+        split=data_args.train_split,
+        image_column_name=data_args.image_column_name,
+        label_column_name=data_args.label_column_name,
+        max_samples=data_args.max_train_samples,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
     )
-    # Decoding happens in the collator, so that a corrupt file is skipped rather than raising inside `datasets`.
-    data.dataset = data.dataset.cast_column(data.image_column, datasets.Image(decode=False))
-    if not args.streaming:
-        data.dataset = IndexedDataset(data.dataset.with_format(None))
-    return data
+    evaluation, reason = None, "--skip_evaluation"
+    if data_args.streaming:
+        reason = "a streaming dataset has no held-out part to evaluate on"
+    elif not args.skip_evaluation:
+        data, evaluation, reason = _evaluation_sets(data, data_args, args.seed)
+    rows = data.dataset.cast_column(data.image_column, datasets.Image(decode=False))
+    if data_args.streaming:
+        if data_args.shuffle_buffer_size:
+            rows = rows.shuffle(seed=args.seed, buffer_size=data_args.shuffle_buffer_size)
+        rows = split_dataset_by_node(rows, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        return TrainData(rows, data.image_column, None, reason)
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes
+    if len(rows) < global_batch:
+        raise ValueError(
+            f"--per_device_train_batch_size {args.per_device_train_batch_size} x {accelerator.num_processes} "
+            f"process(es) must not exceed the {len(rows)} training images (a batch is never partial), got a global "
+            f"batch of {global_batch}."
+        )
+    return TrainData(IndexedDataset(rows.with_format(None)), data.image_column, evaluation, reason)
+
+
+def build_dataloader(train_data: TrainData, collator: MSNViewsCollator, args: PretrainingArguments) -> DataLoader:
+    """
+    A DataLoader of full batches. A stream gets a `StatefulDataLoader`, whose `state_dict` (the rows consumed, in
+    every worker) is saved with each checkpoint; map-style rows are shuffled by the sampler Accelerate prepares.
+    """
+    loader_class = StatefulDataLoader if train_data.streaming else DataLoader
+    return loader_class(
+        train_data.dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=not train_data.streaming,
+        drop_last=True,
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+    )
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
@@ -288,10 +441,13 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
-def build_model_and_processor(args) -> tuple[MSNModel, MSNImageProcessor]:
+def build_model_and_processor(
+    args: PretrainingArguments, data_args: DataArguments
+) -> tuple[MSNModel, MSNImageProcessor]:
+    """A new model (or the one of `--model_name_or_path`) and its views processor, with the digits preset on digits."""
     overrides = parse_config_overrides(args.config_overrides)
-    digits = args.use_builtin_data and args.backbone is None and args.model_name_or_path is None
-    processor_kwargs = dict(DIGITS_DEFAULTS["processor"]) if args.use_builtin_data else {}
+    digits = data_args.uses_builtin_data and args.backbone is None and args.model_name_or_path is None
+    processor_kwargs = dict(DIGITS_DEFAULTS["processor"]) if data_args.uses_builtin_data else {}
     if args.model_name_or_path:
         model = MSNModel.from_pretrained(args.model_name_or_path, **overrides)
         try:
@@ -317,40 +473,119 @@ def build_model_and_processor(args) -> tuple[MSNModel, MSNImageProcessor]:
     return model, processor
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------------
+# --- state and checkpoints -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """
+    Where the run stands; saved with every checkpoint as `training_state.json`.
+
+    Attributes:
+        completed_steps: optimiser steps taken (the position in the schedules).
+        epoch: the pass over the data in progress.
+        batches_in_epoch: batches of `epoch` consumed, skipped ones included (map-style resume skips them).
+        skipped_images: unreadable images so far, all processes.
+        consecutive_nonfinite: steps skipped in a row for a non-finite loss or gradient norm.
+        window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss.
+    """
+
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    skipped_images: int = 0
+    consecutive_nonfinite: int = 0
+    window_nonfinite: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in vars(self).items() if k != "window_nonfinite"})
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders, oldest first; temporary folders of interrupted saves never match."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found) if (path / TRAINING_STATE_FILE).exists()]
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the most steps; temporary folders of interrupted saves never match."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
-    found = [(step, path) for step, path in found if (path / TRAINING_STATE_FILE).exists()]
-    return max(found)[1] if found else None
+    """The complete checkpoint with the most steps, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, total_limit: int | None) -> Path:
-    """Accelerate state plus the schedule position, written to `checkpoint-N.tmp` and renamed when complete."""
-    final = output_dir / f"checkpoint-{state['completed_steps']}"
-    temporary = output_dir / f"checkpoint-{state['completed_steps']}.tmp"
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    state: TrainingState,
+    dataloader,
+    total_limit: int | None,
+) -> Path:
+    """
+    Accelerate's state, the position in the run and, for a stream, each process's DataLoader state, written to
+    `checkpoint-N.tmp` and renamed to `checkpoint-N` by the main process once EVERY process has finished writing.
+    Then the oldest complete checkpoints beyond `total_limit` are removed; the newest is always kept.
+
+    Accelerate's automatic checkpoint naming is not used: it deletes the oldest checkpoint before writing the new one
+    (with `total_limit=1`, the only complete one) and writes in place, so a crash mid-save leaves a partial folder
+    that looks complete.
+    """
+    final = output_dir / f"checkpoint-{state.completed_steps}"
+    temporary = output_dir / f"checkpoint-{state.completed_steps}.tmp"
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
+    if isinstance(dataloader, StatefulDataLoader):
+        path = temporary / DATALOADER_STATE_FILE.format(rank=accelerator.process_index)
+        path.write_text(json.dumps(dataloader.state_dict()))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / TRAINING_STATE_FILE).write_text(json.dumps(state))
+        (temporary / TRAINING_STATE_FILE).write_text(state.to_json())
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
         if total_limit:
-            old = sorted(
-                (int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
-            )
-            for _, path in old[:-total_limit]:
+            for path in complete_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume(
+    args: PretrainingArguments, accelerator: Accelerator, dataloader, output_dir: Path
+) -> TrainingState:
+    """
+    The state of `--resume_from_checkpoint` (a folder, or `latest` in `output_dir`) loaded into the model,
+    optimiser, RNGs and, for a stream, this process's DataLoader; a fresh state when there is nothing to resume.
+    """
+    if not args.resume_from_checkpoint:
+        return TrainingState()
+    if args.resume_from_checkpoint == "latest":
+        checkpoint = find_latest_checkpoint(output_dir)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {output_dir}: starting from scratch.")
+            return TrainingState()
+    else:
+        checkpoint = Path(args.resume_from_checkpoint)
+    if not (checkpoint / TRAINING_STATE_FILE).exists():
+        raise ValueError(
+            f"--resume_from_checkpoint must be a complete checkpoint folder or 'latest', got {str(checkpoint)!r} "
+            f"(no {TRAINING_STATE_FILE})."
+        )
+    accelerator.print(f"Resuming from {checkpoint}")
+    accelerator.load_state(str(checkpoint))
+    if isinstance(dataloader, StatefulDataLoader):
+        path = checkpoint / DATALOADER_STATE_FILE.format(rank=accelerator.process_index)
+        if not path.exists():
+            raise ValueError(
+                f"--resume_from_checkpoint {str(checkpoint)!r} has no stream position for process "
+                f"{accelerator.process_index}: resume a stream with the number of processes that saved it."
+            )
+        dataloader.load_state_dict(json.loads(path.read_text()))
+    return TrainingState(**json.loads((checkpoint / TRAINING_STATE_FILE).read_text()))
 
 
 # --- outputs -------------------------------------------------------------------------------------------------------
@@ -375,15 +610,19 @@ def plot_loss_curve(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_model_card(args, output_dir: Path, model: MSNModel, results: dict) -> None:
-    dataset = args.dataset_name or args.train_dir or "scikit-learn digits (built in)"
+def write_model_card(
+    args: PretrainingArguments, data_args: DataArguments, output_dir: Path, model: MSNModel, results: dict
+) -> None:
+    dataset = data_args.source_name
     card_data = ModelCardData(
         library_name="transformers",
         tags=["msn", "masked-siamese-networks", "self-supervised", "vision", "image-feature-extraction", "timm"],
-        datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
+        datasets=[data_args.dataset_name]
+        if data_args.dataset_name and not os.path.isdir(data_args.dataset_name)
+        else None,
         pipeline_tag="image-feature-extraction",
     )
-    hyperparameters = {k: v for k, v in sorted(vars(args).items()) if k not in ("hub_token",)}
+    hyperparameters = {k: v for k, v in sorted({**vars(data_args), **vars(args)}.items()) if k != "hub_token"}
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -419,7 +658,7 @@ embeddings = model(pixel_values).pooler_output
     ModelCard(content).save(output_dir / "README.md")
 
 
-def push_to_hub(args, output_dir: Path) -> None:
+def push_to_hub(args: PretrainingArguments, output_dir: Path) -> None:
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True).repo_id
     api.upload_folder(
@@ -441,250 +680,329 @@ def export_final(model: MSNModel, processor: MSNImageProcessor, output_dir: Path
     staging.rmdir()
 
 
-# --- training ------------------------------------------------------------------------------------------------------
+# --- the loop ------------------------------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run MSN pretraining as described by `args` (see `parse_args`); returns the final metrics."""
+def setup_run(args: PretrainingArguments) -> Accelerator:
+    """The Accelerator, logging and seed of a run, and an `--output_dir` that holds no other run."""
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Every process loads its own batches: map-style ones through a sharded sampler, streamed ones from its own
+        # part of the stream. Dispatching from the main process would decode every process's images there.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     datasets.utils.logging.set_verbosity_warning() if accelerator.is_main_process else datasets.disable_progress_bars()
     set_seed(args.seed)
+    # Every process checks, so that all of them stop on a bad folder rather than wait for the main one.
+    previous = [p for p in output_dir.glob("*") if p.name.startswith("checkpoint-") or p.name == METRICS_FILE]
+    finished = (output_dir / "model.safetensors").exists()
+    if (previous or finished) and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {str(output_dir)!r} already holds a run: pass --resume_from_checkpoint latest to continue "
+            "it, or --overwrite_output_dir to start again."
+        )
     if accelerator.is_main_process:
-        if args.resume_from_checkpoint is None and output_dir.exists() and any(
-            p.name.startswith("checkpoint-") for p in output_dir.iterdir()
-        ) and not args.overwrite_output_dir:
-            raise ValueError(
-                f"--output_dir {str(output_dir)!r} already holds checkpoints: pass --resume_from_checkpoint latest "
-                "to continue, or --overwrite_output_dir to start again."
-            )
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None:
+            for path in previous:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    return accelerator
 
-    model, processor = build_model_and_processor(args)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_data = build_train_data(args)
-    collator = MSNViewsCollator(processor, train_data.image_column, seed=args.seed)
-    dataloader = DataLoader(
-        train_data.dataset,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=not args.streaming,
-        drop_last=True,
-        collate_fn=collator,
-        num_workers=args.dataloader_num_workers,
-    )
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    unwrapped = accelerator.unwrap_model(model)
 
-    if args.streaming:
-        steps_per_epoch = args.max_train_steps
-    else:
-        steps_per_epoch = max(1, len(dataloader) // args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
-    warmup_steps = args.num_warmup_steps
-    if warmup_steps is None:
+def build_schedules(args: PretrainingArguments, config: MSNConfig, steps_per_epoch: int | None) -> MSNSchedules:
+    """
+    The schedules of the run, in optimiser steps. Without epochs (a stream), the warmup is the same fraction of the
+    run as `--num_warmup_epochs` of `--num_train_epochs`.
+    """
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.num_warmup_steps is not None:
+        warmup_steps = args.num_warmup_steps
+    elif steps_per_epoch is not None:
         warmup_steps = round(args.num_warmup_epochs * steps_per_epoch)
-    schedules = MSNSchedules(
-        total_steps=max_steps,
-        warmup_steps=min(warmup_steps, max_steps),
+    else:
+        warmup_steps = round(total_steps * args.num_warmup_epochs / args.num_train_epochs)
+    return MSNSchedules(
+        total_steps=total_steps,
+        warmup_steps=min(warmup_steps, total_steps),
         learning_rate=args.learning_rate,
         warmup_start_learning_rate=args.warmup_start_learning_rate,
         final_learning_rate=args.final_learning_rate,
         weight_decay=args.weight_decay,
         final_weight_decay=args.final_weight_decay,
-        momentum=unwrapped.config.ema_momentum,
-        final_momentum=unwrapped.config.ema_momentum_end,
+        momentum=config.ema_momentum,
+        final_momentum=config.ema_momentum_end,
         stretch=args.schedule_stretch,
     )
-    if args.report_to != "none":
-        accelerator.init_trackers("msn_pretraining", config={k: str(v) for k, v in vars(args).items()})
 
-    completed_steps, start_epoch, skip_batches, skipped_images = 0, 0, 0, 0
-    checkpoint = None
-    if args.resume_from_checkpoint:
-        checkpoint = (
-            find_latest_checkpoint(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-    if checkpoint is not None:
-        if not (checkpoint / TRAINING_STATE_FILE).exists():
-            raise ValueError(f"--resume_from_checkpoint {str(checkpoint)!r} is not a complete checkpoint folder.")
-        accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
-        completed_steps, start_epoch = state["completed_steps"], state["epoch"]
-        skip_batches, skipped_images = state["batches_in_epoch"], state.get("skipped_images", 0)
-    elif args.resume_from_checkpoint == "latest":
-        accelerator.print(f"No checkpoint in {output_dir}: starting from scratch.")
 
-    metrics_path = output_dir / METRICS_FILE
-    metrics_history = []
-    if accelerator.is_main_process and metrics_path.exists():
-        kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        metrics_history = [m for m in kept if m["step"] <= completed_steps]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics_history))
+def all_processes(accelerator: Accelerator, flag: torch.Tensor | bool) -> bool:
+    """Whether `flag` holds on every process: a decision every process takes alike, as collectives need."""
+    flag = torch.as_tensor(flag, device=accelerator.device)
+    # A sum of failures: `reduce(..., "min")` sums as well on some backends.
+    return accelerator.reduce((~flag.bool()).float().reshape(1), "sum").item() == 0
 
-    def checkpoint_state(epoch: int, batches_in_epoch: int) -> dict:
-        return dict(
-            completed_steps=completed_steps,
-            epoch=epoch,
-            batches_in_epoch=batches_in_epoch,
-            skipped_images=skipped_images,
-        )
 
-    progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
-    consecutive_nonfinite = 0
-    window = dict(images=0, start=time.perf_counter())
-    model.train()
-    for epoch in range(start_epoch, num_epochs):
-        dataloader.set_epoch(epoch)
-        collator.epoch = epoch
-        active = dataloader
-        batches_in_epoch = 0
-        if epoch == start_epoch and skip_batches:
-            active = accelerator.skip_first_batches(dataloader, skip_batches)
-            batches_in_epoch = skip_batches
-        for batch in active:
-            batches_in_epoch += 1
-            skipped_images += int(accelerator.reduce(batch.pop("num_skipped").to(accelerator.device), "sum"))
-            if "pixel_values" not in batch:
-                logger.warning("A batch had no readable image: skipped.")
-                continue
-            # Masks (and any other global draw) depend only on the batch's place in the run, as the views do, so
-            # that a resumed run repeats the uninterrupted one exactly.
-            set_seed(args.seed + 1_000_003 * epoch + batches_in_epoch, device_specific=True)
-            apply_schedules(optimizer, schedules, completed_steps)
-            with accelerator.accumulate(model):
-                output = model(**batch)
-                loss = output.loss
-                # Every process must take the same decision, or DDP's gradient all-reduce would hang.
-                finite = accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() == 0
-                if finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(
-                            [*unwrapped.encoder.parameters(), *unwrapped.projection_head.parameters()],
-                            args.max_grad_norm,
-                        )
+def epoch_batches(
+    accelerator: Accelerator,
+    dataloader,
+    collator: MSNViewsCollator,
+    streaming: bool,
+    state: TrainingState,
+    seed: int,
+):
+    """
+    The batches left in `state.epoch`, on the device, counted in `state`. A batch in which any process has no
+    readable image is skipped by every process (Sinkhorn and me-max all-reduce). Before each batch, torch's
+    generators are seeded by its position in the run, so masks repeat exactly after a resume.
+    """
+    collator.epoch = state.epoch
+    batches = dataloader
+    if streaming:
+        dataloader.dataset.set_epoch(state.epoch)
+    else:
+        dataloader.set_epoch(state.epoch)
+        if state.batches_in_epoch:
+            batches = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+    for batch in batches:
+        state.batches_in_epoch += 1
+        skipped = batch.pop("num_skipped")
+        state.skipped_images += int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum"))
+        if not all_processes(accelerator, "pixel_values" in batch):
+            logger.warning("A batch without any readable image on some process: skipped on every process.")
+            continue
+        set_seed(seed + 1_000_003 * state.epoch + state.batches_in_epoch, device_specific=True)
+        yield send_to_device(batch, accelerator.device) if streaming else batch
+
+
+def clipped_parameters(model: MSNModel) -> list[torch.nn.Parameter]:
+    """The parameters whose gradients are clipped: the anchor encoder and projection head, not the prototypes."""
+    return [*model.encoder.parameters(), *model.projection_head.parameters()]
+
+
+def training_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    state: TrainingState,
+    schedules: MSNSchedules,
+    max_grad_norm: float,
+):
+    """
+    One micro-batch: the schedules of step `state.completed_steps` into the optimiser, forward, backward and, at
+    the end of an accumulation window, clipping, the optimiser step and the EMA update of the target.
+
+    A window with a non-finite loss, or a non-finite gradient norm, takes no step (every process alike) and counts in
+    `state.consecutive_nonfinite`. A step that the fp16 grad scaler skips (it then lowers its scale) takes no EMA
+    update and is not counted. `state.completed_steps` grows by one when the step was taken. Returns the output.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    apply_schedules(optimizer, schedules, state.completed_steps)
+    with accelerator.accumulate(model):
+        output = model(**batch)
+        if all_processes(accelerator, torch.isfinite(output.loss.detach())):
+            accelerator.backward(output.loss)
+        else:
+            state.window_nonfinite = True
+        if accelerator.sync_gradients:
+            finite, state.window_nonfinite = not state.window_nonfinite, False
+            scaler_skipped = False
+            if finite:
+                grad_norm = accelerator.clip_grad_norm_(clipped_parameters(unwrapped), max_grad_norm or math.inf)
+                finite = all_processes(accelerator, torch.isfinite(grad_norm))
+                if finite or accelerator.scaler is not None:
+                    # The grad scaler itself skips a step with non-finite gradients, and lowers its scale.
                     optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not finite:
-                consecutive_nonfinite += 1
-                logger.warning(f"Non-finite loss at step {completed_steps}: step skipped ({consecutive_nonfinite} in a row).")
-                if consecutive_nonfinite >= args.max_nonfinite_steps:
-                    last = find_latest_checkpoint(output_dir)
-                    raise RuntimeError(
-                        f"{consecutive_nonfinite} non-finite losses in a row at step {completed_steps}: stopping. "
-                        f"Last good checkpoint: {last or 'none'}. Lower --learning_rate or check the data."
-                    )
-                continue
-            consecutive_nonfinite = 0
-            window["images"] += batch["pixel_values"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            unwrapped.update_target_encoder(schedules.ema_momentum(completed_steps))
-            completed_steps += 1
-            progress.update(1)
-
-            if completed_steps % args.logging_steps == 0 or completed_steps == max_steps:
-                targets = output.target_probs.detach()
-                elapsed = time.perf_counter() - window["start"]
-                record = dict(
-                    step=completed_steps,
-                    epoch=epoch,
-                    loss=accelerator.reduce(loss.detach(), "mean").item(),
-                    prediction_loss=accelerator.reduce(output.prediction_loss.detach(), "mean").item(),
-                    me_max_loss=output.me_max_loss.item(),
-                    distinct_target_prototypes=int(targets.argmax(dim=-1).unique().numel()),
-                    mean_max_target_prob=accelerator.reduce(targets.max(dim=-1).values.mean(), "mean").item(),
-                    lr=schedules.lr(completed_steps - 1),
-                    weight_decay=schedules.wd(completed_steps - 1),
-                    momentum=schedules.ema_momentum(completed_steps - 1),
-                    images_per_second=window["images"] / max(elapsed, 1e-9),
-                    skipped_images=skipped_images,
+                    scaler_skipped = accelerator.optimizer_step_was_skipped
+            if finite and not scaler_skipped:
+                unwrapped.update_target_encoder(schedules.ema_momentum(state.completed_steps))
+                state.completed_steps += 1
+                state.consecutive_nonfinite = 0
+            elif scaler_skipped:
+                logger.info(f"The fp16 grad scaler skipped step {state.completed_steps} (gradient overflow).")
+            else:
+                state.consecutive_nonfinite += 1
+                logger.warning(
+                    f"Non-finite loss or gradient at step {state.completed_steps}: step skipped "
+                    f"({state.consecutive_nonfinite} in a row)."
                 )
-                window.update(images=0, start=time.perf_counter())
-                if accelerator.is_main_process:
-                    metrics_history.append(record)
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", m=f"{record['momentum']:.4f}",
-                        img_s=f"{record['images_per_second']:.0f}",
-                    )
-                if args.report_to != "none":
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=completed_steps)
+        optimizer.zero_grad(set_to_none=True)
+    return output
 
-            if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, output_dir, checkpoint_state(epoch, batches_in_epoch),
-                                args.checkpoints_total_limit)
-            if completed_steps >= max_steps:
+
+class MetricsLog:
+    """`metrics.jsonl` (main process) and the trackers: one record every `--logging_steps` optimiser steps."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, completed_steps: int, report: bool):
+        self.accelerator, self.path, self.report = accelerator, path, report
+        self.history = []
+        if accelerator.is_main_process and path.exists():
+            # A resumed run drops what the interrupted one logged after its checkpoint.
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.history = [m for m in kept if m["step"] <= completed_steps]
+            path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+        self.images, self.start = 0, time.perf_counter()
+
+    def log_step(self, output, state: TrainingState, schedules: MSNSchedules) -> dict:
+        accelerator = self.accelerator
+        targets = output.target_probs.detach()
+        step = state.completed_steps - 1
+        record = dict(
+            step=state.completed_steps,
+            epoch=state.epoch,
+            loss=accelerator.reduce(output.loss.detach(), "mean").item(),
+            prediction_loss=accelerator.reduce(output.prediction_loss.detach(), "mean").item(),
+            me_max_loss=output.me_max_loss.item(),
+            distinct_target_prototypes=int(targets.argmax(dim=-1).unique().numel()),
+            mean_max_target_prob=accelerator.reduce(targets.max(dim=-1).values.mean(), "mean").item(),
+            lr=schedules.lr(step),
+            weight_decay=schedules.wd(step),
+            momentum=schedules.ema_momentum(step),
+            images_per_second=self.images / max(time.perf_counter() - self.start, 1e-9),
+            skipped_images=state.skipped_images,
+        )
+        self.images, self.start = 0, time.perf_counter()
+        if accelerator.is_main_process:
+            self.history.append(record)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.report:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.completed_steps)
+        return record
+
+
+def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
+    """Run MSN pretraining (see `PretrainingArguments` and `DataArguments`); returns the final metrics."""
+    accelerator = setup_run(args)
+    output_dir = Path(args.output_dir)
+    model, processor = build_model_and_processor(args, data_args)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_data = build_train_data(data_args, args, accelerator)
+    collator = MSNViewsCollator(processor, train_data.image_column, seed=args.seed)
+    dataloader = build_dataloader(train_data, collator, args)
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
+    if train_data.streaming:  # each process already reads its own part of the stream
+        model, optimizer = accelerator.prepare(model, optimizer)
+        steps_per_epoch = None
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+        steps_per_epoch = max(1, len(dataloader) // args.gradient_accumulation_steps)
+    unwrapped = accelerator.unwrap_model(model)
+    schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
+    if args.report_to != "none":
+        accelerator.init_trackers("msn_pretraining", config={k: str(v) for k, v in {**vars(data_args), **vars(args)}.items()})
+    state = resume(args, accelerator, dataloader, output_dir)
+    metrics = MetricsLog(accelerator, output_dir / METRICS_FILE, state.completed_steps, args.report_to != "none")
+    progress = tqdm(total=schedules.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
+
+    model.train()
+    while state.completed_steps < schedules.total_steps:
+        resumed_mid_epoch = state.batches_in_epoch > 0
+        for batch in epoch_batches(accelerator, dataloader, collator, train_data.streaming, state, args.seed):
+            steps_before = state.completed_steps
+            output = training_step(accelerator, model, optimizer, batch, state, schedules, args.max_grad_norm)
+            metrics.images += batch["pixel_values"].shape[0] * accelerator.num_processes
+            if state.consecutive_nonfinite >= args.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{state.consecutive_nonfinite} non-finite losses in a row at step {state.completed_steps}: "
+                    f"stopping. Last good checkpoint: {find_latest_checkpoint(output_dir) or 'none'}. Lower "
+                    "--learning_rate or check the data."
+                )
+            if state.completed_steps == steps_before:
+                continue
+            progress.update(1)
+            if state.completed_steps % args.logging_steps == 0 or state.completed_steps == schedules.total_steps:
+                record = metrics.log_step(output, state, schedules)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                     img_s=f"{record['images_per_second']:.0f}")  # fmt: skip
+            if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
+                save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
+            if state.completed_steps >= schedules.total_steps:
                 break
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, checkpoint_state(epoch + 1, 0), args.checkpoints_total_limit)
-        if completed_steps >= max_steps:
-            break
+        else:  # the epoch ran out
+            if state.batches_in_epoch == 0 and not resumed_mid_epoch:
+                raise ValueError(
+                    f"--per_device_train_batch_size {args.per_device_train_batch_size} must not exceed the images "
+                    f"of each process, but a pass over the data gave no full batch."
+                )
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if args.checkpointing_steps == "epoch":
+                save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
     progress.close()
-    if skipped_images:
-        logger.warning(f"{skipped_images} unreadable images were skipped.")
+    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history)
 
+
+def finish(
+    args: PretrainingArguments,
+    data_args: DataArguments,
+    accelerator: Accelerator,
+    model: MSNModel,
+    processor: MSNImageProcessor,
+    train_data: TrainData,
+    state: TrainingState,
+    history: list[dict],
+) -> dict:
+    """
+    Export the final model at once (main process), then evaluate it: after the last barrier, so that a long
+    evaluation cannot time out the other processes, which are done, and a failed one cannot lose the model.
+    """
+    output_dir = Path(args.output_dir)
+    if state.skipped_images:
+        logger.warning(f"{state.skipped_images} unreadable images were skipped.")
+    results = dict(completed_steps=state.completed_steps, skipped_images=state.skipped_images)
+    if history:
+        results["final_loss"] = history[-1]["loss"]
     accelerator.wait_for_everyone()
-    results = dict(completed_steps=completed_steps, skipped_images=skipped_images)
-    if metrics_history:
-        results["final_loss"] = metrics_history[-1]["loss"]
     if accelerator.is_main_process:
-        unwrapped.eval()
-        if not args.skip_evaluation:
-            results.update(run_lowshot_evaluation(args, unwrapped, processor, output_dir))
-        export_final(unwrapped, processor, output_dir)
-        if metrics_history:
-            plot_loss_curve(metrics_history, output_dir / "loss_curve.png")
-        write_model_card(args, output_dir, unwrapped, results)
+        model.eval()
+        export_final(model, processor, output_dir)
+        if history:
+            plot_loss_curve(history, output_dir / "loss_curve.png")
+        write_model_card(args, data_args, output_dir, model, results)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
-        if args.push_to_hub:
-            push_to_hub(args, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if not accelerator.is_main_process:
+        return results
+    evaluation = run_final_evaluation(args, train_data, model, processor, output_dir)
+    if evaluation:
+        results["eval"] = evaluation
+        write_model_card(args, data_args, output_dir, model, results)
+        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
+    if args.push_to_hub:
+        push_to_hub(args, output_dir)
     return results
 
 
-def run_lowshot_evaluation(args, model: MSNModel, processor: MSNImageProcessor, output_dir: Path) -> dict:
-    """Low-shot evaluation of the target encoder when the data has labels; writes `eval_results.json`."""
-    from .evaluation import evaluate_lowshot, load_evaluation_datasets
+def run_final_evaluation(
+    args: PretrainingArguments, train_data: TrainData, model: MSNModel, processor: MSNImageProcessor, output_dir: Path
+) -> dict:
+    """Low-shot evaluation of the target encoder on the held-out labelled images; writes `eval_results.json`."""
+    from .evaluation import evaluate_lowshot
 
-    if args.streaming:
-        logger.info("Streaming dataset: low-shot evaluation skipped.")
+    if train_data.evaluation is None:
+        logger.info(f"Low-shot evaluation skipped: {train_data.no_evaluation_reason}.")
         return {}
-    try:
-        train, test = load_evaluation_datasets(
-            args.dataset_name,
-            args.dataset_config_name,
-            args.train_dir,
-            train_split=args.train_split,
-            test_split=args.eval_split,
-            image_column_name=args.image_column_name,
-            label_column_name=args.label_column_name,
+    train, test = train_data.evaluation
+    size = len(train.dataset) + len(test.dataset)
+    if size > args.max_eval_samples:
+        logger.info(
+            f"Low-shot evaluation skipped: {size} labelled images exceed --max_eval_samples {args.max_eval_samples}; "
+            f"run `msn-evaluate --model_name_or_path {output_dir}` on a subset or raise the limit."
         )
-    except ValueError as error:  # no labels
-        logger.info(f"Low-shot evaluation skipped: {error}")
         return {}
-    results = evaluate_lowshot(model, train, test, processor, output_file=str(output_dir / "eval_results.json"))
-    return {"eval": results}
+    return evaluate_lowshot(model, train, test, processor, output_file=str(output_dir / "eval_results.json"))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_args(argv))
+    return train(*parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,15 @@ from transformers.utils import is_datasets_available
 from .data import _IMAGE_COLUMN_NAMES, ImageDataset, _find_column
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
-from .pretraining import IndexedDataset, MSNSchedules, MSNViewsCollator, apply_schedules, parameter_groups
+from .pretraining import (
+    IndexedDataset,
+    MSNSchedules,
+    MSNViewsCollator,
+    all_processes,
+    apply_schedules,
+    clipped_parameters,
+    parameter_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,16 +99,21 @@ class MSNScheduler(torch.optim.lr_scheduler.LRScheduler):
     Sets every group's learning rate and the `"decay"` group's weight decay from [`MSNSchedules`] at each optimiser
     step. `last_epoch` is the index of the step the optimiser's current values are for (0 for the first step), the
     index the Accelerate loop uses; it is saved with the checkpoints, so a resumed run continues the schedules.
+    `hold = True` makes the next `step()` keep the position (a step that was not taken).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedules: MSNSchedules, last_epoch: int = -1):
         self.schedules = schedules
+        self.hold = False
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
         return [self.schedules.lr(self.last_epoch)] * len(self.optimizer.param_groups)
 
     def step(self, epoch: int | None = None) -> None:
+        if self.hold:
+            self.hold = False
+            return
         super().step(epoch)
         apply_schedules(self.optimizer, self.schedules, self.last_epoch)
 
@@ -126,9 +139,15 @@ class _MSNStepHooks(TrainerCallback):
         if isinstance(self.trainer.data_collator, MSNViewsCollator):
             self.trainer.data_collator.epoch = epoch
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._decide_step()
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if trainer.accelerator.optimizer_step_was_skipped:  # the AMP grad scaler found inf / NaN gradients
+        if trainer.accelerator.optimizer_step_was_skipped:
+            return  # the AMP grad scaler found inf / NaN gradients; the Trainer does not step the scheduler then
+        if not trainer._step_taken:
+            trainer.lr_scheduler.hold = True  # no EMA update and the same schedule position for the next window
             return
         step = trainer.lr_scheduler.last_epoch  # not stepped yet: the index of this step's learning rate
         momentum = trainer.lr_scheduler.schedules.ema_momentum(step)
@@ -150,8 +169,9 @@ class MSNTrainer(Trainer):
       step), the EMA update of the target encoder and head;
     - views drawn by [`MSNViewsCollator`] from `(seed, epoch, row indices)` and masks from a seed reset before each
       batch from its place in the run, so the same seed gives the same run as `msn-pretrain`, resumed or not;
-    - a step whose loss is not finite on any process is skipped (no backward); `max_nonfinite_steps` in a row stop
-      the run.
+    - an accumulation window with a non-finite loss or gradient norm on any process takes no step (no update, no
+      EMA, same schedule position); `max_nonfinite_steps` such windows in a row stop the run. So does a window in
+      which no process had a readable image. The Trainer still counts such windows in `global_step`.
 
     Args:
         model ([`MSNModel`]): the model to pretrain.
@@ -204,6 +224,7 @@ class MSNTrainer(Trainer):
         self.add_callback(_MSNStepHooks(self))
         self._epoch, self._batches_in_epoch = 0, 0
         self._consecutive_nonfinite = 0
+        self._window_nonfinite, self._window_has_gradient, self._step_taken = False, False, False
         self._skipped_images = 0
         self._step_values, self._batch_losses = {}, {}
 
@@ -240,18 +261,42 @@ class MSNTrainer(Trainer):
 
     def _clip_grad_norm(self, model):
         """Clip the encoder and projection head only, as the recipe does; returns their norm before clipping."""
-        msn = self._msn_model()
-        parameters = [*msn.encoder.parameters(), *msn.projection_head.parameters()]
-        return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+        return self.accelerator.clip_grad_norm_(clipped_parameters(self._msn_model()), self.args.max_grad_norm)
+
+    def _decide_step(self) -> None:
+        """Before the optimiser step: take it only if the window's losses and gradients are finite everywhere."""
+        accelerator = self.accelerator
+        gradients = [p.grad for p in clipped_parameters(self._msn_model()) if p.grad is not None]
+        finite_gradients = all(bool(torch.isfinite(g).all()) for g in gradients)
+        # With fp16, the grad scaler skips a step with non-finite gradients itself, and lowers its scale.
+        finite = not self._window_nonfinite and (finite_gradients or accelerator.scaler is not None)
+        finite = all_processes(accelerator, finite)
+        self._step_taken = finite and all_processes(accelerator, self._window_has_gradient)
+        self._window_nonfinite, self._window_has_gradient = False, False
+        if not finite:
+            self._consecutive_nonfinite += 1
+            logger.warning(
+                f"Non-finite loss or gradient at step {self.state.global_step}: step skipped "
+                f"({self._consecutive_nonfinite} in a row)."
+            )
+            if self._consecutive_nonfinite >= self.args.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{self._consecutive_nonfinite} non-finite losses in a row at step {self.state.global_step}: "
+                    "stopping. Lower the learning rate or check the data."
+                )
+        elif self._step_taken:
+            self._consecutive_nonfinite = 0
+        if not self._step_taken:
+            self.model.zero_grad(set_to_none=True)  # the optimiser step that follows changes nothing
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         self._batches_in_epoch += 1
         inputs = dict(inputs)
-        skipped = inputs.pop("num_skipped", None)
-        if skipped is not None:
-            self._skipped_images += int(self.accelerator.reduce(skipped.to(self.args.device), "sum"))
-        if "pixel_values" not in inputs:
-            logger.warning("A batch had no readable image: it contributes no gradient.")
+        skipped = inputs.pop("num_skipped", 0)
+        skipped = torch.as_tensor(skipped, device=self.args.device).reshape(1)
+        self._skipped_images += int(self.accelerator.reduce(skipped, "sum"))
+        if not all_processes(self.accelerator, "pixel_values" in inputs):
+            logger.warning("A batch without any readable image on some process: skipped on every process.")
             return torch.zeros((), device=self.args.device)
         # Masks depend only on the batch's place in the run, as in `msn-pretrain`, so a resumed run repeats the
         # uninterrupted one exactly.
@@ -264,20 +309,10 @@ class MSNTrainer(Trainer):
             prediction_loss=outputs.prediction_loss.item(), me_max_loss=outputs.me_max_loss.item()
         )
         # Every process must take the same decision, or the gradient all-reduce would hang.
-        finite = self.accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() == 0
-        if not finite:
-            self._consecutive_nonfinite += 1
-            logger.warning(
-                f"Non-finite loss at step {self.state.global_step}: no gradient "
-                f"({self._consecutive_nonfinite} in a row)."
-            )
-            if self._consecutive_nonfinite >= self.args.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{self._consecutive_nonfinite} non-finite losses in a row at step {self.state.global_step}: "
-                    "stopping. Lower the learning rate or check the data."
-                )
+        if not all_processes(self.accelerator, torch.isfinite(loss.detach())):
+            self._window_nonfinite = True
             return torch.zeros((), device=self.args.device)
-        self._consecutive_nonfinite = 0
+        self._window_has_gradient = True
         loss = loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
         return loss.detach()
