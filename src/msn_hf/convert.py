@@ -881,4 +881,6 @@ def _run_command(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import convert
+
+    convert()

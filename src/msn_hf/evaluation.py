@@ -34,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from .cli import check_model_source
 from .data import (
     DEFAULT_TEST_SIZE,
     DataArguments,
@@ -502,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """`msn-evaluate`: evaluate a checkpoint (and baselines), print a table and write the results as JSON."""
     args, data_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_model_source(args.model_name_or_path)
     train, test = load_evaluation_datasets(
         data_args.dataset_name,
         data_args.dataset_config_name,
@@ -552,8 +554,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(format_table(results))
     print(f"\nResults written to {output_file}")
+    if os.path.isdir(args.model_name_or_path):
+        from .modelcard import update_model_card
+
+        card = update_model_card(args.model_name_or_path, results)
+        if card is not None:
+            print(f"Model card updated: {card}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import evaluate
+
+    evaluate()
