@@ -74,3 +74,24 @@ def test_pixel_values_of_another_dtype_name_the_expected_one(bad, expected):
         model(bad)
     with pytest.raises(ValueError, match=rf"`anchor_pixel_values`.*{expected}"):
         model(torch.zeros(1, 3, 32, 32), anchor_pixel_values=bad)
+
+
+def test_pipelines_without_remote_code_neither_prompt_nor_differ(tmp_path, monkeypatch):
+    import builtins
+
+    from PIL import Image
+    from transformers import pipeline
+
+    from msn_hf import MSNImageProcessor
+
+    prompts = []
+    monkeypatch.setattr(builtins, "input", lambda *args: prompts.append(args) or "n")
+    model = MSNModel(tiny_config()).eval()
+    processor = MSNImageProcessor(size={"shortest_edge": 36}, crop_size=32)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    embedding = pipeline("image-feature-extraction", model=str(tmp_path), pool=True)(image)
+    expected = model(processor(image, return_tensors="pt")["pixel_values"]).pooler_output
+    torch.testing.assert_close(torch.tensor(embedding), expected, atol=1e-5, rtol=0)
+    assert not prompts

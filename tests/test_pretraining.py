@@ -128,7 +128,8 @@ def test_script_end_to_end_on_builtin_digits(tmp_path):
     evaluation = json.loads((out / "eval_results.json").read_text())
     assert {"msn", "random"} <= set(evaluation["encoders"])
     card = (out / "README.md").read_text()
-    assert "library_name: transformers" in card and "max_train_steps" in card and "5-shot" in card
+    assert "library_name: transformers" in card and "model-index" in card and "| MSN (this model) |" in card
+    assert "ViT 2x64, patch 8" in card and "| optimiser steps | 3 |" in card
 
 
 def final_state(out):
