@@ -85,12 +85,20 @@ def create_backbone(config: MSNConfig) -> timm.models.VisionTransformer:
 
 
 def random_keep_indices(
-    batch_size: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    shared: bool = False,
 ) -> torch.LongTensor:
-    """Per-sample random subsets of `int(num_patches * (1 - mask_ratio))` patch indices, shape `(batch_size, num_kept)`."""
+    """
+    Random subsets of `int(num_patches * (1 - mask_ratio))` patch indices, shape `(batch_size, num_kept)`: one per
+    sample, or with `shared=True` one subset repeated for the whole batch (the authors' masking).
+    """
     num_keep = max(1, int(num_patches * (1.0 - mask_ratio)))
-    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
-    return noise.argsort(dim=1)[:, :num_keep]
+    noise = torch.rand(1 if shared else batch_size, num_patches, device=device, generator=generator)
+    return noise.argsort(dim=1)[:, :num_keep].expand(batch_size, -1)
 
 
 class MSNPreTrainedModel(PreTrainedModel):
@@ -204,6 +212,25 @@ class MSNPreTrainedModel(PreTrainedModel):
                 f"`{name}` height and width must be multiples of the patch size {(patch_h, patch_w)}, got {shape}."
             )
 
+    def _add_position_embeddings(self, encoder: timm.models.VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+        """
+        Prefix tokens and position embeddings for patch tokens `(batch_size, grid_h, grid_w, hidden_size)`: timm's
+        own step, or, with `config.pos_embed_antialias=False` at another grid size, the embeddings resampled bicubic
+        without antialiasing (the authors' resampling). Returns `(batch_size, prefix + grid_h * grid_w, hidden_size)`.
+        """
+        grid = tuple(tokens.shape[1:3])
+        if self.config.pos_embed_antialias or encoder.no_embed_class or grid == tuple(encoder.patch_embed.grid_size):
+            return encoder._pos_embed(tokens)
+        pos_embed = timm.layers.resample_abs_pos_embed(
+            encoder.pos_embed, new_size=grid, old_size=encoder.patch_embed.grid_size,
+            num_prefix_tokens=encoder.num_prefix_tokens, antialias=False,
+        )  # fmt: skip
+        prefix = [encoder.cls_token.expand(tokens.shape[0], -1, -1)]
+        if encoder.reg_token is not None:
+            prefix.append(encoder.reg_token.expand(tokens.shape[0], -1, -1))
+        tokens = torch.cat([*prefix, tokens.flatten(1, 2)], dim=1)
+        return encoder.pos_drop(tokens + pos_embed)
+
     def _patch_size(self) -> tuple[int, int]:
         return tuple(self.get_encoder().patch_embed.patch_size)
 
@@ -229,14 +256,15 @@ class MSNPreTrainedModel(PreTrainedModel):
         num_patches = grid_h * grid_w
         keep = None
         if mask_ratio > 0:
-            keep = random_keep_indices(batch_size, num_patches, mask_ratio, tokens.device)
+            shared = self.config.mask_sampling == "per_batch"
+            keep = random_keep_indices(batch_size, num_patches, mask_ratio, tokens.device, shared=shared)
         if keep is not None and self.config.mask_strategy == "mask_token":
             masked = torch.ones(batch_size, num_patches, dtype=torch.bool, device=tokens.device)
             masked.scatter_(1, keep, False)
             flat = torch.where(masked.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens.reshape(batch_size, num_patches, hidden_size))
             tokens = flat.view(batch_size, grid_h, grid_w, hidden_size)
             keep = None
-        tokens = encoder._pos_embed(tokens)
+        tokens = self._add_position_embeddings(encoder, tokens)
         if keep is not None:
             prefix = encoder.num_prefix_tokens
             kept = tokens[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_size))
