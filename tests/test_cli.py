@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY_BACKBONE_KWARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
-from msn_hf.cli import check_model_source
+from msn_hf.cli import check_model_source, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,18 @@ def test_pretrain_exits_0_then_refuses_the_finished_folder_with_2(tmp_path):
     error_lines = [line for line in again.stderr.splitlines() if "error" in line]
     assert error_lines == [error_lines[0]] and "already holds a run" in error_lines[0]
     assert "Traceback" not in again.stderr
-    assert "Traceback" in run_tool("msn-pretrain", *args, "--debug").stderr
+
+
+def test_debug_flag_lets_the_error_through(capsys):
+    def main(argv):
+        assert argv == ["--x", "1"]  # --debug is not passed on
+        raise ValueError("--x must be 2, got 1.")
+
+    assert run(main, "msn-tool", ["--x", "1"]) == 2
+    assert capsys.readouterr().err.startswith("msn-tool: error: --x must be 2, got 1.")
+    with pytest.raises(ValueError, match="--x must be 2"):
+        run(main, "msn-tool", ["--x", "1", "--debug"])
+    assert run(lambda argv: {"a dict": 1}, "msn-tool", []) == 0  # what main returns is not an exit status
 
 
 def test_pretrain_user_errors_exit_2_with_one_line(tmp_path):
@@ -104,10 +115,13 @@ def test_evaluate_exits_0_and_updates_the_card(model_folder, tmp_path):
     assert "| MSN (this model) |" in (model_folder / "README.md").read_text()
 
 
-def test_convert_exits_0_with_a_success_line_and_no_config_dump(model_folder, tmp_path):
+def test_convert_exits_0_with_a_success_line_and_no_config_dump(model_folder, tmp_path, capsys):
     result = run_tool("msn-convert", "to-vit-msn", "--model", model_folder, "--output", tmp_path / "vit")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == f"msn-convert to-vit-msn: wrote {tmp_path / 'vit'}"
     assert "hidden_size" not in result.stdout + result.stderr  # no config printed
-    again = run_tool("msn-convert", "to-vit-msn", "--model", model_folder, "--output", tmp_path / "vit")
-    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    from msn_hf.convert import main
+
+    again = ["to-vit-msn", "--model", str(model_folder), "--output", str(tmp_path / "vit")]
+    assert run(main, "msn-convert", again) == 2
+    assert "--overwrite" in capsys.readouterr().err
