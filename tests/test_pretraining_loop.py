@@ -19,22 +19,14 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import TINY_BACKBONE_KWARGS, tiny_config
+from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
 from msn_hf.data import DataArguments, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
-TINY_MODEL_ARGS = [
-    "--backbone", "vit_tiny_patch16_224",
-    "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
-    "--config_overrides",
-    "image_size=32,focal_image_size=16,projection_hidden_size=64,projection_output_size=32,num_prototypes=16",
-    "--num_focal_views", "2",
-    "--logging_steps", "1",
-    "--skip_evaluation",
-]  # fmt: skip
+RUN_ARGS = [*TINY_MODEL_ARGS, "--skip_evaluation"]
 
 # Runs `msn-pretrain` with test probes, selected by environment variables: every row a process collates is
 # appended to rows_<rank>.txt; MSN_SLOW_SAVE=<folder> makes rank 1 pause after writing that folder in save_state (so
@@ -305,7 +297,7 @@ def test_train_files_must_match_files_of_a_known_kind(tmp_path):
 def test_a_dataset_smaller_than_one_global_batch_stops_before_training(tmp_path):
     labelled_dataset(12).save_to_disk(str(tmp_path / "data"))
     with pytest.raises(ValueError, match="--per_device_train_batch_size 16"):
-        pt.main([*TINY_MODEL_ARGS, "--dataset_name", str(tmp_path / "data"), "--per_device_train_batch_size", "16",
+        pt.main([*RUN_ARGS, "--dataset_name", str(tmp_path / "data"), "--per_device_train_batch_size", "16",
                  "--max_train_steps", "2", "--output_dir", str(tmp_path / "run")])  # fmt: skip
     assert not list((tmp_path / "run").glob("checkpoint-*"))
     assert not (tmp_path / "run" / "model.safetensors").exists()
@@ -353,7 +345,7 @@ def test_checkpoints_rotate_keep_the_newest_and_overwrite_removes_the_old_run(tm
     stale = out / "checkpoint-50"
     stale.mkdir(parents=True)
     (stale / pt.TRAINING_STATE_FILE).write_text(json.dumps({"completed_steps": 50}))
-    common = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32",
+    common = [*RUN_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32",
               "--output_dir", str(out)]  # fmt: skip
     with pytest.raises(ValueError, match="--overwrite_output_dir"):
         pt.main([*common, "--max_train_steps", "1"])
@@ -371,7 +363,7 @@ def test_checkpoints_rotate_keep_the_newest_and_overwrite_removes_the_old_run(tm
 
 
 def test_dataloader_workers_draw_the_same_views_and_bf16_trains(tmp_path):
-    common = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "8", "--max_train_samples", "32",
+    common = [*RUN_ARGS, "--per_device_train_batch_size", "8", "--max_train_samples", "32",
               "--max_train_steps", "3", "--seed", "5"]  # fmt: skip
     for workers in (0, 2):
         result = launch(tmp_path, [*common, "--dataloader_num_workers", workers, "--output_dir", tmp_path / f"w{workers}"])
@@ -389,7 +381,7 @@ def test_dataloader_workers_draw_the_same_views_and_bf16_trains(tmp_path):
 
 
 def test_a_stream_resumes_without_repeating_or_missing_a_row(tmp_path, parquet_shards):
-    common = [*TINY_MODEL_ARGS, "--train_files", str(parquet_shards / "*.parquet"), "--streaming",
+    common = [*RUN_ARGS, "--train_files", str(parquet_shards / "*.parquet"), "--streaming",
               "--shuffle_buffer_size", "0", "--per_device_train_batch_size", "8", "--max_train_steps", "16",
               "--seed", "2"]  # fmt: skip
     straight_log, split_log = tmp_path / "straight_log", tmp_path / "split_log"
@@ -421,7 +413,7 @@ STREAM_ARGS = ["--streaming", "--shuffle_buffer_size", "0", "--per_device_train_
 @pytest.fixture(scope="module")
 def uninterrupted_two_process_stream(tmp_path_factory, parquet_shards):
     tmp_path = tmp_path_factory.mktemp("stream2")
-    args = [*TINY_MODEL_ARGS, *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"),
+    args = [*RUN_ARGS, *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"),
             "--output_dir", tmp_path / "run"]  # fmt: skip
     result = launch(tmp_path, args, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -436,7 +428,7 @@ def test_two_processes_stream_disjoint_halves_of_the_shards(
         run = uninterrupted_two_process_stream
     else:
         run = tmp_path
-        result = launch(tmp_path, [*TINY_MODEL_ARGS, *STREAM_ARGS, "--train_files", webdataset_shards / "*.tar",
+        result = launch(tmp_path, [*RUN_ARGS, *STREAM_ARGS, "--train_files", webdataset_shards / "*.tar",
                                    "--output_dir", tmp_path / "run"], processes=2)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "run" / "model.safetensors").is_file()
@@ -449,7 +441,7 @@ def test_a_two_process_run_killed_while_saving_a_checkpoint_resumes_to_the_same_
     tmp_path, parquet_shards, uninterrupted_two_process_stream
 ):
     out = tmp_path / "run"
-    args = [*TINY_MODEL_ARGS, *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"),
+    args = [*RUN_ARGS, *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"),
             "--checkpointing_steps", "1", "--output_dir", out]  # fmt: skip
     process = launch(tmp_path, args, processes=2, env={"MSN_SLOW_SAVE": "checkpoint-2.tmp"}, wait=False)
     deadline = time.time() + 180
@@ -473,7 +465,7 @@ def test_a_two_process_run_killed_while_saving_a_checkpoint_resumes_to_the_same_
 
 def test_every_process_skips_a_batch_that_one_process_cannot_use(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "8", "--max_train_samples", "64",
+    args = [*RUN_ARGS, "--per_device_train_batch_size", "8", "--max_train_samples", "64",
             "--max_train_steps", "3", "--output_dir", out]  # fmt: skip
     result = launch(tmp_path, args, processes=2, env={"MSN_EMPTY_BATCH": "1", "MSN_NAN_FORWARD": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
