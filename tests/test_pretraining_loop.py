@@ -475,3 +475,18 @@ def test_every_process_skips_a_batch_that_one_process_cannot_use(tmp_path):
     forwards = [len((tmp_path / "log" / f"forwards_{rank}.txt").read_text().split()) for rank in (0, 1)]
     assert forwards == [4, 4]
     assert json.loads((out / "train_results.json").read_text())["completed_steps"] == 3
+
+
+def test_an_evaluation_above_max_eval_samples_is_skipped_with_a_reason(tmp_path, caplog):
+    data = pt.ImageDataset(labelled_dataset(12), "image", "label")
+    train_data = pt.TrainData(dataset=None, image_column="image", evaluation=(data, data))
+    args = pt.PretrainingArguments(max_eval_samples=20)
+    Accelerator(cpu=True)  # the run's logger needs Accelerate's state
+    model, processor = MSNModel(tiny_config()), MSNImageProcessor(size=32, crop_size=32)
+    with caplog.at_level("INFO"):
+        assert pt.run_final_evaluation(args, train_data, model, processor, tmp_path) == {}
+    assert "24 labelled images exceed --max_eval_samples 20" in caplog.text
+    assert not (tmp_path / "eval_results.json").exists()
+    args.max_eval_samples = 24
+    results = pt.run_final_evaluation(args, train_data, model, processor, tmp_path)
+    assert results["settings"]["num_test"] == 12 and (tmp_path / "eval_results.json").is_file()
