@@ -15,22 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_BACKBONE_KWARGS, tiny_config
+from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
-TINY_ARGS = [
-    "--backbone", "vit_tiny_patch16_224",
-    "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
-    "--config_overrides",
-    "image_size=32,focal_image_size=16,projection_hidden_size=64,projection_output_size=32,num_prototypes=16",
-    "--num_focal_views", "2",
-    "--per_device_train_batch_size", "16",
-    "--max_train_samples", "64",
-    "--logging_steps", "1",
-]  # fmt: skip
+TINY_ARGS = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64"]
 
 
 def run_script(*args, env=None, timeout=300):

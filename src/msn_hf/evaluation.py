@@ -470,6 +470,25 @@ def load_evaluation_datasets(
     return train, test
 
 
+def load_evaluation_data(data_args: DataArguments) -> tuple[ImageDataset, ImageDataset]:
+    """[`load_evaluation_datasets`] of the data flags shared by the command lines."""
+    return load_evaluation_datasets(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_dir,
+        data_args.test_dir,
+        data_args.train_split,
+        data_args.eval_split,
+        data_args.test_size,
+        data_args.image_column_name,
+        data_args.label_column_name,
+        data_args.max_train_samples,
+        data_args.max_test_samples,
+        data_args.cache_dir,
+        data_args.train_files,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 @dataclass
 class EvaluationArguments:
@@ -504,21 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args, data_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_model_source(args.model_name_or_path)
-    train, test = load_evaluation_datasets(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_dir,
-        data_args.test_dir,
-        data_args.train_split,
-        data_args.eval_split,
-        data_args.test_size,
-        data_args.image_column_name,
-        data_args.label_column_name,
-        data_args.max_train_samples,
-        data_args.max_test_samples,
-        data_args.cache_dir,
-        data_args.train_files,
-    )
+    train, test = load_evaluation_data(data_args)
     image_processor = None
     if args.image_processor_name is not None:
         from transformers import AutoImageProcessor

@@ -885,7 +885,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
 
     model.train()
     while state.completed_steps < schedules.total_steps:
-        resumed_mid_epoch = state.batches_in_epoch > 0
+        resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
         for batch in epoch_batches(accelerator, dataloader, collator, train_data.streaming, state, args.seed):
             steps_before = state.completed_steps
             output = training_step(accelerator, model, optimizer, batch, state, schedules, args.max_grad_norm)
@@ -906,8 +906,9 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
                 save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
             if state.completed_steps >= schedules.total_steps:
+                epoch_done = not train_data.streaming and state.batches_in_epoch == len(dataloader)
                 break
-        else:  # the epoch ran out
+        if epoch_done:
             if state.batches_in_epoch == 0 and not resumed_mid_epoch:
                 raise ValueError(
                     f"--per_device_train_batch_size {args.per_device_train_batch_size} must not exceed the images "
