@@ -25,12 +25,13 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser
 
+from .cli import check_model_source
 from .configuration_msn import MSNConfig
 from .data import (
     DataArguments,
@@ -42,6 +43,7 @@ from .data import (
     load_labelled_split,
 )
 from .image_processing_msn import MSNImageProcessor
+from .modelcard import headline, write_model_card
 from .modeling_msn import MSNModel
 
 logger = get_logger(__name__)
@@ -262,29 +264,6 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: MSNSchedules, s
         group["lr"] = schedules.lr(step)
         if group.get("name") == "decay":
             group["weight_decay"] = schedules.wd(step)
-
-
-class MSNMomentumCallback(TrainerCallback):
-    """
-    For pretraining an [`MSNModel`] with the Transformers `Trainer`: after every optimiser step, the EMA update of
-    the target branch with the linear momentum schedule (`config.ema_momentum` -> `config.ema_momentum_end` over
-    `stretch * max_steps` steps).
-    """
-
-    def __init__(self, stretch: float = 1.25):
-        self.stretch = stretch
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        config = model.config
-        schedules = MSNSchedules(
-            total_steps=max(1, state.max_steps),
-            warmup_steps=0,
-            momentum=config.ema_momentum,
-            final_momentum=config.ema_momentum_end,
-            stretch=self.stretch,
-        )
-        model.update_target_encoder(schedules.ema_momentum(state.global_step))
-        return control
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -660,52 +639,26 @@ def plot_loss_curve(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_model_card(
-    args: PretrainingArguments, data_args: DataArguments, output_dir: Path, model: MSNModel, results: dict
-) -> None:
-    dataset = data_args.source_name
-    card_data = ModelCardData(
-        library_name="transformers",
-        tags=["msn", "masked-siamese-networks", "self-supervised", "vision", "image-feature-extraction", "timm"],
-        datasets=[data_args.dataset_name]
-        if data_args.dataset_name and not os.path.isdir(data_args.dataset_name)
-        else None,
-        pipeline_tag="image-feature-extraction",
+def card_run_info(
+    args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, state: TrainingState, seconds: float
+) -> dict:
+    """The facts of this run that its model card states (see `msn_hf.modelcard.write_model_card`)."""
+    hub_dataset = data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
+    return dict(
+        dataset=data_args.source_name,
+        dataset_id=hub_dataset,
+        steps=state.completed_steps,
+        batch_size=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        learning_rate_schedule=(
+            f"{args.warmup_start_learning_rate:g} -> {args.learning_rate:g} (warmup), cosine to "
+            f"{args.final_learning_rate:g}, over {args.schedule_stretch:g} x the steps"
+        ),
+        precision=accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32",
+        wall_time_seconds=seconds,
+        hardware=f"{accelerator.num_processes} x {accelerator.device.type}",
+        trainer="msn-pretrain",
+        repo_id=args.hub_model_id,
     )
-    hyperparameters = {k: v for k, v in sorted({**vars(data_args), **vars(args)}.items()) if k != "hub_token"}
-    content = f"""---
-{card_data.to_yaml()}
----
-
-# MSN pretrained {model.config.backbone}
-
-A Vision Transformer pretrained with Masked Siamese Networks (Assran et al., ECCV 2022) with `msn_hf`.
-The weights hold the anchor and target encoders, both projection heads and the
-prototypes; the target encoder is the one to use downstream.
-
-```python
-from transformers import AutoModel
-model = AutoModel.from_pretrained("{args.hub_model_id or output_dir}", trust_remote_code=True)
-embeddings = model(pixel_values).pooler_output
-```
-
-## Training data
-
-{dataset}
-
-## Training arguments
-
-```json
-{json.dumps(hyperparameters, indent=2, default=str)}
-```
-
-## Results
-
-```json
-{json.dumps(results, indent=2, default=str)}
-```
-"""
-    ModelCard(content).save(output_dir / "README.md")
 
 
 def push_to_hub(args: PretrainingArguments, output_dir: Path) -> None:
@@ -930,7 +883,12 @@ class MetricsLog:
 
 def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     """Run MSN pretraining (see `PretrainingArguments` and `DataArguments`); returns the final metrics."""
+    # User errors surface before `setup_run` creates the output folder.
+    parse_config_overrides(args.config_overrides)
+    if args.model_name_or_path:
+        check_model_source(args.model_name_or_path)
     accelerator = setup_run(args)
+    start = time.perf_counter()
     output_dir = Path(args.output_dir)
     model, processor = build_model_and_processor(args, data_args)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
@@ -957,7 +915,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
 
     model.train()
     while state.completed_steps < schedules.total_steps:
-        resumed_mid_epoch = state.batches_in_epoch > 0
+        resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
         for batch in epoch_batches(accelerator, dataloader, collator, train_data.streaming, state, args.seed):
             steps_before = state.completed_steps
             output = training_step(accelerator, model, optimizer, batch, state, schedules, args.max_grad_norm)
@@ -978,8 +936,9 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
                 save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
             if state.completed_steps >= schedules.total_steps:
+                epoch_done = not train_data.streaming and state.batches_in_epoch == len(dataloader)
                 break
-        else:  # the epoch ran out
+        if epoch_done:
             if state.batches_in_epoch == 0 and not resumed_mid_epoch:
                 raise ValueError(
                     f"--per_device_train_batch_size {args.per_device_train_batch_size} must not exceed the images "
@@ -989,7 +948,8 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
     progress.close()
-    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history)
+    seconds = time.perf_counter() - start
+    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, seconds)
 
 
 def finish(
@@ -1001,10 +961,12 @@ def finish(
     train_data: TrainData,
     state: TrainingState,
     history: list[dict],
+    seconds: float | None = None,
 ) -> dict:
     """
     Export the final model at once (main process), then evaluate it: after the last barrier, so that a long
     evaluation cannot time out the other processes, which are done, and a failed one cannot lose the model.
+    The model card is written with the export and rewritten with the results; a summary line ends the run.
     """
     output_dir = Path(args.output_dir)
     if state.skipped_images:
@@ -1018,7 +980,8 @@ def finish(
         export_final(model, processor, output_dir)
         if history:
             plot_loss_curve(history, output_dir / "loss_curve.png")
-        write_model_card(args, data_args, output_dir, model, results)
+        run_info = card_run_info(args, data_args, accelerator, state, seconds)
+        write_model_card(output_dir, model, processor, run_info)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -1027,10 +990,14 @@ def finish(
     evaluation = run_final_evaluation(args, train_data, model, processor, output_dir)
     if evaluation:
         results["eval"] = evaluation
-        write_model_card(args, data_args, output_dir, model, results)
+        write_model_card(output_dir, model, processor, run_info, evaluation)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     if args.push_to_hub:
         push_to_hub(args, output_dir)
+    print(f"\nmsn-pretrain: model, processor and card in {output_dir} ({state.completed_steps} steps).")
+    if evaluation:
+        print(f"  {headline(evaluation)} (all settings in {output_dir / 'README.md'}).")
+    print(f"  Next: msn-evaluate --model_name_or_path {output_dir} --baselines random pixels")
     return results
 
 
@@ -1059,4 +1026,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import pretrain
+
+    pretrain()
