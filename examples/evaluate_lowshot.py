@@ -13,7 +13,7 @@ See `python examples/evaluate_lowshot.py --help` for the data arguments (`--data
 are those of the pretraining script, and `msn_hf.evaluation.evaluate_lowshot` for the library function.
 """
 
-from msn_hf.evaluation import main
+from msn_hf.cli import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

@@ -30,7 +30,7 @@ from transformers import (
 
 import msn_hf  # noqa: F401  (registers the MSN classes with the Auto classes)
 from msn_hf.data import DataArguments, ImageDataset, decode_image
-from msn_hf.evaluation import load_evaluation_datasets
+from msn_hf.evaluation import load_evaluation_data
 
 logger = logging.getLogger(__name__)
 
@@ -156,21 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.setLevel(training_args.get_process_log_level())
     set_seed(training_args.seed)
 
-    train, test = load_evaluation_datasets(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_dir,
-        data_args.test_dir,
-        data_args.train_split,
-        data_args.eval_split,
-        data_args.test_size,
-        data_args.image_column_name,
-        data_args.label_column_name,
-        data_args.max_train_samples,
-        data_args.max_test_samples,
-        data_args.cache_dir,
-        data_args.train_files,
-    )
+    train, test = load_evaluation_data(data_args)
     ensure_class_labels(train, test)
     model = load_model(model_args, train.label_names)
     image_processor = AutoImageProcessor.from_pretrained(

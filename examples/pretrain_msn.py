@@ -12,7 +12,7 @@ The training loop lives in `msn_hf.pretraining` (also installed as the `msn-pret
 `python examples/pretrain_msn.py --help` for every argument.
 """
 
-from msn_hf.pretraining import main
+from msn_hf.cli import pretrain
 
 if __name__ == "__main__":
-    main()
+    pretrain()

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny ViTs that run in milliseconds on a CPU, and an offline Hub."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +10,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 TINY_BACKBONE_KWARGS = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=8)
+# `msn-pretrain` flags for the same tiny model, logging every step.
+TINY_MODEL_ARGS = [
+    "--backbone", "vit_tiny_patch16_224",
+    "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
+    "--config_overrides",
+    "image_size=32,focal_image_size=16,projection_hidden_size=64,projection_output_size=32,num_prototypes=16",
+    "--num_focal_views", "2",
+    "--logging_steps", "1",
+]  # fmt: skip
 
 
 def tiny_config(**overrides):

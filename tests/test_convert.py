@@ -349,7 +349,9 @@ def test_msn_to_vit_msn_to_msn_round_trip_is_exact(tmp_path, monkeypatch):
     argv = ["msn-convert", "from-vit-msn", "--model", str(tmp_path / "vit"), "--output", str(tmp_path / "back")]
     monkeypatch.setattr(sys, "argv", [*argv, "--config", json.dumps(TINY_HEAD)])
     monkeypatch.delitem(sys.modules, "msn_hf.convert")  # as `python -m msn_hf.convert` finds it: not yet imported
-    runpy.run_module("msn_hf.convert", run_name="__main__")
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_module("msn_hf.convert", run_name="__main__")
+    assert exit_status.value.code == 0
     back = MSNModel.from_pretrained(tmp_path / "back")
 
     original = model.target_encoder.state_dict()

@@ -500,3 +500,138 @@ def test_dataloader_workers_and_datasets_set_transform():
     batch = dataset[:2]
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["anchor_pixel_values"].shape == (2, 1, 3, 32, 32)
     assert dataset[0]["focal_pixel_values"].shape == (2, 3, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Views: every view from its own image, in its role; rendering on a device; the canvas
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_views(image, params, size, mean, std):
+    """Each view of `params` rendered alone with torchvision's functional ops, in the recipe's order."""
+    operations = (tvF.adjust_brightness, tvF.adjust_contrast, tvF.adjust_saturation, tvF.adjust_hue)
+    views = []
+    for i in range(len(params)):
+        top, left, height, width = params.boxes[i].tolist()
+        view = tvF.resized_crop(image[params.source[i]], top, left, height, width, list(size), antialias=True)
+        view = view.float() / 255
+        if params.flip[i]:
+            view = tvF.horizontal_flip(view)
+        if params.jitter[i]:
+            for operation in params.jitter_order[i].tolist():
+                view = operations[operation](view, params.jitter_factors[i, operation].item())
+        if params.grayscale[i]:
+            view = tvF.rgb_to_grayscale(view, num_output_channels=3)
+        if params.blur[i]:
+            sigma = params.blur_sigma[i].item()
+            view = tvF.gaussian_blur(view, [2 * int(np.ceil(3 * sigma)) + 1] * 2, [sigma] * 2)
+        views.append(tvF.normalize(view, mean, std))
+    return torch.stack(views)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_each_view_comes_from_its_own_image_in_its_role(device):
+    """Distinct images; every output slot equals the view drawn for that image and role, rendered independently."""
+    mean, std = (0.3, 0.5, 0.6), (0.2, 0.25, 0.3)
+    settings = dict(TINY, num_anchor_views=2, num_focal_views=3, image_mean=mean, image_std=std)
+    processor = MSNImageProcessor(**settings)
+    images = [random_image(40, 48, seed=1), random_image(56, 36, seed=2), random_image(44, 44, seed=3)]
+    views = processor(images, return_views=True, seed=5, device=device, return_tensors="pt")
+
+    # The draws the processor makes: the target + anchor group first, then the focal group, image by image.
+    generator = torch.Generator().manual_seed(5)
+    sizes = torch.tensor([[40, 48], [56, 36], [44, 44]])
+    common = (processor.crop_ratio, 0.5, 0.5, 0.8, 0.2, 0.5, (0.1, 2.0))
+    large = ipm.sample_view_params(sizes, torch.arange(3).repeat_interleave(3), (0.3, 1.0), *common, generator)
+    focal = ipm.sample_view_params(sizes, torch.arange(3).repeat_interleave(3), (0.05, 0.3), *common, generator)
+    assert large.jitter.any() and focal.jitter.any() and large.jitter_order.unique(dim=0).shape[0] > 1
+    sources = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]
+    expected_large = reference_views(sources, large, (32, 32), mean, std).view(3, 3, 3, 32, 32)
+    expected_focal = reference_views(sources, focal, (16, 16), mean, std).view(3, 3, 3, 16, 16)
+
+    # The CPU path matches to float precision; the device path up to the uint8 rounding of the CPU crops.
+    tolerance = dict(atol=2e-4, rtol=0) if device is None else dict(atol=5 / 255 / min(std), rtol=0)
+    torch.testing.assert_close(views["pixel_values"], expected_large[:, 0], **tolerance)
+    torch.testing.assert_close(views["anchor_pixel_values"], expected_large[:, 1:], **tolerance)
+    torch.testing.assert_close(views["focal_pixel_values"], expected_focal, **tolerance)
+
+
+def test_device_rendering_matches_cpu_rendering():
+    processor = MSNImageProcessor(**TINY, num_focal_views=4, do_normalize=False)
+    mixed = [random_image(40, 52, seed=i) for i in range(3)] + [random_image(24, 70, seed=9)]
+    canvas = torch.stack([torch.from_numpy(np.array(random_image(40, 40, seed=i))).permute(2, 0, 1) for i in range(6)])
+    for images in (mixed, canvas):
+        for resample in (ipm.PILImageResampling.BILINEAR, ipm.PILImageResampling.BICUBIC):
+            cpu = processor(images, return_views=True, seed=3, resample=resample, return_tensors="pt")
+            on_device = processor(
+                images, return_views=True, seed=3, resample=resample, device="cpu", return_tensors="pt"
+            )
+            for key in cpu:
+                difference = (cpu[key] - on_device[key]).abs()
+                # Same draws; only the CPU path's uint8 rounding of the resized crops differs.
+                assert difference.max() < 4 / 255 and difference.mean() < 0.3 / 255, (key, resample)
+    # Crop geometry of the batched resize, nearest included, against one resize call per view.
+    image = torch.from_numpy(np.array(random_image(30, 40))).permute(2, 0, 1)
+    params = ipm.sample_view_params(
+        torch.tensor([[30, 40]]), torch.zeros(8, dtype=torch.long), (0.05, 1.0), (0.75, 4 / 3), 0.5,
+        0.0, 0.0, 0.0, 0.0, (0.1, 2.0), torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    for interpolation in ("nearest", "bilinear", "bicubic"):
+        batched = ipm.batched_resized_crops(image[None], params, (12, 20), interpolation)
+        one_by_one = ipm.resized_crops([image], params, (12, 20), interpolation)
+        # The one-by-one uint8 resize rounds each pass to a pixel level (nearest: no arithmetic, exact).
+        torch.testing.assert_close(batched, one_by_one, atol=1.01 / 255 if interpolation != "nearest" else 0, rtol=0)
+
+
+def test_jitter_and_blur_draws_follow_torchvision_ranges():
+    num_views = 24000
+    for strength in (0.5, 1.5):
+        params = ipm.sample_view_params(
+            torch.tensor([[64, 64]]), torch.zeros(num_views, dtype=torch.long), (0.3, 1.0), (0.75, 4 / 3), 0.5,
+            strength, 1.0, 0.2, 0.5, (0.1, 2.0), torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        jitter = transforms.ColorJitter(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+        for operation, (low, high) in enumerate((jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)):
+            factors = params.jitter_factors[:, operation]
+            width = high - low
+            assert low - 1e-6 <= factors.min() < low + 0.01 * width and high - 0.01 * width < factors.max() <= high
+            assert abs(factors.mean().item() - (low + high) / 2) < 0.02 * width  # uniform
+        # The operations' order is a uniformly random permutation, as ColorJitter's `randperm(4)`.
+        orders, counts = params.jitter_order.unique(dim=0, return_counts=True)
+        assert orders.shape[0] == 24 and ((orders.sort(dim=1).values == torch.arange(4)).all())
+        assert counts.min() > 0.85 * num_views / 24 and counts.max() < 1.15 * num_views / 24
+    # Blur sigma: uniform over the range, as GaussianBlur(sigma=(0.1, 2.0)).
+    sigma = params.blur_sigma
+    assert 0.1 <= sigma.min() < 0.11 and 1.99 < sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.05) < 0.02
+
+
+def test_canvas_is_shortest_side_then_centre_square():
+    processor = MSNImageProcessor(**TINY)
+    wide, tall, tiny = random_image(40, 64, seed=1), random_image(50, 30, seed=2), random_image(5, 7, seed=3)
+    canvas = processor.make_canvas([wide, tall, tiny])
+    assert canvas.shape == (3, 3, 32, 32) and canvas.dtype == torch.uint8
+    for got, image in zip(canvas, (wide, tall, tiny)):
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        expected = tvF.center_crop(tvF.resize(tensor, 32, antialias=True), [32, 32])
+        assert (got.int() - expected.int()).abs().max() <= 1
+    # The middle of a wide image is kept, its sides are cut.
+    stripes = np.zeros((32, 96, 3), np.uint8)
+    stripes[:, 32:64] = 255
+    assert (processor.make_canvas(stripes, size=32) == 255).all()
+    # Transparency is composited on white, floats in [0, 1] are pixels / 255.
+    assert (processor.make_canvas(Image.fromarray(np.zeros((20, 20, 4), np.uint8), "RGBA")) == 255).all()
+    float_canvas = processor.make_canvas(np.array(wide).astype(np.float32) / 255)
+    assert (float_canvas.int() - canvas[:1].int()).abs().max() <= 1
+    with pytest.raises(ValueError, match="size"):
+        processor.make_canvas(wide, size={"height": 32, "width": 32})
+
+
+def test_views_reject_other_pixel_scales():
+    processor = MSNImageProcessor(**TINY)
+    image = random_image(20, 20)
+    for settings in (dict(do_rescale=False), dict(rescale_factor=1 / 127.5)):
+        with pytest.raises(ValueError, match="do_rescale=True` and `rescale_factor=1/255"):
+            processor(image, return_views=True, **settings)
+    # The evaluation mode honours them.
+    plain = processor(image, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
+    assert plain.max() > 1.5

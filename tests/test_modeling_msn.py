@@ -462,3 +462,35 @@ def test_config_defaults_are_the_original_recipe():
     assert (config.mask_ratio, config.mask_strategy, config.temperature) == (0.15, "drop", 0.1)
     assert (config.target_sharpen_temperature, config.sinkhorn_iterations, config.me_max_weight) == (0.25, 3, 1.0)
     assert (config.ema_momentum, config.ema_momentum_end) == (0.996, 1.0)
+
+
+@pytest.mark.parametrize("backbone_kwargs", [{}, dict(init_values=0.1, qk_norm=True)])
+def test_class_token_only_last_block_is_the_full_blocks_class_row(backbone_kwargs):
+    from msn_hf.modeling_msn import class_token_block
+
+    config = tiny_config(mask_ratio=0.25)
+    config.backbone_kwargs.update(backbone_kwargs)
+    model = MSNModel(config).train()
+    pixel_values = torch.randn(3, 3, 32, 32)
+    results = []
+    for class_token_only in (False, True):
+        torch.manual_seed(1)  # the same dropped tokens
+        tokens, _ = model._encode(model.encoder, pixel_values, 0.25, class_token_only=class_token_only)
+        tokens[:, 0].pow(2).sum().backward()
+        results.append((tokens[:, 0].detach(), [p.grad.clone() for p in model.encoder.parameters()]))
+        model.zero_grad()
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for full, cls_only in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(cls_only, full, atol=1e-4, rtol=1e-3)  # float summation order
+
+    # Less work: the last block's MLP, projection and queries run for one row.
+    def flops(**kwargs):
+        with FlopCounterMode(display=False) as counter:
+            model._encode(model.encoder, pixel_values, **kwargs)
+        return counter.get_total_flops()
+
+    assert flops(class_token_only=True) < 0.8 * flops()
+    # Other block types run whole.
+    block = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    tokens = torch.randn(2, 5, 64)
+    torch.testing.assert_close(class_token_block(block, tokens), block(tokens)[:, :1])

@@ -15,22 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_BACKBONE_KWARGS, tiny_config
+from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
-TINY_ARGS = [
-    "--backbone", "vit_tiny_patch16_224",
-    "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
-    "--config_overrides",
-    "image_size=32,focal_image_size=16,projection_hidden_size=64,projection_output_size=32,num_prototypes=16",
-    "--num_focal_views", "2",
-    "--per_device_train_batch_size", "16",
-    "--max_train_samples", "64",
-    "--logging_steps", "1",
-]  # fmt: skip
+TINY_ARGS = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64"]
 
 
 def run_script(*args, env=None, timeout=300):
@@ -116,7 +107,8 @@ def test_script_end_to_end_on_builtin_digits(tmp_path):
     evaluation = json.loads((out / "eval_results.json").read_text())
     assert {"msn", "random"} <= set(evaluation["encoders"])
     card = (out / "README.md").read_text()
-    assert "library_name: transformers" in card and "max_train_steps" in card and "5-shot" in card
+    assert "library_name: transformers" in card and "model-index" in card and "| MSN (this model) |" in card
+    assert "ViT 2x64, patch 8" in card and "| optimiser steps | 3 |" in card
 
 
 def final_state(out):
@@ -138,6 +130,40 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
     steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 5, 6]
+
+
+def test_views_on_device_train_end_to_end_and_resume_exactly(tmp_path, monkeypatch):
+    rendered = []
+    render = pt.MSNViewsCollator.render_views
+
+    def spy(self, batch, device):
+        canvas = batch.get("canvas")
+        rendered.append(None if canvas is None else (canvas.dtype, tuple(canvas.shape)))
+        return render(self, batch, device)
+
+    monkeypatch.setattr(pt.MSNViewsCollator, "render_views", spy)
+    common = [*TINY_ARGS, "--skip_evaluation", "--seed", "3", "--views_on_device", "--max_train_steps", "4"]
+    pt.main([*common, "--output_dir", str(tmp_path / "straight")])
+    # Workers made square uint8 canvases; the views were drawn afterwards, in this process.
+    assert len(rendered) == 4
+    assert all(dtype == torch.uint8 and shape[:2] == (16, 3) and shape[2] == shape[3] for dtype, shape in rendered)
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(m["images_per_second"] > 0 for m in metrics)
+
+    split = tmp_path / "split"
+    pt.main([*common, "--output_dir", str(split), "--checkpointing_steps", "2"])
+    for path in split.iterdir():
+        if path.name != "checkpoint-2":
+            path.unlink() if path.is_file() else shutil.rmtree(path)
+    pt.main([*common, "--output_dir", str(split), "--resume_from_checkpoint", "latest"])
+    straight, resumed = final_state(tmp_path / "straight"), final_state(split)
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    # Not the CPU views: the canvas changes what the views see.
+    pt.main([*TINY_ARGS, "--skip_evaluation", "--seed", "3", "--max_train_steps", "4", "--output_dir", str(tmp_path / "c")])
+    cpu_views = final_state(tmp_path / "c")
+    assert not torch.equal(cpu_views["encoder.cls_token"], straight["encoder.cls_token"])
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
@@ -256,36 +282,3 @@ def test_two_processes_train_log_once_and_checkpoint_once(tmp_path):
         "random_states_0.pkl", "random_states_1.pkl"
     ]
     assert MSNModel.from_pretrained(out).config.num_prototypes == 16
-
-
-def test_trainer_callback_applies_the_ema_schedule(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    from msn_hf.data import load_digits_dataset
-
-    model = MSNModel(tiny_config(ema_momentum=0.9, ema_momentum_end=1.0))
-    initial_target = model.target_encoder.blocks[0].attn.qkv.weight.detach().clone()
-    processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16, num_focal_views=2)
-    dataset = load_digits_dataset("train").select(range(32))
-    collator = pt.MSNViewsCollator(processor, "image")
-
-    def collate(rows):
-        batch = collator(rows)
-        batch.pop("num_skipped")
-        return dict(batch)
-
-    momenta = []
-    update = model.update_target_encoder
-    model.update_target_encoder = lambda momentum: (momenta.append(momentum), update(momentum))
-    args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to="none", use_cpu=True,
-        remove_unused_columns=False, save_strategy="no", logging_steps=1,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                      callbacks=[pt.MSNMomentumCallback()])
-    trainer.train()
-    assert momenta == pytest.approx([0.9 + 0.1 * step / (1.25 * 3) for step in (1, 2, 3)])
-    target = model.target_encoder.blocks[0].attn.qkv.weight
-    assert not torch.equal(target, initial_target)
-    assert not torch.equal(target, model.encoder.blocks[0].attn.qkv.weight)
-    assert not any(p.requires_grad for p in model.target_encoder.parameters())

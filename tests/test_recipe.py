@@ -117,7 +117,7 @@ def test_parse_overrides_values_and_errors():
     assert parse_overrides(None, keys, "--x") == {} and parse_overrides("", keys, "--x") == {}
     with pytest.raises(ValueError, match=r"--processor_overrides items must be key=value, got 'blur'"):
         parse_overrides("blur", keys, "--processor_overrides")
-    with pytest.raises(ValueError, match=r"--config_overrides has unknown keys \['nope'\]"):
+    with pytest.raises(ValueError, match=r"--config_overrides has unknown keys: \['nope'\]"):
         parse_overrides("nope=1", keys, "--config_overrides")
 
 
@@ -186,7 +186,7 @@ def test_overrides_reach_config_and_processor_and_are_validated(tmp_path):
     assert (model.config.mask_ratio, model.config.target_prior, len(model.encoder.blocks)) == (0.3, "power_law", 2)
     assert list(processor.blur_sigma) == [0.1, 1.0] and processor.color_jitter_probability == 0
     args.processor_overrides = "blur=1"
-    with pytest.raises(ValueError, match=r"--processor_overrides has unknown keys \['blur'\]"):
+    with pytest.raises(ValueError, match=r"--processor_overrides has unknown MSNImageProcessor settings: \['blur'\]"):
         pt.build_model_and_processor(args, data_args, imagenet_recipe())
 
 

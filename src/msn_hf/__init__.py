@@ -1,6 +1,12 @@
 """msn_hf: Masked Siamese Networks pretraining as a Hugging Face Transformers model."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoVideoProcessor,
+)
 
 from .configuration_msn import MSNConfig
 from .image_processing_msn import MSNImageProcessor
@@ -13,6 +19,9 @@ AutoConfig.register(MSNConfig.model_type, MSNConfig, exist_ok=True)
 AutoModel.register(MSNConfig, MSNModel, exist_ok=True)
 AutoModelForImageClassification.register(MSNConfig, MSNForImageClassification, exist_ok=True)
 AutoImageProcessor.register(MSNConfig, image_processor_classes={"torchvision": MSNImageProcessor}, exist_ok=True)
+# No video processor. Registered as such because pipelines probe for one, and AutoVideoProcessor takes the image
+# processor's `auto_map` for custom video code and asks, interactively, whether to run it.
+AutoVideoProcessor.register(MSNConfig, video_processor_classes={}, exist_ok=True)
 # Saved folders carry the modeling code and an `auto_map`, so they load with `trust_remote_code=True` anywhere.
 MSNConfig.register_for_auto_class()
 MSNModel.register_for_auto_class("AutoModel")

@@ -7,6 +7,7 @@ import torch
 from transformers import PreTrainedConfig
 
 MASK_STRATEGIES = ("drop", "mask_token")
+MASK_SAMPLINGS = ("per_sample", "per_batch")
 CLASSIFIER_POOLINGS = ("cls", "cls_mean")
 WEIGHT_INITS = ("msn", "mae")
 POSITION_EMBEDDINGS = ("learned", "sincos")
@@ -42,6 +43,12 @@ class MSNConfig(PreTrainedConfig):
             `"drop"` removes masked tokens (the original, cheap); `"mask_token"` replaces them by a learned token.
         mask_focal_views (`bool`, *optional*, defaults to `False`):
             Whether the focal views are masked as well.
+        mask_sampling (`str`, *optional*, defaults to `"per_sample"`):
+            `"per_sample"` draws an independent random mask for every image; `"per_batch"` draws one random subset
+            of patches for the whole batch, as the authors' code does (see docs/algorithm.md).
+        pos_embed_antialias (`bool`, *optional*, defaults to `True`):
+            Whether the position embeddings are resampled with antialiasing (timm's default) for views of another
+            resolution (the focal views); the authors resample without it.
         temperature (`float`, *optional*, defaults to 0.1):
             Softmax temperature of the prototype assignments.
         target_sharpen_temperature (`float`, *optional*, defaults to 0.25):
@@ -101,6 +108,8 @@ class MSNConfig(PreTrainedConfig):
     mask_ratio: float = 0.15
     mask_strategy: str = "drop"
     mask_focal_views: bool = False
+    mask_sampling: str = "per_sample"
+    pos_embed_antialias: bool = True
     temperature: float = 0.1
     target_sharpen_temperature: float = 0.25
     sinkhorn_iterations: int = 3
@@ -151,6 +160,10 @@ class MSNConfig(PreTrainedConfig):
                 fail(name, "a number in [0, 1]")
         if self.mask_strategy not in MASK_STRATEGIES:
             fail("mask_strategy", f"one of {MASK_STRATEGIES}")
+        if self.mask_sampling not in MASK_SAMPLINGS:
+            fail("mask_sampling", f"one of {MASK_SAMPLINGS}")
+        if not isinstance(self.pos_embed_antialias, bool):
+            fail("pos_embed_antialias", "True or False")
         if self.classifier_pooling not in CLASSIFIER_POOLINGS:
             fail("classifier_pooling", f"one of {CLASSIFIER_POOLINGS}")
         for name, choices in (

@@ -1,7 +1,8 @@
 """
 Conversions between msn_hf checkpoints and the other places an MSN model lives.
 
-- `to_vit_msn`: the target encoder of an msn_hf folder as a Transformers `ViTMSNModel` folder.
+- `to_vit_msn`: the target encoder of an msn_hf folder as a Transformers `ViTMSNModel` folder, or a fine-tuned
+  `MSNForImageClassification` folder as a `ViTMSNForImageClassification` folder.
 - `to_timm`: the target encoder as a timm checkpoint (`model.safetensors` + `config.json`).
 - `from_original`: a `.pth.tar` checkpoint of the authors' release as a full msn_hf folder.
 - `from_vit_msn`: a Transformers `ViTMSNModel` folder (e.g. facebook/vit-msn-small) as an msn_hf folder.
@@ -34,11 +35,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
-from transformers import ViTImageProcessor, ViTMSNConfig, ViTMSNModel
+from transformers import ViTImageProcessor, ViTMSNConfig, ViTMSNForImageClassification, ViTMSNModel
+from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from .configuration_msn import MSNConfig
-from .modeling_msn import MSNModel
+from .image_processing_msn import MSNImageProcessor
+from .modeling_msn import MSNForImageClassification, MSNModel
 
 logger = logging.get_logger(__name__)
 
@@ -450,14 +453,58 @@ def load_tensor_file(path: str | os.PathLike) -> dict:
         ) from error
 
 
+def is_classifier_weights(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether msn_hf weights are those of an `MSNForImageClassification` (`vit.*`) rather than an `MSNModel`."""
+    return any(key.startswith("vit.") for key in weights) and not any(key.startswith("target_encoder.") for key in weights)
+
+
 def load_msn_model(model_dir: str | os.PathLike) -> MSNModel:
     """An msn_hf `MSNModel` folder, loaded strictly: any missing, unexpected or mis-shaped weight is an error."""
     model_dir = Path(model_dir)
     _read_config_dict(model_dir, MSNConfig.model_type, "Use `from-vit-msn` for ViTMSN folders.")
+    weights = read_weights(model_dir)
+    if is_classifier_weights(weights):
+        raise ValueError(
+            f"{model_dir} is a fine-tuned MSNForImageClassification folder (an encoder `vit` and a `classifier`), not "
+            "an MSNModel pretraining folder (anchor and target encoders, heads, prototypes). `to-vit-msn` exports "
+            "classifier folders; this conversion needs the pretraining folder the classifier was fine-tuned from."
+        )
     model = MSNModel(MSNConfig.from_pretrained(model_dir))
-    _load_exactly(model, read_weights(model_dir), f"The weights of {model_dir}")
+    _load_exactly(model, weights, f"The weights of {model_dir}")
     model.freeze_target()
     return model.eval()
+
+
+def load_msn_classifier(model_dir: Path, weights: dict[str, torch.Tensor]) -> MSNForImageClassification:
+    """An msn_hf `MSNForImageClassification` folder, loaded strictly."""
+    model = MSNForImageClassification(MSNConfig.from_pretrained(model_dir))
+    _load_exactly(model, weights, f"The weights of {model_dir}")
+    return model.eval()
+
+
+def evaluation_processor_settings(model_dir: Path, config: MSNConfig) -> dict:
+    """
+    The evaluation preprocessing of an msn_hf folder, from its saved `MSNImageProcessor` (or the defaults it would
+    have for `config`): resize the shorter side, centre crop, rescale, normalise.
+    """
+    if (model_dir / "preprocessor_config.json").is_file():
+        processor = MSNImageProcessor.from_pretrained(model_dir)
+    else:
+        processor = MSNImageProcessor(
+            size={"shortest_edge": round(config.image_size * 256 / 224)}, crop_size=config.image_size
+        )
+    return dict(
+        do_resize=processor.do_resize,
+        size={key: value for key, value in vars(processor.size).items() if value is not None},
+        resample=PILImageResampling(processor.resample),
+        do_center_crop=processor.do_center_crop,
+        crop_size={key: value for key, value in vars(processor.crop_size).items() if value is not None},
+        do_rescale=processor.do_rescale,
+        rescale_factor=processor.rescale_factor,
+        do_normalize=processor.do_normalize,
+        image_mean=list(processor.image_mean),
+        image_std=list(processor.image_std),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -541,40 +588,63 @@ def to_vit_msn(
     model_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True
 ) -> Path:
     """
-    Export the target encoder of an msn_hf `MSNModel` folder as a Transformers `ViTMSNModel` folder (config.json,
-    model.safetensors, preprocessor_config.json) that loads with `ViTMSNModel.from_pretrained` and `AutoModel`
-    without remote code. Raises a `ValueError` naming what ViTMSN cannot express in the backbone.
+    Export an msn_hf folder as a Transformers ViTMSN folder (config.json, model.safetensors, preprocessor_config.json)
+    that loads with `from_pretrained` and the Auto classes without remote code:
+
+    - an `MSNModel` (pretraining) folder: its target encoder as a `ViTMSNModel`;
+    - an `MSNForImageClassification` (fine-tuned) folder: encoder and classifier as a
+      `ViTMSNForImageClassification` with the same labels, whose logits equal the source's.
+
+    The image processor reproduces the folder's evaluation preprocessing (resize the shorter side, centre crop, same
+    filter and normalisation). Raises a `ValueError` naming what ViTMSN cannot express.
     """
-    output_dir = Path(output_dir)
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
     _check_output_dir(output_dir, overwrite)
-    model = load_msn_model(model_dir)
-    encoder = model.target_encoder
+    _read_config_dict(model_dir, MSNConfig.model_type, "Use `from-vit-msn` for ViTMSN folders.")
+    weights = read_weights(model_dir)
+    classifier = load_msn_classifier(model_dir, weights) if is_classifier_weights(weights) else None
+    model = classifier if classifier is not None else load_msn_model(model_dir)
+    encoder = classifier.vit if classifier is not None else model.target_encoder
     problems = vit_msn_unsupported_features(encoder)
+    if classifier is not None and model.config.classifier_pooling != "cls":
+        problems.append(f"classifier_pooling={model.config.classifier_pooling!r} (ViTMSN classifies the class token)")
     if problems:
-        raise ValueError(f"ViTMSN cannot express the backbone {model.config.backbone!r}: " + "; ".join(problems) + ".")
+        raise ValueError(f"ViTMSN cannot express the model of {model_dir}: " + "; ".join(problems) + ".")
     architecture = architecture_from_timm_state_dict(encoder.state_dict(), num_heads=encoder.blocks[0].attn.num_heads)
     vit_config = _vit_msn_config_for(architecture, _layer_norm_eps(encoder))
     vit_config.dtype = str(encoder.cls_token.dtype).removeprefix("torch.")
-    weights = convert_timm_to_vit_msn_state_dict(encoder.state_dict())
-    processor = ViTImageProcessor(
-        size={"height": architecture.image_size, "width": architecture.image_size},
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
+    exported_weights = convert_timm_to_vit_msn_state_dict(encoder.state_dict())
+    if classifier is not None:
+        vit_config.architectures = ["ViTMSNForImageClassification"]
+        for name in ("id2label", "label2id", "problem_type"):
+            setattr(vit_config, name, getattr(model.config, name))
+        exported_weights = {f"vit.{key}": tensor for key, tensor in exported_weights.items()}
+        exported_weights.update({f"classifier.{k}": v.clone() for k, v in classifier.classifier.state_dict().items()})
+    processor = ViTImageProcessor(**evaluation_processor_settings(model_dir, model.config))
     with _atomic_output_dir(output_dir, overwrite) as staging:
         vit_config.save_pretrained(staging)
-        safetensors.torch.save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+        safetensors.torch.save_file(exported_weights, staging / "model.safetensors", metadata={"format": "pt"})
         processor.save_pretrained(staging)
         if verify:
-            exported = _load_vit_msn_exactly(staging)
-            _check_same_features(_msn_target_features(model), _vit_msn_features(exported), architecture, "to-vit-msn")
-    logger.info(f"Wrote the target encoder of {model_dir} as a ViTMSNModel to {output_dir}.")
+            if classifier is not None:
+                exported = _load_vit_msn_exactly(staging, ViTMSNForImageClassification)
+                reference, converted = _logits(classifier), _logits(exported)
+            else:
+                reference, converted = _msn_target_features(model), _vit_msn_features(_load_vit_msn_exactly(staging))
+            _check_same_features(reference, converted, architecture, "to-vit-msn")
+    kind = "fine-tuned classifier" if classifier is not None else "target encoder"
+    logger.info(f"Wrote the {kind} of {model_dir} as a {vit_config.architectures[0]} to {output_dir}.")
     return output_dir
 
 
-def _load_vit_msn_exactly(model_dir: Path) -> ViTMSNModel:
-    """`ViTMSNModel.from_pretrained`, failing (instead of re-initialising) on any missing or unexpected weight."""
-    model, info = ViTMSNModel.from_pretrained(model_dir, output_loading_info=True, dtype=torch.float32)
+def _logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    model = model.float().eval()
+    return lambda pixels: model(pixel_values=pixels).logits
+
+
+def _load_vit_msn_exactly(model_dir: Path, model_class: type = ViTMSNModel) -> ViTMSNModel:
+    """`from_pretrained`, failing (instead of re-initialising) on any missing or unexpected weight."""
+    model, info = model_class.from_pretrained(model_dir, output_loading_info=True, dtype=torch.float32)
     problems = {name: keys for name, keys in info.items() if name != "error_msgs" and keys}
     if problems:
         raise ValueError(f"ViTMSNModel does not load {model_dir} exactly: {problems}.")
@@ -585,10 +655,20 @@ def _vit_msn_features(model: ViTMSNModel) -> Callable[[torch.Tensor], torch.Tens
     return lambda pixels: model(pixel_values=pixels).last_hidden_state
 
 
-def timm_hub_config(config: MSNConfig, num_features: int) -> dict:
-    """The `config.json` of a timm Hub checkpoint for the backbone of `config` (architecture, args, preprocessing)."""
+def timm_hub_config(config: MSNConfig, num_features: int, preprocessing: dict | None = None) -> dict:
+    """
+    The `config.json` of a timm Hub checkpoint for the backbone of `config` (architecture, args, preprocessing).
+    `preprocessing` is [`evaluation_processor_settings`]; by default that of an msn_hf folder without a processor.
+    """
     model_args = {key: value for key, value in config.timm_kwargs().items() if key not in ("pretrained", "num_classes")}
     size = config.image_size
+    if preprocessing is None:
+        preprocessing = dict(
+            resample=PILImageResampling.BILINEAR, size={"shortest_edge": round(size * 256 / 224)},
+            crop_size={"height": size, "width": size}, image_mean=list(IMAGENET_DEFAULT_MEAN),
+            image_std=list(IMAGENET_DEFAULT_STD),
+        )  # fmt: skip
+    crop = preprocessing["crop_size"]["height"]
     return {
         "architecture": config.backbone,
         "num_classes": 0,
@@ -598,12 +678,12 @@ def timm_hub_config(config: MSNConfig, num_features: int) -> dict:
         "pretrained_cfg": {
             "input_size": [model_args.get("in_chans", 3), size, size],
             "fixed_input_size": False,
-            "interpolation": "bicubic",
-            # The MSN evaluation protocol: resize to 256, centre crop 224.
-            "crop_pct": 0.875,
+            # The folder's evaluation preprocessing: resize the shorter side (e.g. 256), centre crop (e.g. 224).
+            "interpolation": PILImageResampling(preprocessing["resample"]).name.lower(),
+            "crop_pct": crop / (preprocessing["size"].get("shortest_edge") or preprocessing["size"]["height"]),
             "crop_mode": "center",
-            "mean": list(IMAGENET_DEFAULT_MEAN),
-            "std": list(IMAGENET_DEFAULT_STD),
+            "mean": list(preprocessing["image_mean"]),
+            "std": list(preprocessing["image_std"]),
             "num_classes": 0,
             "pool_size": None,
             "first_conv": "patch_embed.proj",
@@ -625,7 +705,8 @@ def to_timm(
     _check_output_dir(output_dir, overwrite)
     model = load_msn_model(model_dir)
     weights = {key: tensor.clone() for key, tensor in model.target_encoder.state_dict().items()}
-    hub_config = timm_hub_config(model.config, model.target_encoder.num_features)
+    preprocessing = evaluation_processor_settings(Path(model_dir), model.config)
+    hub_config = timm_hub_config(model.config, model.target_encoder.num_features, preprocessing)
     with _atomic_output_dir(output_dir, overwrite) as staging:
         safetensors.torch.save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
@@ -778,30 +859,28 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `msn-convert` and `python -m msn_hf.convert`."""
+def main(argv: list[str] | None = None) -> Path:
+    """Entry point of `msn-convert` and `python -m msn_hf.convert`: runs one conversion and prints where it went."""
     args = _build_parser().parse_args(argv)
-    # Progress lines for the command line, without leaving the library verbose for a caller of `main`.
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_info()
-    try:
-        _run_command(args)
-    finally:
-        logging.set_verbosity(verbosity)
+    output_dir = _run_command(args)
+    print(f"msn-convert {args.command}: wrote {output_dir}")
+    return output_dir
 
 
-def _run_command(args: argparse.Namespace) -> None:
+def _run_command(args: argparse.Namespace) -> Path:
     if args.command == "to-vit-msn":
-        to_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
-    elif args.command == "to-timm":
-        to_timm(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
-    elif args.command == "from-original":
-        from_original(
+        return to_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
+    if args.command == "to-timm":
+        return to_timm(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
+    if args.command == "from-original":
+        return from_original(
             args.checkpoint, args.output, num_heads=args.num_heads, backbone_kwargs=args.backbone_kwargs,
             overwrite=args.overwrite, **args.config,
         )
-    else:
-        from_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify, **args.config)
+    return from_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify, **args.config)
+
 
 if __name__ == "__main__":
-    main()
+    from .cli import convert
+
+    convert()

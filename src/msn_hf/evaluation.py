@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from .cli import check_model_source
 from .data import (
     DEFAULT_TEST_SIZE,
     DataArguments,
@@ -451,8 +452,11 @@ def evaluate_lowshot(
     return results
 
 
-def format_table(results: dict) -> str:
-    """A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions)."""
+def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
+    """
+    A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions), one row per
+    encoder, named by `labels` where it has the encoder's name.
+    """
     encoders = results["encoders"]
     columns = list(next(iter(encoders.values()))["logistic"])
     has_knn = any("knn" in values for values in encoders.values())
@@ -463,7 +467,7 @@ def format_table(results: dict) -> str:
         cells = [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" for r in values["logistic"].values()]
         if has_knn:
             cells.append(f"{100 * values['knn']:.1f}" if "knn" in values else "-")
-        lines.append("| " + " | ".join([name, *cells]) + " |")
+        lines.append("| " + " | ".join([(labels or {}).get(name, name), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -515,6 +519,25 @@ def load_evaluation_datasets(
     return train, test
 
 
+def load_evaluation_data(data_args: DataArguments) -> tuple[ImageDataset, ImageDataset]:
+    """[`load_evaluation_datasets`] of the data flags shared by the command lines."""
+    return load_evaluation_datasets(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_dir,
+        data_args.test_dir,
+        data_args.train_split,
+        data_args.eval_split,
+        data_args.test_size,
+        data_args.image_column_name,
+        data_args.label_column_name,
+        data_args.max_train_samples,
+        data_args.max_test_samples,
+        data_args.cache_dir,
+        data_args.train_files,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 @dataclass
 class EvaluationArguments:
@@ -552,21 +575,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """`msn-evaluate`: evaluate a checkpoint (and baselines), print a table and write the results as JSON."""
     args, data_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    train, test = load_evaluation_datasets(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_dir,
-        data_args.test_dir,
-        data_args.train_split,
-        data_args.eval_split,
-        data_args.test_size,
-        data_args.image_column_name,
-        data_args.label_column_name,
-        data_args.max_train_samples,
-        data_args.max_test_samples,
-        data_args.cache_dir,
-        data_args.train_files,
-    )
+    check_model_source(args.model_name_or_path)
+    train, test = load_evaluation_data(data_args)
     image_processor = None
     if args.image_processor_name is not None:
         from transformers import AutoImageProcessor
@@ -603,8 +613,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(format_table(results))
     print(f"\nResults written to {output_file}")
+    if os.path.isdir(args.model_name_or_path):
+        from .modelcard import update_model_card
+
+        card = update_model_card(args.model_name_or_path, results)
+        if card is not None:
+            print(f"Model card updated: {card}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import evaluate
+
+    evaluate()

@@ -14,9 +14,9 @@ from transformers.image_processing_utils import BatchFeature, get_size_dict
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
-    ChannelDimension,
     PILImageResampling,
     SizeDict,
+    is_valid_image,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 
@@ -259,6 +259,102 @@ def resized_crops(
     return views
 
 
+def _resize_filter(distance: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Filter of torch's antialiased resize: the triangle (bilinear) or Keys' cubic with a = -0.5 (bicubic)."""
+    distance = distance.abs()
+    if interpolation == "bilinear":
+        return (1.0 - distance).clamp_min_(0.0)
+    a = -0.5
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
+    return torch.where(distance < 1, near, torch.where(distance < 2, far, torch.zeros_like(distance)))
+
+
+def resize_matrices(
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, interpolation: str, device=None
+) -> torch.Tensor:
+    """
+    Matrices `M` `(N, out_size, in_size)` with `M[n] @ line` = the 1-D resize of `line[start[n] : start[n] + length[n]]`
+    to `out_size` samples, as `F.interpolate(..., antialias=True)` computes it (`"bilinear"`, `"bicubic"`), or the
+    legacy nearest-neighbour index (`"nearest"`). Weights outside the crop are zero.
+
+    The crop bounds and filter centres are computed in float64 on the CPU, the matrices in float32 on `device`.
+    """
+    start, length = start.double().view(-1, 1), length.double().view(-1, 1)
+    positions = torch.arange(in_size, device=device, dtype=torch.float32)
+    # Source pixel index relative to the crop, (N, 1, in_size).
+    local = positions.view(1, 1, -1) - start.to(device, torch.float32).unsqueeze(-1)
+    if interpolation == "nearest":
+        # torch's legacy nearest: floor(i * scale) with a float32 scale.
+        scale = (length / out_size).float()
+        index = torch.floor(torch.arange(out_size, dtype=torch.float32).view(1, -1) * scale)
+        index = torch.minimum(index, length.float() - 1).to(device)
+        return (local == index.unsqueeze(-1)).float()
+    scale = length / out_size
+    half_width = 1.0 if interpolation == "bilinear" else 2.0
+    support = torch.where(scale >= 1, half_width * scale, torch.full_like(scale, half_width))
+    inverse = torch.where(scale >= 1, 1.0 / scale, torch.ones_like(scale))
+    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)
+    low = torch.trunc(center - support + 0.5).clamp_min(0.0)
+    high = torch.minimum(torch.trunc(center + support + 0.5), length)
+    as_3d = {"device": device, "dtype": torch.float32}
+    center, low, high = (t.to(**as_3d).unsqueeze(-1) for t in (center, low, high))
+    weights = _resize_filter((local - center + 0.5) * inverse.to(**as_3d).unsqueeze(-1), interpolation)
+    weights = weights * ((local >= low) & (local < high))
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def batched_resized_crops(
+    images: torch.Tensor,
+    params: ViewParams,
+    size: tuple[int, int],
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """
+    `resized_crops` for a batch of same-size images on any device, with two batched matrix products instead of one
+    resize call per view: each view is `rows @ (image @ columns.T)`, with the antialiased resize weights of its crop
+    (and its flip) in `rows` `(height, H)` and `columns` `(width, W)`.
+
+    Every image must have the same number of views, listed image by image (`params.source` is
+    `arange(B).repeat_interleave(V)`). The views agree with `resized_crops` up to the rounding of its `uint8` kernel.
+
+    Args:
+        images (`torch.Tensor` of shape `(B, 3, H, W)`): `uint8` or float in `[0, 255]`.
+        params ([`ViewParams`]): the `N = B * V` views; only `source`, `boxes` and `flip` are used.
+        size (`tuple[int, int]`): output `(height, width)`.
+        interpolation (`str`): `"bilinear"`, `"bicubic"` or `"nearest"`.
+
+    Returns:
+        `torch.FloatTensor` of shape `(N, 3, height, width)` with values in `[0, 1]`, in the order of `params`.
+    """
+    batch_size, channels, in_height, in_width = images.shape
+    num_views = len(params)
+    if num_views % batch_size or not torch.equal(
+        params.source, torch.arange(batch_size).repeat_interleave(num_views // batch_size)
+    ):
+        raise ValueError("batched_resized_crops: the views must be listed image by image, as many for every image.")
+    views_per_image = num_views // batch_size
+    device = images.device
+    top, left, height, width = params.boxes.unbind(dim=1)
+    rows = resize_matrices(top, height, in_height, size[0], interpolation, device)
+    columns = resize_matrices(left, width, in_width, size[1], interpolation, device)
+    flip = params.flip.to(device).view(-1, 1, 1)
+    columns = torch.where(flip, columns.flip(1), columns)
+    pixels = images.to(torch.float32).mul_(1.0 / 255.0) if images.dtype == torch.uint8 else images.float() / 255.0
+    # Horizontal pass, then vertical, as torch's uint8 kernel: (B, 3, 1, H, W) @ (B, 1, V, W, w) -> (B, 3, V, H, w).
+    columns = columns.view(batch_size, 1, views_per_image, size[1], in_width).transpose(-1, -2)
+    partial = torch.matmul(pixels.unsqueeze(2), columns)
+    if interpolation == "bicubic":
+        # Bicubic overshoots; the uint8 kernel saturates between its two passes.
+        partial.clamp_(0.0, 1.0)
+    rows = rows.view(batch_size, 1, views_per_image, size[0], in_height)
+    views = torch.matmul(rows, partial)  # (B, 3, V, h, w)
+    views = views.permute(0, 2, 1, 3, 4).reshape(num_views, channels, *size)
+    if interpolation == "bicubic":
+        views.clamp_(0.0, 1.0)
+    return views
+
+
 def _per_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`(n,)` per-view values as `(n, 1, 1, 1)` on the device and dtype of `like`."""
     return values.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
@@ -439,7 +535,7 @@ def normalize_(views: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 
 def render_views(
-    images: list[torch.Tensor],
+    images: list[torch.Tensor] | torch.Tensor,
     params: ViewParams,
     size: tuple[int, int],
     interpolation: str,
@@ -454,7 +550,9 @@ def render_views(
     returned slot index.
 
     Args:
-        images (`list[torch.Tensor]`): source images `(3, H_i, W_i)`, `uint8` or float in `[0, 255]`.
+        images (`list[torch.Tensor]` or `torch.Tensor`): source images `(3, H_i, W_i)`, `uint8` or float in
+            `[0, 255]`; a 4-D batch `(B, 3, H, W)` on any device is cropped with `batched_resized_crops` (views listed
+            image by image), a list with one resize call per view.
         params ([`ViewParams`]): the `N` views.
         size (`tuple[int, int]`): `(height, width)` of the views.
         interpolation (`str`): resize filter, `"bilinear"`, `"bicubic"` or `"nearest"`.
@@ -468,7 +566,11 @@ def render_views(
     codes = torch.where(params.jitter, _jitter_code(params.jitter_order), -1) + 1000 * params.blur
     rendering_order = codes.argsort(stable=True)
     sorted_params = params.select(rendering_order)
-    views = resized_crops(images, sorted_params, size, interpolation)
+    if isinstance(images, torch.Tensor):
+        views = batched_resized_crops(images, params, size, interpolation)
+        views = views.index_select(0, rendering_order.to(views.device))
+    else:
+        views = resized_crops(images, sorted_params, size, interpolation)
     color_jitter_(views, sorted_params)
     grayscale_(views, sorted_params.grayscale)
     first_blurred = len(params) - int(sorted_params.blur.sum())
@@ -490,97 +592,40 @@ def _image_item_error(index: int, message: str) -> ValueError:
     return ValueError(f"MSNImageProcessor: image {index}: {message}")
 
 
-def _pil_to_rgb_array(index: int, image: PIL.Image.Image) -> np.ndarray:
-    """`(H, W, 3)` uint8 RGB of a PIL image; transparent pixels are composited on white, like Transformers does."""
-    try:
-        image.load()
-    except Exception as error:  # PIL raises OSError, SyntaxError, ... for broken files
-        raise _image_item_error(index, f"could not decode the image ({type(error).__name__}: {error}).") from error
-    if image.mode == "RGB":
-        return np.array(image)
-    try:
-        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.array(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
-        return np.array(image.convert("RGB"))
-    except Exception as error:
-        raise _image_item_error(index, f"cannot convert PIL mode {image.mode!r} to RGB ({error}).") from error
-
-
-def _channel_layout(index: int, shape: tuple[int, ...], channels_last_first: bool, data_format) -> str:
-    """`"first"` or `"last"`: where the channel axis of a 3-D array is."""
-    if data_format is not None:
-        return "first" if ChannelDimension(data_format) == ChannelDimension.FIRST else "last"
-    first_ok, last_ok = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
-    if last_ok and (channels_last_first or not first_ok):
-        return "last"
-    if first_ok:
-        return "first"
-    raise _image_item_error(
-        index,
-        f"expected 1 (grayscale), 3 (RGB) or 4 (RGBA) channels on the first or last axis, got shape {shape}.",
-    )
-
-
-def to_rgb_tensor(index: int, image, input_data_format=None) -> torch.Tensor:
-    """
-    Convert one input image to a channels-first RGB tensor `(3, H, W)`.
-
-    Accepted: PIL images (any mode), numpy arrays (`(H, W)`, `(H, W, C)` or `(C, H, W)`, channels last assumed when
-    ambiguous), torch tensors (`(H, W)`, `(C, H, W)` or `(H, W, C)`, channels first assumed when ambiguous), and paths
-    to image files. `C` is 1 (grayscale), 3 (RGB) or 4 (RGBA, composited on white). Integer images must hold values in
-    `[0, 255]`, floating-point ones in `[0, 1]`.
-
-    Returns:
-        `torch.Tensor` of shape `(3, H, W)`: `uint8` for integer inputs, `float32` in `[0, 255]` for float ones.
-
-    Raises:
-        `ValueError` naming `index` and what is wrong.
-    """
+def _open_image(index: int, image):
+    """A PIL image from a file path, loaded (so that broken files fail here, naming the image)."""
     if isinstance(image, (str, os.PathLike)):
         try:
             image = PIL.Image.open(image)
         except Exception as error:
             raise _image_item_error(index, f"could not open image file {os.fspath(image)!r} ({error}).") from error
     if isinstance(image, PIL.Image.Image):
-        return torch.from_numpy(_pil_to_rgb_array(index, image)).permute(2, 0, 1)  # channels-last strides
-    if isinstance(image, np.ndarray):
-        if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-            raise _image_item_error(index, f"unsupported numpy dtype {image.dtype}.")
-        array, channels_last_first = torch.from_numpy(np.array(image, copy=True)), True
-    elif isinstance(image, torch.Tensor):
-        array, channels_last_first = image.detach().cpu(), False
-    else:
+        try:
+            image.load()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ... for broken files
+            raise _image_item_error(index, f"could not decode the image ({type(error).__name__}: {error}).") from error
+    elif not is_valid_image(image):
         raise _image_item_error(
             index,
             f"expected a PIL.Image.Image, numpy.ndarray, torch.Tensor or file path, got {type(image).__name__}.",
         )
+    return image
 
+
+def _check_array(index: int, array: torch.Tensor, input_data_format) -> torch.Tensor:
+    """
+    Check the shape and values of an array image and bring it to `uint8` (integers, `[0, 255]`) or `float32`
+    (floating point, `[0, 1]`), the two kinds the backend's RGB conversion understands.
+    """
     shape = tuple(array.shape)
-    if array.ndim == 2:
-        array = array.unsqueeze(0)
-    elif array.ndim == 3:
-        if _channel_layout(index, shape, channels_last_first, input_data_format) == "last":
-            array = array.permute(2, 0, 1)
-    else:
+    if array.ndim not in (2, 3):
         raise _image_item_error(index, f"expected 2 (H, W) or 3 (with channels) dimensions, got shape {shape}.")
-    if array.shape[0] not in (1, 3, 4):
-        raise _image_item_error(index, f"expected 1, 3 or 4 channels, got {array.shape[0]} (shape {shape}).")
-    if array.shape[1] == 0 or array.shape[2] == 0:
+    if array.ndim == 3 and input_data_format is None and shape[0] not in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        raise _image_item_error(
+            index, f"expected 1 (grayscale), 3 (RGB) or 4 (RGBA) channels on the first or last axis, got shape {shape}."
+        )
+    if array.numel() == 0:
         raise _image_item_error(index, f"the image is empty (shape {shape}).")
-    array = _to_pixel_range(index, array)
-    if array.shape[0] == 4:
-        alpha = array[3:].float() / 255.0
-        array = (array[:3].float() * alpha + 255.0 * (1 - alpha)).round_().to(array.dtype)
-    elif array.shape[0] == 1:
-        array = array.expand(3, -1, -1)
-    # Channels-last memory (a no-op for HWC data): torch's antialiased resize is fastest on it.
-    return array.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-
-
-def _to_pixel_range(index: int, array: torch.Tensor) -> torch.Tensor:
-    """Integers `[0, 255]` -> `uint8`; floats `[0, 1]` -> `float32` `[0, 255]`; anything else is an error."""
     if array.dtype == torch.uint8:
         return array
     if array.dtype == torch.bool or array.is_complex():
@@ -596,24 +641,11 @@ def _to_pixel_range(index: int, array: torch.Tensor) -> torch.Tensor:
                 f"floating-point images must have values in [0, 1], got [{low:.4g}, {high:.4g}] "
                 "(pass 0-255 data as uint8).",
             )
-        return array * 255.0
+        return array
     low, high = array.min().item(), array.max().item()
     if low < 0 or high > 255:
         raise _image_item_error(index, f"integer images must have values in [0, 255], got [{low}, {high}].")
     return array.to(torch.uint8)
-
-
-def _as_image_list(images) -> list:
-    """The images of a call as a flat list; a 4-D array or tensor is a batch."""
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError("MSNImageProcessor: expected at least one image, got an empty list.")
-        return list(images)
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        if images.shape[0] == 0:
-            raise ValueError(f"MSNImageProcessor: expected at least one image, got a batch of shape {images.shape}.")
-        return list(images)
-    return [images]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -643,7 +675,12 @@ class MSNImageProcessor(TorchvisionBackend):
     filter. The views are computed batched on tensors: the colour operations match torchvision's to float precision.
 
     Randomness comes from `seed` or `generator` when given (identical arguments give identical views), otherwise from
-    torch's global generator, which DataLoader seeds differently in every worker.
+    torch's global generator, which DataLoader seeds differently in every worker. The random parameters are always
+    drawn on the CPU; `device=...` only moves the rendering: `processor(images, return_views=True, device="cuda")`
+    renders on that device, batched (`batched_resized_crops`: crop, resize and flip as two matrix products), with the
+    same draws as on the CPU for the same seed, and the same views up to float rounding (the CPU path rounds its
+    resized crops to `uint8`). Same-size images (e.g. the `uint8` canvases of `make_canvas`, made in DataLoader
+    workers) batch best. Views assume pixels in `[0, 1]`: `do_rescale=False` or another `rescale_factor` is rejected.
 
     Args:
         size (`dict[str, int]` or `int`, *optional*, defaults to `{"shortest_edge": 256}`):
@@ -679,9 +716,10 @@ class MSNImageProcessor(TorchvisionBackend):
         image_mean, image_std (`list[float]`, *optional*, default to the ImageNet mean and std):
             Normalisation of every output.
 
-    Inputs: a PIL image, numpy array (`(H, W)`, `(H, W, C)` or `(C, H, W)`), torch tensor (`(C, H, W)`, `(H, W)` or
-    `(H, W, C)`), file path, a list of those (sizes may differ) or a 4-D batch. Grayscale, RGBA and palette images are
-    converted to RGB (transparency composited on white). `uint8` / integer inputs hold `[0, 255]`, floating-point ones
+    Inputs: a PIL image, numpy array or torch tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)`; channels first when
+    ambiguous, as Transformers infers it, unless `input_data_format` says otherwise), file path, a list of those (sizes
+    may differ) or a 4-D batch. Grayscale, RGBA and palette images are converted to RGB by the backend's
+    `process_image` (transparency composited on white). `uint8` / integer inputs hold `[0, 255]`, floating-point ones
     `[0, 1]`. Invalid inputs raise a `ValueError` naming the offending image's index.
 
     Example:
@@ -846,13 +884,75 @@ class MSNImageProcessor(TorchvisionBackend):
             fail("resample", "PILImageResampling.NEAREST, BILINEAR or BICUBIC")
 
     def _prepare_image_like_inputs(self, images, *args, input_data_format=None, device=None, **kwargs) -> list:
-        """Check and convert every input to a `(3, H, W)` tensor (`uint8`, or float32 in `[0, 255]`)."""
-        prepared = [
-            to_rgb_tensor(index, image, input_data_format) for index, image in enumerate(_as_image_list(images))
-        ]
-        if device is not None:
-            prepared = [image.to(device) for image in prepared]
+        """
+        Check every input and convert it to RGB `(3, H, W)` with the backend's `process_image` (transparency
+        composited on white): `uint8` for integer inputs, float32 in `[0, 255]` for floating-point ones.
+        """
+        if isinstance(images, (list, tuple)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
+            images = list(images)
+        else:
+            images = [images]
+        if not images:
+            raise ValueError("MSNImageProcessor: expected at least one image, got none.")
+        prepared = []
+        for index, image in enumerate(images):
+            image = _open_image(index, image)
+            if isinstance(image, np.ndarray):
+                if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+                    raise _image_item_error(index, f"unsupported numpy dtype {image.dtype}.")
+                image = torch.from_numpy(np.array(image, copy=True))
+            if isinstance(image, torch.Tensor):
+                image = _check_array(index, image.detach(), input_data_format)
+            image = self.process_image(image, do_convert_rgb=True, input_data_format=input_data_format)
+            if image.shape[0] != 3:
+                raise _image_item_error(index, f"expected 1, 3 or 4 channels, got {image.shape[0]}.")
+            if image.is_floating_point():
+                image = image * 255.0  # one pixel scale for both kinds: `rescale_factor` applies to both
+            elif image.device.type == "cpu":
+                # Channels-last memory: torch's antialiased uint8 resize is fastest on it.
+                image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            prepared.append(image if device is None else image.to(device))
         return prepared
+
+    def make_canvas(
+        self, images, size: dict | int | None = None, resample=None, input_data_format=None
+    ) -> torch.Tensor:
+        """
+        Decode images and bring them to one fixed `uint8` canvas, so that their views can be drawn later, batched, on
+        an accelerator (`processor(canvas, return_views=True, device=...)`), e.g. with DataLoader workers that only
+        decode.
+
+        The canvas of an image: its shorter side resized to `S = size["shortest_edge"]` (antialiased, `resample`),
+        then its longer side centre-cropped to `S`, so every canvas is `S x S`. The views are then cut from this
+        central square at this resolution rather than from the whole original image: for square images at least
+        `S` pixels wide the two are the same recipe; for others the crop scales are relative to the square.
+
+        Args:
+            images: one image or a list of images (see the class docstring for the accepted types).
+            size (`dict[str, int]` or `int`, *optional*, defaults to `self.size`): `{"shortest_edge": S}` or `S`.
+            resample (`PILImageResampling`, *optional*, defaults to `self.resample`): the resize filter.
+
+        Returns:
+            `torch.ByteTensor` of shape `(batch_size, 3, S, S)`.
+        """
+        size = self.size if size is None else size
+        side = size if isinstance(size, int) else dict(size).get("shortest_edge")
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise ValueError(
+                f"MSNImageProcessor.make_canvas: `size` must be an int or {{'shortest_edge': int}}, got {size!r}."
+            )
+        resample = self.resample if resample is None else resample
+        if resample not in INTERPOLATION_MODES:
+            raise ValueError(
+                f"MSNImageProcessor.make_canvas: `resample` must be NEAREST, BILINEAR or BICUBIC, got {resample!r}."
+            )
+        canvases = []
+        for image in self._prepare_image_like_inputs(images, input_data_format=input_data_format):
+            if image.is_floating_point():
+                image = image.round().to(torch.uint8)
+            image = self.resize(image, SizeDict(shortest_edge=side), resample=resample)
+            canvases.append(tvF.center_crop(image, [side, side]))
+        return torch.stack(canvases)
 
     def center_crop(self, image: torch.Tensor, size: SizeDict, **kwargs) -> torch.Tensor:
         """Centre crop (zero padding when too small) with torchvision's rounded offset, as the MSN evaluation does."""
@@ -885,6 +985,8 @@ class MSNImageProcessor(TorchvisionBackend):
     def _preprocess_views(
         self,
         images: list[torch.Tensor],
+        do_rescale: bool,
+        rescale_factor: float,
         crop_size: SizeDict,
         focal_crop_size: SizeDict,
         num_anchor_views: int,
@@ -903,12 +1005,30 @@ class MSNImageProcessor(TorchvisionBackend):
         image_mean,
         image_std,
         generator: torch.Generator | None = None,
+        device=None,
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
         """The target, anchor and focal views of every image (see the class docstring for the recipe)."""
+        if not do_rescale or not math.isclose(rescale_factor, 1 / 255, rel_tol=1e-6):
+            # The colour operations work on [0, 1] pixels; another scale would change what they compute.
+            raise ValueError(
+                "MSNImageProcessor: views need `do_rescale=True` and `rescale_factor=1/255` (pixels in [0, 1]), got "
+                f"do_rescale={do_rescale!r}, rescale_factor={rescale_factor!r}."
+            )
         batch_size = len(images)
         image_sizes = torch.tensor([tuple(image.shape[-2:]) for image in images])
+        if device is not None:
+            # Device rendering: one batch, same-size images as they are, others zero-padded (no crop reaches the
+            # padding).
+            height, width = image_sizes.amax(dim=0).tolist()
+            if bool((image_sizes == image_sizes[0]).all()):
+                images = torch.stack(images)
+            else:
+                batch = images[0].new_zeros(batch_size, 3, height, width)
+                for target, image in zip(batch, images):
+                    target[:, : image.shape[-2], : image.shape[-1]] = image
+                images = batch
         interpolation = INTERPOLATION_MODES[PILImageResampling(resample)]
         recipe = dict(
             crop_ratio=crop_ratio,

@@ -189,9 +189,9 @@ class MSNLoss(nn.Module):
             anchor_log_probs = self.log_probs(anchor_embeddings.float(), prototypes)
             target_probs = self.targets(target_embeddings.float().detach(), prototypes.detach())
             num_views = anchor_embeddings.shape[0] // batch_size
-            repeated_targets = target_probs.repeat(num_views, 1)
-
-            prediction_loss = -(repeated_targets * anchor_log_probs).sum(dim=-1).mean()
+            # Row v * batch_size + i has target i: broadcasting over the views instead of a repeated copy.
+            per_view_log_probs = anchor_log_probs.view(num_views, batch_size, -1)
+            prediction_loss = -(target_probs * per_view_log_probs).sum(dim=-1).mean()
             anchor_probs = anchor_log_probs.exp()
             mean_probs = _AllReduceMean.apply(anchor_probs.mean(dim=0))
             # Clamped so that an unused prototype contributes 0 * finite rather than 0 * -inf.

@@ -3,12 +3,17 @@
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import timm
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
@@ -134,23 +139,69 @@ def create_backbone(config: MSNConfig) -> timm.models.VisionTransformer:
 
 
 def random_keep_indices(
-    batch_size: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    shared: bool = False,
 ) -> torch.LongTensor:
-    """Per-sample random subsets of `int(num_patches * (1 - mask_ratio))` patch indices, shape `(batch_size, num_kept)`."""
+    """
+    Random subsets of `int(num_patches * (1 - mask_ratio))` patch indices, shape `(batch_size, num_kept)`: one per
+    sample, or with `shared=True` one subset repeated for the whole batch (the authors' masking).
+    """
     num_keep = max(1, int(num_patches * (1.0 - mask_ratio)))
-    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
-    return noise.argsort(dim=1)[:, :num_keep]
+    noise = torch.rand(1 if shared else batch_size, num_patches, device=device, generator=generator)
+    return noise.argsort(dim=1)[:, :num_keep].expand(batch_size, -1)
+
+
+def class_token_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """
+    The class-token row of `block(tokens)`, `(batch_size, 1, hidden_size)`, without computing the other rows.
+
+    In the last block only the class token reaches the projection head, so its query, attention output, output
+    projection and MLP are computed for that one row (keys and values still for all tokens): the same maths as the
+    full block, about a twelfth of a ViT's token work less. Blocks other than timm's standard pre-norm `Block` with
+    its plain `Attention` run whole.
+    """
+    attn = getattr(block, "attn", None)
+    if (
+        type(block) is not timm.models.vision_transformer.Block
+        or type(attn) is not timm.layers.Attention
+        or attn.gate is not None
+    ):
+        return block(tokens)[:, :1]
+    batch_size, num_tokens, _ = tokens.shape
+    heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
+    normed = block.norm1(tokens)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    query = F.linear(normed[:, :1], weight[:width], None if bias is None else bias[:width])
+    key_value = F.linear(normed, weight[width:], None if bias is None else bias[width:])
+    query = attn.q_norm(query.view(batch_size, 1, heads, head_dim).transpose(1, 2))
+    key, value = key_value.view(batch_size, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    key = attn.k_norm(key)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+    mixed = attn.proj_drop(attn.proj(attn.norm(mixed.transpose(1, 2).reshape(batch_size, 1, width))))
+    cls = tokens[:, :1] + block.drop_path1(block.ls1(mixed))
+    return cls + block.drop_path2(block.ls2(block.mlp(block.norm2(cls))))
 
 
 class MSNPreTrainedModel(PreTrainedModel):
+    """
+    Weight initialisation, loading and saving conventions shared by the MSN models. Attention runs in timm, which
+    uses PyTorch's fused `scaled_dot_product_attention` when available: there is no `attn_implementation` to choose.
+    """
+
     config_class = MSNConfig
     config: MSNConfig
-    base_model_prefix = "msn"
+    # No base model to add or strip: the encoders are timm modules, and the classifier's `vit` takes its weights
+    # from the pretraining checkpoint's `target_encoder` through the conversion mapping registered below.
+    base_model_prefix = ""
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -208,6 +259,29 @@ class MSNPreTrainedModel(PreTrainedModel):
             if module.mask_token is not None:
                 init.trunc_normal_(module.mask_token, std=std)
 
+    def initialize_weights(self) -> None:
+        """`_init_weights` on every module not loaded from a checkpoint, then `_after_weights_set`."""
+        super().initialize_weights()
+        # Runs in `post_init` and again at the end of `from_pretrained`, which recreates every loaded parameter.
+        self._after_weights_set()
+
+    def _after_weights_set(self) -> None:
+        """Re-establish what loading parameters loses (their `requires_grad`)."""
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1):
+        """Checkpoint every `every_n_layers`-th block of the trained encoder with `gradient_checkpointing_func`."""
+        if every_n_layers < 1:
+            raise ValueError(f"`every_n_layers` must be >= 1, got {every_n_layers!r}.")
+        if not enable:
+            return super()._set_gradient_checkpointing(enable=False)
+        checkpoint_func = gradient_checkpointing_func or torch.utils.checkpoint.checkpoint
+        checkpointed = {id(block) for block in list(self.get_encoder().blocks)[::every_n_layers]}
+
+        def checkpoint_some_blocks(block, *args, **kwargs):
+            return checkpoint_func(block, *args, **kwargs) if id(block) in checkpointed else block(*args, **kwargs)
+
+        return super()._set_gradient_checkpointing(True, checkpoint_some_blocks)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """
         Save as `PreTrainedModel.save_pretrained`; folders saved with their code (`register_for_auto_class`) also
@@ -222,12 +296,27 @@ class MSNPreTrainedModel(PreTrainedModel):
             if isinstance(self, MSNForImageClassification):
                 auto_map.pop("AutoModel", None)
             self.config.auto_map = auto_map
+        if isinstance(self, MSNForImageClassification):
+            # Keep the classifier's own names (`vit.*`): without this, Transformers would save them back under the
+            # pretraining checkpoint's name (`target_encoder.*`), as the conversion mapping is reversible.
+            kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _check_pixel_values(self, name: str, pixel_values: torch.Tensor, ranks: tuple[int, ...]) -> None:
         """Raise a `ValueError` naming `name` unless it is `[..., 3, H, W]` of an allowed rank with H, W multiples of the patch size."""
         layouts = {4: "[B, 3, H, W]", 5: "[B, V, 3, H, W]"}
         expected = " or ".join(layouts[rank] for rank in ranks)
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(
+                f"`{name}` must be a torch tensor of dtype {self.dtype} (the image processor's output with "
+                f"`return_tensors=\"pt\"`), got {type(pixel_values).__module__}.{type(pixel_values).__name__}."
+            )
+        autocast = torch.is_autocast_enabled(pixel_values.device.type)
+        if not pixel_values.is_floating_point() or (pixel_values.dtype != self.dtype and not autocast):
+            raise ValueError(
+                f"`{name}` must have the model's dtype {self.dtype} (normalised pixels, as the image processor "
+                f"returns them), got {pixel_values.dtype}."
+            )
         shape = tuple(pixel_values.shape)
         if pixel_values.ndim not in ranks or shape[-3] != 3:
             raise ValueError(f"`{name}` must have shape {expected} (3 RGB channels), got {shape}.")
@@ -236,6 +325,25 @@ class MSNPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"`{name}` height and width must be multiples of the patch size {(patch_h, patch_w)}, got {shape}."
             )
+
+    def _add_position_embeddings(self, encoder: timm.models.VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+        """
+        Prefix tokens and position embeddings for patch tokens `(batch_size, grid_h, grid_w, hidden_size)`: timm's
+        own step, or, with `config.pos_embed_antialias=False` at another grid size, the embeddings resampled bicubic
+        without antialiasing (the authors' resampling). Returns `(batch_size, prefix + grid_h * grid_w, hidden_size)`.
+        """
+        grid = tuple(tokens.shape[1:3])
+        if self.config.pos_embed_antialias or encoder.no_embed_class or grid == tuple(encoder.patch_embed.grid_size):
+            return encoder._pos_embed(tokens)
+        pos_embed = timm.layers.resample_abs_pos_embed(
+            encoder.pos_embed, new_size=grid, old_size=encoder.patch_embed.grid_size,
+            num_prefix_tokens=encoder.num_prefix_tokens, antialias=False,
+        )  # fmt: skip
+        prefix = [encoder.cls_token.expand(tokens.shape[0], -1, -1)]
+        if encoder.reg_token is not None:
+            prefix.append(encoder.reg_token.expand(tokens.shape[0], -1, -1))
+        tokens = torch.cat([*prefix, tokens.flatten(1, 2)], dim=1)
+        return encoder.pos_drop(tokens + pos_embed)
 
     def _patch_size(self) -> tuple[int, int]:
         return tuple(self.get_encoder().patch_embed.patch_size)
@@ -246,6 +354,7 @@ class MSNPreTrainedModel(PreTrainedModel):
         pixel_values: torch.Tensor,
         mask_ratio: float = 0.0,
         output_hidden_states: bool = False,
+        class_token_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """
         Run a timm ViT on `pixel_values` `(batch_size, 3, H, W)`, masking a random `mask_ratio` of patch tokens.
@@ -255,21 +364,23 @@ class MSNPreTrainedModel(PreTrainedModel):
         they are replaced by the learned mask token before the position embeddings.
 
         Returns the tokens after the final norm `(batch_size, num_tokens, hidden_size)` and, if requested, the
-        tokens after the embeddings and after every block.
+        tokens after the embeddings and after every block. With `class_token_only`, only the class token
+        `(batch_size, 1, hidden_size)`, its last block computed for that row alone (`class_token_block`).
         """
         tokens = encoder.patch_embed(pixel_values)  # (batch_size, grid_h, grid_w, hidden_size)
         batch_size, grid_h, grid_w, hidden_size = tokens.shape
         num_patches = grid_h * grid_w
         keep = None
         if mask_ratio > 0:
-            keep = random_keep_indices(batch_size, num_patches, mask_ratio, tokens.device)
+            shared = self.config.mask_sampling == "per_batch"
+            keep = random_keep_indices(batch_size, num_patches, mask_ratio, tokens.device, shared=shared)
         if keep is not None and self.config.mask_strategy == "mask_token":
             masked = torch.ones(batch_size, num_patches, dtype=torch.bool, device=tokens.device)
             masked.scatter_(1, keep, False)
             flat = torch.where(masked.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens.reshape(batch_size, num_patches, hidden_size))
             tokens = flat.view(batch_size, grid_h, grid_w, hidden_size)
             keep = None
-        tokens = encoder._pos_embed(tokens)
+        tokens = self._add_position_embeddings(encoder, tokens)
         if keep is not None:
             prefix = encoder.num_prefix_tokens
             kept = tokens[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden_size))
@@ -277,7 +388,10 @@ class MSNPreTrainedModel(PreTrainedModel):
         tokens = encoder.norm_pre(tokens)
 
         hidden_states = (tokens,) if output_hidden_states else None
-        for block in encoder.blocks:
+        num_blocks = len(encoder.blocks)
+        for index, block in enumerate(encoder.blocks):
+            if class_token_only and index == num_blocks - 1:
+                block = partial(class_token_block, block)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = self._gradient_checkpointing_func(block, tokens)
             else:
@@ -387,6 +501,9 @@ class MSNModel(MSNPreTrainedModel):
         self.target_encoder.requires_grad_(False)
         self.target_projection_head.requires_grad_(False)
 
+    def _after_weights_set(self) -> None:
+        self.freeze_target()
+
     @torch.no_grad()
     def update_target_encoder(self, momentum: float) -> None:
         """
@@ -398,16 +515,9 @@ class MSNModel(MSNPreTrainedModel):
         target, anchor = self._target_and_anchor_parameters()
         torch._foreach_lerp_(target, anchor, 1.0 - momentum)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.freeze_target()
-        return loaded
-
     def _embed_views(self, views: torch.Tensor, mask_ratio: float) -> torch.Tensor:
         """Projection-head outputs of one resolution group of anchor views `(V, B, 3, H, W)` -> `(V * B, out)`."""
-        tokens, _ = self._encode(self.encoder, views.flatten(0, 1), mask_ratio=mask_ratio)
+        tokens, _ = self._encode(self.encoder, views.flatten(0, 1), mask_ratio=mask_ratio, class_token_only=True)
         return self.projection_head(tokens[:, 0])
 
     def forward(
@@ -510,12 +620,6 @@ class MSNForImageClassification(MSNPreTrainedModel):
     def get_encoder(self) -> timm.models.VisionTransformer:
         return self.vit
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # An MSNModel checkpoint stores the encoder to keep as `target_encoder`.
-        kwargs.setdefault("key_mapping", {r"^target_encoder\.": "vit."})
-        return super().from_pretrained(*args, **kwargs)
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -549,5 +653,12 @@ class MSNForImageClassification(MSNPreTrainedModel):
         output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
         return output if return_dict else output.to_tuple()
 
+
+# An MSNModel checkpoint stores the encoder a classifier starts from as `target_encoder`; the classifier calls it `vit`.
+# Registered under the class name, as Transformers requires for code outside the library; `overwrite` because this
+# module also runs as a checkpoint's remote code next to an imported msn_hf.
+register_checkpoint_conversion_mapping(
+    "MSNForImageClassification", [WeightRenaming(r"^target_encoder\.", "vit.")], overwrite=True
+)
 
 __all__ = ["MSNModel", "MSNForImageClassification", "MSNPreTrainedModel", "MSNModelOutput", "MSNProjectionHead"]

@@ -27,12 +27,13 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser
 
+from .cli import check_model_source
 from .configuration_msn import MSNConfig
 from .data import (
     DataArguments,
@@ -44,6 +45,7 @@ from .data import (
     load_labelled_split,
 )
 from .image_processing_msn import MSNImageProcessor
+from .modelcard import headline, write_model_card
 from .modeling_msn import MSNModel
 from .recipe import (
     IMAGENET_TRAINING,
@@ -142,6 +144,13 @@ class PretrainingArguments:
     )
     dataloader_num_workers: int = field(
         default=0, metadata={"help": "Processes decoding images and drawing views; the views do not depend on it."}
+    )
+    views_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "Workers only decode and resize to a square uint8 canvas (MSNImageProcessor.make_canvas); the views "
+            "are drawn in the training process on its device, with the same per-batch seeds."
+        },
     )
     # outputs
     output_dir: str = field(default="outputs/msn", metadata={"help": "Where the model, checkpoints and logs go."})
@@ -308,29 +317,6 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: MSNSchedules, s
             group["weight_decay"] = schedules.wd(step)
 
 
-class MSNMomentumCallback(TrainerCallback):
-    """
-    For pretraining an [`MSNModel`] with the Transformers `Trainer`: after every optimiser step, the EMA update of
-    the target branch with the linear momentum schedule (`config.ema_momentum` -> `config.ema_momentum_end` over
-    `stretch * max_steps` steps).
-    """
-
-    def __init__(self, stretch: float = 1.25):
-        self.stretch = stretch
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        config = model.config
-        schedules = MSNSchedules(
-            total_steps=max(1, state.max_steps),
-            warmup_steps=0,
-            momentum=config.ema_momentum,
-            final_momentum=config.ema_momentum_end,
-            stretch=self.stretch,
-        )
-        model.update_target_encoder(schedules.ema_momentum(state.global_step))
-        return control
-
-
 # --- data ----------------------------------------------------------------------------------------------------------
 
 
@@ -367,29 +353,49 @@ class MSNViewsCollator:
     The views are drawn from a generator seeded by `(seed, epoch, rows)`, where a row is named by its index in an
     [`IndexedDataset`], else by its file path or the hash of its bytes (streaming): the same batch gets the same views
     whichever process, worker or resumed run draws it.
+
+    With `views_on_device`, the collator only decodes and makes the `uint8` canvases (`canvas`, with the batch's
+    `view_seed`); `render_views` then draws the views in the training process, on its device, from that seed.
     """
 
-    def __init__(self, image_processor: MSNImageProcessor, image_column: str, seed: int = 0):
+    def __init__(
+        self, image_processor: MSNImageProcessor, image_column: str, seed: int = 0, views_on_device: bool = False
+    ):
         self.image_processor = image_processor
         self.image_column = image_column
         self.seed = seed
+        self.views_on_device = views_on_device
         self.epoch = 0
 
-    def _generator(self, rows: list[dict]) -> torch.Generator | None:
+    def _view_seed(self, rows: list[dict]) -> int | None:
         keys = [_row_key(row, self.image_column) for row in rows]
         if any(key is None for key in keys):
             return None
         digest = hashlib.blake2b(repr((self.seed, self.epoch, keys)).encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        return int.from_bytes(digest, "little")
+
+    @staticmethod
+    def _generator(seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator().manual_seed(seed)
 
     def __call__(self, rows: list[dict]) -> dict:
         images = [decode_image(row[self.image_column]) for row in rows]
         valid = [image for image in images if image is not None]
         batch = {"num_skipped": len(images) - len(valid)}
-        if valid:
-            views = self.image_processor(valid, return_views=True, generator=self._generator(rows), return_tensors="pt")
-            batch.update(views)
+        if valid and self.views_on_device:
+            batch.update(canvas=self.image_processor.make_canvas(valid), view_seed=self._view_seed(rows))
+        elif valid:
+            generator = self._generator(self._view_seed(rows))
+            batch.update(self.image_processor(valid, return_views=True, generator=generator, return_tensors="pt"))
         return batch
+
+    def render_views(self, batch: dict, device: torch.device) -> dict:
+        """A canvas batch with its views drawn on `device` (a batch with views already is returned as it is)."""
+        if "canvas" not in batch:
+            return batch
+        canvas, generator = batch.pop("canvas"), self._generator(batch.pop("view_seed"))
+        views = self.image_processor(canvas, return_views=True, generator=generator, device=device, return_tensors="pt")
+        return {**batch, **views}
 
 
 @dataclass
@@ -524,6 +530,20 @@ def choose_recipe(
     return auto_recipe(image_size, grey, num_images, global_batch, planned_steps)
 
 
+def parse_model_overrides(args: PretrainingArguments) -> tuple[dict, dict]:
+    """`--config_overrides` and `--processor_overrides` as dicts, checked against MSNConfig / MSNImageProcessor."""
+    config_keys = [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
+    return (
+        parse_overrides(args.config_overrides, config_keys, "--config_overrides", "MSNConfig fields"),
+        parse_overrides(
+            args.processor_overrides,
+            MSNImageProcessor.valid_kwargs.__annotations__,
+            "--processor_overrides",
+            "MSNImageProcessor settings",
+        ),
+    )
+
+
 def build_model_and_processor(
     args: PretrainingArguments, data_args: DataArguments, recipe: dict | None = None
 ) -> tuple[MSNModel, MSNImageProcessor]:
@@ -533,11 +553,7 @@ def build_model_and_processor(
 `--backbone`, `--backbone_kwargs`, `--config_overrides`, `--backbone_pretrained` and `--processor_overrides`;
     or the model (and processor) of `--model_name_or_path`. Crop sizes follow the config unless overridden.
     """
-    config_keys = [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
-    overrides = parse_overrides(args.config_overrides, config_keys, "--config_overrides")
-    processor_overrides = parse_overrides(
-        args.processor_overrides, MSNImageProcessor.valid_kwargs.__annotations__, "--processor_overrides"
-    )
+    overrides, processor_overrides = parse_model_overrides(args)
     processor = None
     if args.model_name_or_path:
         model = MSNModel.from_pretrained(args.model_name_or_path, **overrides)
@@ -717,56 +733,30 @@ def plot_loss_curve(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_model_card(
-    args: PretrainingArguments, data_args: DataArguments, output_dir: Path, model: MSNModel, results: dict
-) -> None:
-    dataset = data_args.source_name
-    card_data = ModelCardData(
-        library_name="transformers",
-        tags=["msn", "masked-siamese-networks", "self-supervised", "vision", "image-feature-extraction", "timm"],
-        datasets=[data_args.dataset_name]
-        if data_args.dataset_name and not os.path.isdir(data_args.dataset_name)
-        else None,
-        pipeline_tag="image-feature-extraction",
+def card_run_info(
+    args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, state: TrainingState, seconds: float
+) -> dict:
+    """The facts of this run that its model card states (see `msn_hf.modelcard.write_model_card`)."""
+    hub_dataset = data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
+    return dict(
+        dataset=data_args.source_name,
+        dataset_id=hub_dataset,
+        steps=state.completed_steps,
+        batch_size=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        learning_rate_schedule=(
+            f"{args.warmup_start_learning_rate:g} -> {args.learning_rate:g} (warmup), cosine to "
+            f"{args.final_learning_rate:g}, over {args.schedule_stretch:g} x the steps"
+        ),
+        precision=accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32",
+        wall_time_seconds=seconds,
+        hardware=f"{accelerator.num_processes} x {accelerator.device.type}",
+        trainer="msn-pretrain" + (
+            f", recipe {json.loads(recipe.read_text())['name']!r} ({RECIPE_FILE} reproduces it)"
+            if (recipe := Path(args.output_dir) / RECIPE_FILE).is_file()
+            else ""
+        ),
+        repo_id=args.hub_model_id,
     )
-    hyperparameters = {k: v for k, v in sorted({**vars(data_args), **vars(args)}.items()) if k != "hub_token"}
-    recipe_section = ""
-    if (output_dir / RECIPE_FILE).is_file():
-        recipe_section = f"## Recipe (`{RECIPE_FILE}`: `--recipe_file` reproduces the run)\n\n```json\n"
-        recipe_section += (output_dir / RECIPE_FILE).read_text() + "```\n\n"
-    content = f"""---
-{card_data.to_yaml()}
----
-
-# MSN pretrained {model.config.backbone}
-
-A Vision Transformer pretrained with Masked Siamese Networks (Assran et al., ECCV 2022) with `msn_hf`.
-The weights hold the anchor and target encoders, both projection heads and the
-prototypes; the target encoder is the one to use downstream.
-
-```python
-from transformers import AutoModel
-model = AutoModel.from_pretrained("{args.hub_model_id or output_dir}", trust_remote_code=True)
-embeddings = model(pixel_values).pooler_output
-```
-
-## Training data
-
-{dataset}
-
-{recipe_section}## Training arguments
-
-```json
-{json.dumps(hyperparameters, indent=2, default=str)}
-```
-
-## Results
-
-```json
-{json.dumps(results, indent=2, default=str)}
-```
-"""
-    ModelCard(content).save(output_dir / "README.md")
 
 
 def push_to_hub(args: PretrainingArguments, output_dir: Path) -> None:
@@ -884,11 +874,12 @@ def epoch_batches(
         state.batches_in_epoch += 1
         skipped = batch.pop("num_skipped")
         state.skipped_images += int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum"))
-        if not all_processes(accelerator, "pixel_values" in batch):
+        if not all_processes(accelerator, "pixel_values" in batch or "canvas" in batch):
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
         set_seed(seed + 1_000_003 * state.epoch + state.batches_in_epoch, device_specific=True)
-        yield send_to_device(batch, accelerator.device) if streaming else batch
+        batch = send_to_device(batch, accelerator.device) if streaming else batch
+        yield collator.render_views(batch, accelerator.device)
 
 
 def clipped_parameters(model: MSNModel) -> list[torch.nn.Parameter]:
@@ -990,7 +981,12 @@ class MetricsLog:
 
 def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     """Run MSN pretraining (see `PretrainingArguments` and `DataArguments`); returns the final metrics."""
+    # User errors surface before `setup_run` creates the output folder.
+    parse_model_overrides(args)
+    if args.model_name_or_path:
+        check_model_source(args.model_name_or_path)
     accelerator = setup_run(args)
+    start = time.perf_counter()
     output_dir = Path(args.output_dir)
     train_data = build_train_data(data_args, args, accelerator)
     recipe = None
@@ -1010,7 +1006,9 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             save_recipe(used, output_dir / RECIPE_FILE)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    collator = MSNViewsCollator(processor, train_data.image_column, seed=args.seed)
+    collator = MSNViewsCollator(
+        processor, train_data.image_column, seed=args.seed, views_on_device=args.views_on_device
+    )
     dataloader = build_dataloader(train_data, collator, args)
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     if train_data.streaming:  # each process already reads its own part of the stream
@@ -1029,7 +1027,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
 
     model.train()
     while state.completed_steps < schedules.total_steps:
-        resumed_mid_epoch = state.batches_in_epoch > 0
+        resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
         for batch in epoch_batches(accelerator, dataloader, collator, train_data.streaming, state, args.seed):
             steps_before = state.completed_steps
             output = training_step(accelerator, model, optimizer, batch, state, schedules, args.max_grad_norm)
@@ -1050,8 +1048,9 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
                 save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
             if state.completed_steps >= schedules.total_steps:
+                epoch_done = not train_data.streaming and state.batches_in_epoch == len(dataloader)
                 break
-        else:  # the epoch ran out
+        if epoch_done:
             if state.batches_in_epoch == 0 and not resumed_mid_epoch:
                 raise ValueError(
                     f"--per_device_train_batch_size {args.per_device_train_batch_size} must not exceed the images "
@@ -1061,7 +1060,8 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
     progress.close()
-    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history)
+    seconds = time.perf_counter() - start
+    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, seconds)
 
 
 def finish(
@@ -1073,10 +1073,12 @@ def finish(
     train_data: TrainData,
     state: TrainingState,
     history: list[dict],
+    seconds: float | None = None,
 ) -> dict:
     """
     Export the final model at once (main process), then evaluate it: after the last barrier, so that a long
     evaluation cannot time out the other processes, which are done, and a failed one cannot lose the model.
+    The model card is written with the export and rewritten with the results; a summary line ends the run.
     """
     output_dir = Path(args.output_dir)
     if state.skipped_images:
@@ -1090,7 +1092,8 @@ def finish(
         export_final(model, processor, output_dir)
         if history:
             plot_loss_curve(history, output_dir / "loss_curve.png")
-        write_model_card(args, data_args, output_dir, model, results)
+        run_info = card_run_info(args, data_args, accelerator, state, seconds)
+        write_model_card(output_dir, model, processor, run_info)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -1099,10 +1102,14 @@ def finish(
     evaluation = run_final_evaluation(args, train_data, model, processor, output_dir)
     if evaluation:
         results["eval"] = evaluation
-        write_model_card(args, data_args, output_dir, model, results)
+        write_model_card(output_dir, model, processor, run_info, evaluation)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     if args.push_to_hub:
         push_to_hub(args, output_dir)
+    print(f"\nmsn-pretrain: model, processor and card in {output_dir} ({state.completed_steps} steps).")
+    if evaluation:
+        print(f"  {headline(evaluation)} (all settings in {output_dir / 'README.md'}).")
+    print(f"  Next: msn-evaluate --model_name_or_path {output_dir} --baselines random pixels")
     return results
 
 
@@ -1131,4 +1138,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import pretrain
+
+    pretrain()

@@ -217,12 +217,12 @@ def describe_images(images: Iterable) -> tuple[int, bool]:
 # --- command-line overrides ------------------------------------------------------------------------------------
 
 
-def parse_overrides(text: str | None, valid_keys: Iterable[str], flag_name: str) -> dict:
+def parse_overrides(text: str | None, valid_keys: Iterable[str], flag_name: str, what: str = "keys") -> dict:
     """
     `"mask_ratio=0.3,mask_strategy=drop"` -> `{"mask_ratio": 0.3, "mask_strategy": "drop"}`: values are JSON
     where they parse as JSON (numbers, booleans, lists such as `[0.1,2.0]`), else strings. Commas inside brackets
     or braces do not split items. Raises a ValueError naming `flag_name` for an item without `=` or a key outside
-    `valid_keys`.
+    `valid_keys` (`what` names them in the message).
     """
     overrides = {}
     for item in _split_items(text or ""):
@@ -236,7 +236,7 @@ def parse_overrides(text: str | None, valid_keys: Iterable[str], flag_name: str)
     valid = set(valid_keys)
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ValueError(f"{flag_name} has unknown keys {unknown}; expected some of {sorted(valid)}.")
+        raise ValueError(f"{flag_name} has unknown {what}: {unknown}; expected some of {sorted(valid)}.")
     return overrides
 
 

@@ -1,0 +1,327 @@
+"""
+MSN pretraining with the Transformers `Trainer`: the recipe of `msn-pretrain` (same parameter groups, schedules,
+clipping, EMA and views) behind the `Trainer` API, so that callbacks, logging integrations, checkpointing and
+`trainer.train(resume_from_checkpoint=True)` work as for any other model.
+
+```python
+>>> from msn_hf import MSNConfig, MSNImageProcessor, MSNModel
+>>> from msn_hf.trainer_msn import MSNTrainer, MSNTrainingArguments
+>>> trainer = MSNTrainer(
+...     model=MSNModel(MSNConfig()),
+...     args=MSNTrainingArguments(output_dir="outputs/msn", max_steps=1000),
+...     train_dataset=dataset,  # a `datasets.Dataset` with an image column
+...     image_processor=MSNImageProcessor(),
+... )
+>>> trainer.train()
+```
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from accelerate.utils import set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import is_datasets_available
+
+from .data import _IMAGE_COLUMN_NAMES, ImageDataset, _find_column
+from .image_processing_msn import MSNImageProcessor
+from .modeling_msn import MSNModel
+from .pretraining import (
+    IndexedDataset,
+    MSNSchedules,
+    MSNViewsCollator,
+    all_processes,
+    apply_schedules,
+    clipped_parameters,
+    parameter_groups,
+)
+
+logger = logging.getLogger(__name__)
+
+# Offset between the mask seeds of consecutive epochs; the Accelerate loop of `msn-pretrain` uses the same, so that
+# both loops draw the same masks for the same batch.
+EPOCH_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class MSNTrainingArguments(TrainingArguments):
+    """
+    [`TrainingArguments`] with the defaults of the MSN ViT-S/16 recipe and the arguments of its schedules.
+
+    The learning rate warms up linearly from `warmup_start_learning_rate` to `learning_rate` over `warmup_steps`
+    (steps, or a fraction of the total when below 1), then follows a cosine to `final_learning_rate`; weight decay
+    rises along a cosine from `weight_decay` to `final_weight_decay`; the EMA momentum of the target rises linearly
+    from `config.ema_momentum` to `config.ema_momentum_end`. All three are laid over `schedule_stretch` times the
+    real number of steps, so training stops at `1 / schedule_stretch` of each. `lr_scheduler_type` is ignored.
+    """
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate, reached after the warmup."})
+    warmup_start_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the first step."})
+    final_learning_rate: float = field(default=1e-6, metadata={"help": "End of the cosine learning-rate schedule."})
+    weight_decay: float = field(default=0.04, metadata={"help": "Start of the cosine weight-decay schedule."})
+    final_weight_decay: float = field(default=0.4, metadata={"help": "End of the cosine weight-decay schedule."})
+    schedule_stretch: float = field(
+        default=1.25, metadata={"help": "The schedules span this many times the real number of steps."}
+    )
+    warmup_steps: float = field(
+        default=15 / 800, metadata={"help": "Warmup steps, or a fraction of all steps when below 1 (15 of 800 epochs)."}
+    )
+    max_grad_norm: float = field(
+        default=3.0, metadata={"help": "Gradient clipping of the encoder and projection head (not the prototypes)."}
+    )
+    max_nonfinite_steps: int = field(
+        default=5, metadata={"help": "Stop after this many steps in a row with a non-finite loss (each is skipped)."}
+    )
+    num_train_epochs: float = field(default=800, metadata={"help": "Epochs (800 for ViT-S/16)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per device and step."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (AdamW in the recipe)."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Sinkhorn needs full batches."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Ignored: the views collator needs the image column."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.data_seed is None:
+            # The Accelerate loop shuffles with the run's seed: the same order for the same seed.
+            self.data_seed = self.seed
+        for name in ("warmup_start_learning_rate", "final_learning_rate", "final_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
+        if self.schedule_stretch < 1:
+            raise ValueError(f"`schedule_stretch` must be >= 1, got {self.schedule_stretch!r}.")
+
+
+class MSNScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """
+    Sets every group's learning rate and the `"decay"` group's weight decay from [`MSNSchedules`] at each optimiser
+    step. `last_epoch` is the index of the step the optimiser's current values are for (0 for the first step), the
+    index the Accelerate loop uses; it is saved with the checkpoints, so a resumed run continues the schedules.
+    `hold = True` makes the next `step()` keep the position (a step that was not taken).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedules: MSNSchedules, last_epoch: int = -1):
+        self.schedules = schedules
+        self.hold = False
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return [self.schedules.lr(self.last_epoch)] * len(self.optimizer.param_groups)
+
+    def step(self, epoch: int | None = None) -> None:
+        if self.hold:
+            self.hold = False
+            return
+        super().step(epoch)
+        apply_schedules(self.optimizer, self.schedules, self.last_epoch)
+
+    def state_dict(self) -> dict:
+        # Plain values only: checkpoints are reloaded with `torch.load(weights_only=True)`.
+        return {key: value for key, value in super().state_dict().items() if key != "schedules"}
+
+
+class _MSNStepHooks(TrainerCallback):
+    """The trainer's own bookkeeping: epoch and batch position (views and masks), and the EMA update."""
+
+    def __init__(self, trainer: "MSNTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # The Trainer's own arithmetic for where a (resumed) run stands.
+        num_batches = len(train_dataloader)
+        accumulation = args.gradient_accumulation_steps
+        steps_per_epoch = max(num_batches // accumulation + int(num_batches % accumulation > 0), 1)
+        epoch = state.global_step // steps_per_epoch
+        self.trainer._epoch = epoch
+        self.trainer._batches_in_epoch = (state.global_step - epoch * steps_per_epoch) * accumulation
+        if isinstance(self.trainer.data_collator, MSNViewsCollator):
+            self.trainer.data_collator.epoch = epoch
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._decide_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.accelerator.optimizer_step_was_skipped:
+            return  # the AMP grad scaler found inf / NaN gradients; the Trainer does not step the scheduler then
+        if not trainer._step_taken:
+            trainer.lr_scheduler.hold = True  # no EMA update and the same schedule position for the next window
+            return
+        step = trainer.lr_scheduler.last_epoch  # not stepped yet: the index of this step's learning rate
+        momentum = trainer.lr_scheduler.schedules.ema_momentum(step)
+        trainer.accelerator.unwrap_model(trainer.model_wrapped).update_target_encoder(momentum)
+        decay = next(g for g in trainer.optimizer.param_groups if g.get("name") == "decay")
+        trainer._step_values = dict(weight_decay=decay["weight_decay"], momentum=momentum)
+
+
+class MSNTrainer(Trainer):
+    """
+    A [`Trainer`] that pretrains an [`MSNModel`] with the recipe of `msn-pretrain`:
+
+    - AdamW on [`parameter_groups`]: no weight decay on biases, norms, other 1-D tensors and the prototypes; the
+      target branch is not optimised;
+    - per-step learning rate, weight decay and EMA momentum from [`MSNSchedules`] (see [`MSNTrainingArguments`]),
+      step 0 being the first optimiser step;
+    - gradients of the encoder and projection head clipped to `max_grad_norm` (the prototypes are not clipped);
+    - after each optimiser step, and only then (not per micro-batch, not when the AMP grad scaler skipped the
+      step), the EMA update of the target encoder and head;
+    - views drawn by [`MSNViewsCollator`] from `(seed, epoch, row indices)` and masks from a seed reset before each
+      batch from its place in the run, so the same seed gives the same run as `msn-pretrain`, resumed or not;
+    - an accumulation window with a non-finite loss or gradient norm on any process takes no step (no update, no
+      EMA, same schedule position); `max_nonfinite_steps` such windows in a row stop the run. So does a window in
+      which no process had a readable image. The Trainer still counts such windows in `global_step`.
+
+    Args:
+        model ([`MSNModel`]): the model to pretrain.
+        args ([`MSNTrainingArguments`]): the run, with the schedules' arguments.
+        train_dataset (`datasets.Dataset` or [`~msn_hf.data.ImageDataset`]): images, undecoded or decoded; rows
+            that cannot be decoded are skipped and counted (`skipped_images` in the logs).
+        image_processor ([`MSNImageProcessor`]): draws the views; saved with every checkpoint.
+        image_column (`str`, *optional*): the image column; detected from the features when omitted.
+        **kwargs: other [`Trainer`] arguments (`callbacks`, ...). `data_collator` replaces the views collator.
+    """
+
+    def __init__(
+        self,
+        model: MSNModel,
+        args: MSNTrainingArguments,
+        train_dataset: datasets.Dataset | ImageDataset,
+        image_processor: MSNImageProcessor,
+        image_column: str | None = None,
+        **kwargs,
+    ):
+        if not isinstance(model, MSNModel):
+            raise ValueError(f"`model` must be an MSNModel, got {type(model).__name__}.")
+        if not isinstance(args, MSNTrainingArguments):
+            raise ValueError(
+                f"`args` must be MSNTrainingArguments (the schedules need their fields), got {type(args).__name__}."
+            )
+        if args.dataloader_persistent_workers:
+            raise ValueError("`dataloader_persistent_workers` would keep each worker's views at the first epoch.")
+        if args.remove_unused_columns:
+            logger.info("MSNTrainer sets `remove_unused_columns=False`: the views collator reads the image column.")
+            args.remove_unused_columns = False
+        if isinstance(train_dataset, ImageDataset):
+            image_column = image_column or train_dataset.image_column
+            train_dataset = train_dataset.dataset
+        if is_datasets_available() and isinstance(train_dataset, datasets.Dataset):
+            image_column = _find_column(train_dataset.features, image_column, datasets.Image, _IMAGE_COLUMN_NAMES, "image")
+            if image_column is None:
+                raise ValueError(
+                    f"`image_column` was not given and no image column was found among {train_dataset.column_names}."
+                )
+            # Decoding happens in the collator, so that an unreadable file is skipped rather than raising.
+            train_dataset = train_dataset.cast_column(image_column, datasets.Image(decode=False)).with_format(None)
+        elif image_column is None:
+            raise ValueError("`image_column` is required when `train_dataset` is not a `datasets.Dataset`.")
+        if torch.cuda.is_available() and args.world_size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        kwargs.setdefault("data_collator", MSNViewsCollator(image_processor, image_column, seed=args.seed))
+        kwargs.setdefault("processing_class", image_processor)
+        super().__init__(model=model, args=args, train_dataset=IndexedDataset(train_dataset), **kwargs)
+        self.add_callback(_MSNStepHooks(self))
+        self._epoch, self._batches_in_epoch = 0, 0
+        self._consecutive_nonfinite = 0
+        self._window_nonfinite, self._window_has_gradient, self._step_taken = False, False, False
+        self._skipped_images = 0
+        self._step_values, self._batch_losses = {}, {}
+
+    def _msn_model(self) -> MSNModel:
+        return self.accelerator.unwrap_model(self.model_wrapped)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs) or not isinstance(optimizer_cls, type):
+                raise ValueError(f"MSNTrainer needs a torch optimizer over parameter groups, got optim={self.args.optim!r}.")
+            optimizer_kwargs = {**optimizer_kwargs, "weight_decay": self.args.weight_decay}
+            self.optimizer = optimizer_cls(parameter_groups(model or self.model), **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            config = self.model.config
+            schedules = MSNSchedules(
+                total_steps=num_training_steps,
+                warmup_steps=min(self.args.get_warmup_steps(num_training_steps), num_training_steps),
+                learning_rate=self.args.learning_rate,
+                warmup_start_learning_rate=self.args.warmup_start_learning_rate,
+                final_learning_rate=self.args.final_learning_rate,
+                weight_decay=self.args.weight_decay,
+                final_weight_decay=self.args.final_weight_decay,
+                momentum=config.ema_momentum,
+                final_momentum=config.ema_momentum_end,
+                stretch=self.args.schedule_stretch,
+            )
+            self.lr_scheduler = MSNScheduler(optimizer or self.optimizer, schedules)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _clip_grad_norm(self, model):
+        """Clip the encoder and projection head only, as the recipe does; returns their norm before clipping."""
+        return self.accelerator.clip_grad_norm_(clipped_parameters(self._msn_model()), self.args.max_grad_norm)
+
+    def _decide_step(self) -> None:
+        """Before the optimiser step: take it only if the window's losses and gradients are finite everywhere."""
+        accelerator = self.accelerator
+        gradients = [p.grad for p in clipped_parameters(self._msn_model()) if p.grad is not None]
+        finite_gradients = all(bool(torch.isfinite(g).all()) for g in gradients)
+        # With fp16, the grad scaler skips a step with non-finite gradients itself, and lowers its scale.
+        finite = not self._window_nonfinite and (finite_gradients or accelerator.scaler is not None)
+        finite = all_processes(accelerator, finite)
+        self._step_taken = finite and all_processes(accelerator, self._window_has_gradient)
+        self._window_nonfinite, self._window_has_gradient = False, False
+        if not finite:
+            self._consecutive_nonfinite += 1
+            logger.warning(
+                f"Non-finite loss or gradient at step {self.state.global_step}: step skipped "
+                f"({self._consecutive_nonfinite} in a row)."
+            )
+            if self._consecutive_nonfinite >= self.args.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{self._consecutive_nonfinite} non-finite losses in a row at step {self.state.global_step}: "
+                    "stopping. Lower the learning rate or check the data."
+                )
+        elif self._step_taken:
+            self._consecutive_nonfinite = 0
+        if not self._step_taken:
+            self.model.zero_grad(set_to_none=True)  # the optimiser step that follows changes nothing
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        self._batches_in_epoch += 1
+        inputs = dict(inputs)
+        skipped = inputs.pop("num_skipped", 0)
+        skipped = torch.as_tensor(skipped, device=self.args.device).reshape(1)
+        self._skipped_images += int(self.accelerator.reduce(skipped, "sum"))
+        if not all_processes(self.accelerator, "pixel_values" in inputs):
+            logger.warning("A batch without any readable image on some process: skipped on every process.")
+            return torch.zeros((), device=self.args.device)
+        # Masks depend only on the batch's place in the run, as in `msn-pretrain`, so a resumed run repeats the
+        # uninterrupted one exactly.
+        set_seed(self.args.seed + EPOCH_SEED_STRIDE * self._epoch + self._batches_in_epoch, device_specific=True)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._batch_losses = dict(
+            prediction_loss=outputs.prediction_loss.item(), me_max_loss=outputs.me_max_loss.item()
+        )
+        # Every process must take the same decision, or the gradient all-reduce would hang.
+        if not all_processes(self.accelerator, torch.isfinite(loss.detach())):
+            self._window_nonfinite = True
+            return torch.zeros((), device=self.args.device)
+        self._window_has_gradient = True
+        loss = loss / self.current_gradient_accumulation_steps
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            # The two parts of the loss are those of the last batch; `loss` is the mean since the last log.
+            logs = {**logs, **self._batch_losses, **self._step_values, "skipped_images": self._skipped_images}
+        super().log(logs, start_time)
+
+
+__all__ = ["MSNScheduler", "MSNTrainer", "MSNTrainingArguments"]
