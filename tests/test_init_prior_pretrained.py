@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import TINY_BACKBONE_KWARGS, tiny_config
-from msn_hf import MSNModel
+from msn_hf import MSNConfig, MSNModel
 from msn_hf.evaluation import random_like
 
 
@@ -215,6 +215,9 @@ def test_backbone_pretrained_loads_a_local_timm_file(tmp_path, file_name):
     assert torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
     baseline = random_like(loaded)
     assert not torch.equal(baseline.encoder.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    # The saved config no longer points at the start weights: building a model from it needs no file or download.
+    assert loaded.config.backbone_pretrained is None and model.config.backbone_pretrained == str(path)
+    MSNModel(MSNConfig.from_pretrained(tmp_path / "msn"))
 
 
 def test_backbone_pretrained_that_cannot_be_found_raises_value_error(tmp_path):

@@ -52,6 +52,10 @@ def test_activation_checkpointing_options_are_honoured(monkeypatch):
     model(pixel_values, anchor_pixel_values=pixel_values)
     assert len(calls) == 2  # blocks 0 and 2 of the 4 anchor blocks; the target encoder runs without gradients
     assert all(kwargs == {"use_reentrant": False, "preserve_rng_state": False} for kwargs in calls)
+    calls.clear()
+    model.activation_checkpointing_enable(every_n_layers=1)
+    model(pixel_values, anchor_pixel_values=pixel_values)
+    assert len(calls) == 4  # the last block too, which the anchor computes for its class token only
     with pytest.raises(ValueError, match="every_n_layers"):
         model.activation_checkpointing_enable(every_n_layers=0)
     model.activation_checkpointing_disable()

@@ -23,6 +23,7 @@ from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
 from msn_hf.data import DataArguments, decode_image
+from msn_hf.evaluation import load_evaluation_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
@@ -335,6 +336,14 @@ def test_held_out_images_are_removed_before_pretraining_and_unlabelled_splits_ar
     assert not pretrained_ids & test_ids
     assert test_ids <= {f"row{i:03d}" for i in range(80)}  # held out of train, not the label -1 test split
     assert set(train.dataset["id"]) == pretrained_ids
+    # `msn-evaluate` on the same flags holds out the same images.
+    _, evaluate_test = load_evaluation_datasets(dataset_name=str(tmp_path / "data"), test_size=0.25)
+    assert set(evaluate_test.dataset["id"]) == test_ids
+    # Nothing is held out of data too large to evaluate.
+    args.max_eval_samples = 50
+    train_data = pt.build_train_data(data_args, args, Accelerator(cpu=True))
+    assert train_data.evaluation is None and len(train_data.dataset) == 80
+    assert "exceed --max_eval_samples 50" in train_data.no_evaluation_reason
 
 
 # --- runs ----------------------------------------------------------------------------------------------------------
@@ -461,6 +470,9 @@ def test_a_two_process_run_killed_while_saving_a_checkpoint_resumes_to_the_same_
     expected = MSNModel.from_pretrained(uninterrupted_two_process_stream / "run").state_dict()
     for key, value in MSNModel.from_pretrained(out).state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # A stream's positions belong to its processes: one process cannot take over two processes' checkpoint.
+    result = launch(tmp_path, [*args, "--resume_from_checkpoint", "latest"], processes=1)
+    assert result.returncode != 0 and "holds the stream positions of 2 process(es)" in result.stderr
 
 
 def test_every_process_skips_a_batch_that_one_process_cannot_use(tmp_path):
@@ -490,3 +502,19 @@ def test_an_evaluation_above_max_eval_samples_is_skipped_with_a_reason(tmp_path,
     args.max_eval_samples = 24
     results = pt.run_final_evaluation(args, train_data, model, processor, tmp_path)
     assert results["settings"]["num_test"] == 12 and (tmp_path / "eval_results.json").is_file()
+
+
+def test_stream_parts_of_unequal_length_end_each_epoch_together(tmp_path):
+    # Two shards of 40 and 24 rows: one per process, 5 and 3 batches of 8. The epoch ends after 3 batches on both,
+    # or the shorter process would reach the epoch's checkpoint barrier while the other is still training.
+    data = labelled_dataset(64)
+    data.select(range(40)).to_parquet(str(tmp_path / "a.parquet"))
+    data.select(range(40, 64)).to_parquet(str(tmp_path / "b.parquet"))
+    out = tmp_path / "run"
+    args = [*RUN_ARGS, *STREAM_ARGS[:-4], "--max_train_steps", "7", "--train_files", tmp_path / "*.parquet",
+            "--checkpointing_steps", "epoch", "--checkpoints_total_limit", "0", "--output_dir", out]  # fmt: skip
+    result = launch(tmp_path, args, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    state = json.loads((out / "checkpoint-6" / pt.TRAINING_STATE_FILE).read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (2, 0)

@@ -495,9 +495,11 @@ def load_evaluation_datasets(
     images is held out with `seed` (the split `msn-pretrain` holds out before pretraining).
     """
     common = dict(image_column_name=image_column_name, label_column_name=label_column_name, cache_dir=cache_dir)
+    # Truncated before any hold-out, as `msn-pretrain` does, so that the same flags hold out the same images.
     train = load_image_dataset(
-        dataset_name, dataset_config_name, train_dir, split=train_split, train_files=train_files, **common
-    )
+        dataset_name, dataset_config_name, train_dir, split=train_split, train_files=train_files,
+        max_samples=max_train_samples, **common,
+    )  # fmt: skip
     if train.label_column is None:
         raise ValueError(
             f"Evaluation needs labels, but no label column was found among {list(train.dataset.features)}; "
@@ -512,10 +514,8 @@ def load_evaluation_datasets(
     if test is None:
         logger.warning("No labelled evaluation split: holding out %.0f%% of %r.", 100 * test_size, train_split)
         train, test = hold_out(train, test_size, seed=seed)
-    # Subsampling after the split keeps the held-out part disjoint from the training part.
-    for limit, part in ((max_train_samples, train), (max_test_samples, test)):
-        if limit is not None:
-            part.dataset = part.dataset.select(range(min(limit, len(part.dataset))))
+    if max_test_samples is not None:
+        test.dataset = test.dataset.select(range(min(max_test_samples, len(test.dataset))))
     return train, test
 
 

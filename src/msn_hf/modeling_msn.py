@@ -278,13 +278,16 @@ class MSNPreTrainedModel(PreTrainedModel):
         checkpointed = {id(block) for block in list(self.get_encoder().blocks)[::every_n_layers]}
 
         def checkpoint_some_blocks(block, *args, **kwargs):
-            return checkpoint_func(block, *args, **kwargs) if id(block) in checkpointed else block(*args, **kwargs)
+            # The anchor's last block may come wrapped (`partial(class_token_block, block)`): match the block itself.
+            module = block.args[0] if isinstance(block, partial) else block
+            return checkpoint_func(block, *args, **kwargs) if id(module) in checkpointed else block(*args, **kwargs)
 
         return super()._set_gradient_checkpointing(True, checkpoint_some_blocks)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """
-        Save as `PreTrainedModel.save_pretrained`; folders saved with their code (`register_for_auto_class`) also
+        Save as `PreTrainedModel.save_pretrained`, without `backbone_pretrained` in the saved config (the weights are
+        saved). Folders saved with their code (`register_for_auto_class`) also
         map `AutoModelForImageClassification`, since the copied `modeling_msn.py` holds the classifier, which
         takes its encoder from a pretraining checkpoint. A classifier's folder drops `AutoModel`: `MSNModel` cannot
         load its weights (`vit.*`).
@@ -300,7 +303,13 @@ class MSNPreTrainedModel(PreTrainedModel):
             # Keep the classifier's own names (`vit.*`): without this, Transformers would save them back under the
             # pretraining checkpoint's name (`target_encoder.*`), as the conversion mapping is reversible.
             kwargs.setdefault("save_original_format", False)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # The saved weights replace the timm weights training started from: a saved config that still named them
+        # would load (or download) them again whenever a model is built from it.
+        started_from, self.config.backbone_pretrained = self.config.backbone_pretrained, None
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.backbone_pretrained = started_from
 
     def _check_pixel_values(self, name: str, pixel_values: torch.Tensor, ranks: tuple[int, ...]) -> None:
         """Raise a `ValueError` naming `name` unless it is `[..., 3, H, W]` of an allowed rank with H, W multiples of the patch size."""

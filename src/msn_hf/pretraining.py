@@ -65,6 +65,7 @@ TRAINING_STATE_FILE = "training_state.json"
 DATALOADER_STATE_FILE = "dataloader_state_{rank}.json"
 METRICS_FILE = "metrics.jsonl"
 INDEX_KEY = "__index__"
+RECIPE_SAMPLE_SIZE = 32
 
 # The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images:
 # 1,540 steps, about 5.6 CPU-core minutes with the evaluation (benchmarks/RESULTS.md). Model and views are what the
@@ -408,12 +409,15 @@ class TrainData:
         image_column: the column the collator decodes.
         evaluation: labelled (train, test) sets for the final low-shot evaluation, or None.
         no_evaluation_reason: why there is no evaluation, when there is none.
+        sample: up to 32 undecoded images, the same on every process (the first rows, before any shuffle or split),
+            from which the auto recipe reads the image size and colour mode.
     """
 
     dataset: torch.utils.data.Dataset | datasets.IterableDataset
     image_column: str
     evaluation: tuple[ImageDataset, ImageDataset] | None = None
     no_evaluation_reason: str | None = None
+    sample: list = field(default_factory=list)
 
     @property
     def streaming(self) -> bool:
@@ -421,12 +425,13 @@ class TrainData:
 
 
 def _evaluation_sets(
-    data: ImageDataset, data_args: DataArguments, seed: int
+    data: ImageDataset, data_args: DataArguments, max_eval_samples: int
 ) -> tuple[ImageDataset, tuple[ImageDataset, ImageDataset] | None, str | None]:
     """
     The labelled test set of the final evaluation: `--test_dir`, the labelled evaluation split, or else a stratified
-    `--test_size` held out of `data` BEFORE pretraining, so that no test image is pretrained on. Returns the data to
-    pretrain on, the (train, test) sets or None, and the reason when None.
+    `--test_size` held out of `data` BEFORE pretraining (the split `msn-evaluate` makes of the same flags), so that
+    no test image is pretrained on; nothing is held out of data too large to evaluate. Returns the data to pretrain
+    on, the (train, test) sets or None, and the reason when None.
     """
     if data.label_column is None or not has_labels(data):
         return data, None, "the training data has no labels"
@@ -438,8 +443,13 @@ def _evaluation_sets(
     elif not (data_args.train_dir or data_args.train_files):
         test = load_labelled_split(data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split, **common)
     if test is None:
+        if len(data.dataset) > max_eval_samples:
+            return data, None, f"{len(data.dataset)} labelled images exceed --max_eval_samples {max_eval_samples}"
         logger.info(f"No labelled evaluation split: holding out {data_args.test_size:.0%} of the images before pretraining.")
-        data, test = hold_out(data, data_args.test_size, seed=seed)
+        try:
+            data, test = hold_out(data, data_args.test_size)
+        except ValueError as error:  # e.g. a class with a single image cannot be stratified
+            return data, None, f"no stratified hold-out of {data_args.test_size:.0%} is possible ({error})"
     if data_args.max_test_samples is not None:
         test.dataset = test.dataset.select(range(min(data_args.max_test_samples, len(test.dataset))))
     return data, (data, test), None
@@ -468,13 +478,14 @@ def build_train_data(data_args: DataArguments, args: PretrainingArguments, accel
     if data_args.streaming:
         reason = "a streaming dataset has no held-out part to evaluate on"
     elif not args.skip_evaluation:
-        data, evaluation, reason = _evaluation_sets(data, data_args, args.seed)
+        data, evaluation, reason = _evaluation_sets(data, data_args, args.max_eval_samples)
     rows = data.dataset.cast_column(data.image_column, datasets.Image(decode=False))
+    sample = [row[data.image_column] for row in rows.take(RECIPE_SAMPLE_SIZE)]
     if data_args.streaming:
         if data_args.shuffle_buffer_size:
             rows = rows.shuffle(seed=args.seed, buffer_size=data_args.shuffle_buffer_size)
         rows = split_dataset_by_node(rows, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        return TrainData(rows, data.image_column, None, reason)
+        return TrainData(rows, data.image_column, None, reason, sample)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes
     if len(rows) < global_batch:
         raise ValueError(
@@ -482,7 +493,7 @@ def build_train_data(data_args: DataArguments, args: PretrainingArguments, accel
             f"process(es) must not exceed the {len(rows)} training images (a batch is never partial), got a global "
             f"batch of {global_batch}."
         )
-    return TrainData(IndexedDataset(rows.with_format(None)), data.image_column, evaluation, reason)
+    return TrainData(IndexedDataset(rows.with_format(None)), data.image_column, evaluation, reason, sample)
 
 
 def build_dataloader(train_data: TrainData, collator: MSNViewsCollator, args: PretrainingArguments) -> DataLoader:
@@ -519,11 +530,7 @@ def choose_recipe(
     if name is None:
         return dict(name="none", backbone=MSNConfig.backbone, backbone_kwargs={}, config={}, processor={}, training={})
     rows = train_data.dataset
-    if train_data.streaming:
-        sample = [row[train_data.image_column] for row in itertools.islice(iter(rows), 32)]
-    else:
-        sample = [rows.dataset[i][train_data.image_column] for i in range(min(32, len(rows)))]
-    image_size, grey = describe_images(image for image in map(decode_image, sample) if image is not None)
+    image_size, grey = describe_images(image for image in map(decode_image, train_data.sample) if image is not None)
     global_batch = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
     num_images = len(rows) if not train_data.streaming else args.max_train_steps * global_batch
     planned_steps = args.max_train_steps or args.num_train_epochs * max(1, num_images // global_batch)
@@ -699,6 +706,14 @@ def resume(
             f"(no {TRAINING_STATE_FILE})."
         )
     accelerator.print(f"Resuming from {checkpoint}")
+    if isinstance(dataloader, StatefulDataLoader):
+        # Checked by every process alike, so that all of them stop rather than some wait for the others.
+        saved = len(list(checkpoint.glob(DATALOADER_STATE_FILE.format(rank="*"))))
+        if saved != accelerator.num_processes:
+            raise ValueError(
+                f"--resume_from_checkpoint {str(checkpoint)!r} holds the stream positions of {saved} process(es): "
+                f"resume a stream with the number of processes that saved it, got {accelerator.num_processes}."
+            )
     accelerator.load_state(str(checkpoint))
     if isinstance(dataloader, StatefulDataLoader):
         path = checkpoint / DATALOADER_STATE_FILE.format(rank=accelerator.process_index)
@@ -859,7 +874,8 @@ def epoch_batches(
 ):
     """
     The batches left in `state.epoch`, on the device, counted in `state`. A batch in which any process has no
-    readable image is skipped by every process (Sinkhorn and me-max all-reduce). Before each batch, torch's
+    readable image is skipped by every process (Sinkhorn and me-max all-reduce), and the epoch ends on every process
+    when one runs out of batches. Before each batch, torch's
     generators are seeded by its position in the run, so masks repeat exactly after a resume.
     """
     collator.epoch = state.epoch
@@ -870,11 +886,19 @@ def epoch_batches(
         dataloader.set_epoch(state.epoch)
         if state.batches_in_epoch:
             batches = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
-    for batch in batches:
+    # A stream's parts differ in length between processes: the first process to run out ends the epoch for all,
+    # so that every process meets the same collectives. One reduce per batch carries all three decisions.
+    for batch in itertools.chain(batches, [None]):
+        ran_out = batch is None
+        skipped = 0 if ran_out else batch.pop("num_skipped")
+        unusable = not ran_out and "pixel_values" not in batch and "canvas" not in batch
+        flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float32, device=accelerator.device)
+        any_ran_out, skipped, any_unusable = accelerator.reduce(flags, "sum").tolist()
+        if any_ran_out:
+            return
         state.batches_in_epoch += 1
-        skipped = batch.pop("num_skipped")
-        state.skipped_images += int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum"))
-        if not all_processes(accelerator, "pixel_values" in batch or "canvas" in batch):
+        state.skipped_images += int(skipped)
+        if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
         set_seed(seed + 1_000_003 * state.epoch + state.batches_in_epoch, device_specific=True)
@@ -1016,7 +1040,8 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
         steps_per_epoch = None
     else:
         model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-        steps_per_epoch = max(1, len(dataloader) // args.gradient_accumulation_steps)
+        # Accelerate also ends an accumulation window at the end of the data: a short last window is a step.
+        steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     unwrapped = accelerator.unwrap_model(model)
     schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
     if args.report_to != "none":

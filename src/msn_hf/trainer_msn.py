@@ -225,6 +225,8 @@ class MSNTrainer(Trainer):
         self._epoch, self._batches_in_epoch = 0, 0
         self._consecutive_nonfinite = 0
         self._window_nonfinite, self._window_has_gradient, self._step_taken = False, False, False
+        # A window with a skipped micro-batch may miss its gradient all-reduce (DDP syncs on the last one only).
+        self._window_skipped_batch = False
         self._skipped_images = 0
         self._step_values, self._batch_losses = {}, {}
 
@@ -271,8 +273,10 @@ class MSNTrainer(Trainer):
         # With fp16, the grad scaler skips a step with non-finite gradients itself, and lowers its scale.
         finite = not self._window_nonfinite and (finite_gradients or accelerator.scaler is not None)
         finite = all_processes(accelerator, finite)
-        self._step_taken = finite and all_processes(accelerator, self._window_has_gradient)
-        self._window_nonfinite, self._window_has_gradient = False, False
+        self._step_taken = finite and all_processes(
+            accelerator, self._window_has_gradient and not self._window_skipped_batch
+        )
+        self._window_nonfinite, self._window_has_gradient, self._window_skipped_batch = False, False, False
         if not finite:
             self._consecutive_nonfinite += 1
             logger.warning(
@@ -297,6 +301,7 @@ class MSNTrainer(Trainer):
         self._skipped_images += int(self.accelerator.reduce(skipped, "sum"))
         if not all_processes(self.accelerator, "pixel_values" in inputs):
             logger.warning("A batch without any readable image on some process: skipped on every process.")
+            self._window_skipped_batch = True
             return torch.zeros((), device=self.args.device)
         # Masks depend only on the batch's place in the run, as in `msn-pretrain`, so a resumed run repeats the
         # uninterrupted one exactly.
