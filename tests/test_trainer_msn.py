@@ -203,3 +203,23 @@ def test_nonfinite_windows_take_no_step_then_stop_the_run(initial_folder, tmp_pa
     assert momenta == pytest.approx([schedules.ema_momentum(0), schedules.ema_momentum(1)])
     assert trainer.lr_scheduler.last_epoch == 2
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_a_window_with_a_skipped_batch_takes_no_step(initial_folder, tmp_path, monkeypatch):
+    # With DDP the gradients of a window are all-reduced by its last micro-batch's backward: a window whose
+    # micro-batch was skipped may hold gradients that were never synchronised, so it takes no step.
+    from msn_hf.pretraining import MSNViewsCollator
+
+    trainer = make_trainer(initial_folder, tmp_path, max_steps=2, gradient_accumulation_steps=2)
+    momenta = []
+    update = trainer.model.update_target_encoder
+    monkeypatch.setattr(trainer.model, "update_target_encoder", lambda m: (momenta.append(m), update(m)))
+    collate, calls = MSNViewsCollator.__call__, {"n": 0}
+
+    def second_batch_unreadable(self, rows):
+        calls["n"] += 1
+        return {"num_skipped": len(rows)} if calls["n"] == 2 else collate(self, rows)
+
+    monkeypatch.setattr(MSNViewsCollator, "__call__", second_batch_unreadable)
+    trainer.train()
+    assert momenta == pytest.approx([trainer.lr_scheduler.schedules.ema_momentum(0)])
