@@ -280,6 +280,13 @@ def test_bad_flags_are_refused_by_name(argv, flag):
         pt.parse_args(argv)
 
 
+def test_abbreviated_flags_are_refused():
+    # A recipe file gives way to the flags typed on the command line, so every flag must be read by its full name.
+    with pytest.raises(ValueError, match="--learning"):
+        pt.parse_args(["--learning", "0.1"])
+    assert pt.parse_args(["--learning_rate", "0.1"])[0].learning_rate == 0.1
+
+
 def test_train_files_must_match_files_of_a_known_kind(tmp_path):
     from msn_hf.data import resolve_shards
 

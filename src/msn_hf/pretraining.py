@@ -66,6 +66,8 @@ DATALOADER_STATE_FILE = "dataloader_state_{rank}.json"
 METRICS_FILE = "metrics.jsonl"
 INDEX_KEY = "__index__"
 RECIPE_SAMPLE_SIZE = 32
+# Offset between the mask seeds of consecutive epochs: a step's masks depend only on its place in the run.
+EPOCH_SEED_STRIDE = 1_000_003
 
 # The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images:
 # 1,540 steps, about 5.6 CPU-core minutes with the evaluation (benchmarks/RESULTS.md). Model and views are what the
@@ -222,8 +224,11 @@ class PretrainingArguments:
 
 def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, DataArguments]:
     """The command line of `msn-pretrain`, with the defaults of the data filled in (digits or ImageNet recipe)."""
+    # No abbreviated flags: a recipe file's values give way to the flags typed in full, which must be recognisable.
     parser = HfArgumentParser(
-        (PretrainingArguments, DataArguments), description="Pretrain a Vision Transformer with Masked Siamese Networks."
+        (PretrainingArguments, DataArguments),
+        allow_abbrev=False,
+        description="Pretrain a Vision Transformer with Masked Siamese Networks.",
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
@@ -901,7 +906,7 @@ def epoch_batches(
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
-        set_seed(seed + 1_000_003 * state.epoch + state.batches_in_epoch, device_specific=True)
+        set_seed(seed + EPOCH_SEED_STRIDE * state.epoch + state.batches_in_epoch, device_specific=True)
         batch = send_to_device(batch, accelerator.device) if streaming else batch
         yield collator.render_views(batch, accelerator.device)
 
@@ -1017,7 +1022,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     if not args.model_name_or_path:
         recipe = choose_recipe(args, data_args, train_data, accelerator.num_processes)
         if args.num_warmup_steps is None and args.num_warmup_epochs is None:
-            args.num_warmup_steps = recipe["training"]["num_warmup_steps"]
+            args.num_warmup_steps = recipe["training"].get("num_warmup_steps")
     model, processor = build_model_and_processor(args, data_args, recipe)
     if recipe is not None:
         used = effective_recipe(recipe["name"], args, model, processor)

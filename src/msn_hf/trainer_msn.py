@@ -29,6 +29,7 @@ from .data import _IMAGE_COLUMN_NAMES, ImageDataset, _find_column
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 from .pretraining import (
+    EPOCH_SEED_STRIDE,
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
@@ -39,10 +40,6 @@ from .pretraining import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Offset between the mask seeds of consecutive epochs; the Accelerate loop of `msn-pretrain` uses the same, so that
-# both loops draw the same masks for the same batch.
-EPOCH_SEED_STRIDE = 1_000_003
 
 
 @dataclass
