@@ -31,7 +31,8 @@ RUN_ARGS = [*TINY_MODEL_ARGS, "--skip_evaluation"]
 
 # Runs `msn-pretrain` with test probes, selected by environment variables: every row a process collates is
 # appended to rows_<rank>.txt; MSN_SLOW_SAVE=<folder> makes rank 1 pause after writing that folder in save_state (so
-# that a test can kill the run mid-save while rank 0 is free to go on); MSN_EMPTY_BATCH / MSN_NAN_FORWARD make rank 1's first batch unreadable and its 2nd forward NaN.
+# that a test can kill the run mid-save while rank 0 is free to go on); MSN_EMPTY_BATCH / MSN_NAN_FORWARD make
+# rank 1's first batch unreadable and its 2nd forward NaN. Each process writes its pid to pid_<rank>.
 LAUNCHER = """
 import os, sys, time
 from pathlib import Path
@@ -41,6 +42,7 @@ from msn_hf import modeling_msn
 
 rank = int(os.environ.get("RANK", "0"))
 log = Path(os.environ["MSN_TEST_LOG"])
+(log / f"pid_{rank}").write_text(str(os.getpid()))
 collate = pt.MSNViewsCollator.__call__
 calls = {"collate": 0, "forward": 0}
 
@@ -467,6 +469,9 @@ def test_a_two_process_run_killed_while_saving_a_checkpoint_resumes_to_the_same_
         assert process.poll() is None, "the run ended before its second checkpoint"
         time.sleep(0.2)
     time.sleep(2)
+    # torchrun starts each worker in a session of its own: kill the workers as well as the launcher's group.
+    for pid_file in (tmp_path / "log").glob("pid_*"):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert (out / "checkpoint-2.tmp").is_dir()
