@@ -77,8 +77,6 @@ DIGITS_DEFAULTS = {
     **auto_recipe(image_size=32, grey=True, num_images=1437, global_batch=64, planned_steps=70 * (1437 // 64)),
     "training": DIGITS_TRAINING_DEFAULTS,
 }
-# The original ViT-S/16 recipe on ImageNet: 800 epochs, 64 images per GPU, 15 warmup epochs.
-IMAGENET_TRAINING_DEFAULTS = IMAGENET_TRAINING
 # The optimisation settings a recipe file carries (its `training` section) and a run writes into its own.
 RECIPE_TRAINING_FIELDS = (
     "learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay", "final_weight_decay",
@@ -252,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     if data_args.uses_builtin_data:
         defaults = dict(DIGITS_TRAINING_DEFAULTS, num_warmup_epochs=1)
     else:
-        defaults = dict(IMAGENET_TRAINING_DEFAULTS)
+        defaults = dict(IMAGENET_TRAINING)
     if args.recipe_name == "auto":
         del defaults["num_warmup_epochs"]  # the auto recipe sets the warmup from the planned steps
     for name, value in defaults.items():
@@ -754,7 +752,12 @@ def plot_loss_curve(metrics: list[dict], path: Path) -> None:
 
 
 def card_run_info(
-    args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, state: TrainingState, seconds: float
+    args: PretrainingArguments,
+    data_args: DataArguments,
+    accelerator: Accelerator,
+    state: TrainingState,
+    seconds: float,
+    recipe_name: str | None,
 ) -> dict:
     """The facts of this run that its model card states (see `msn_hf.modelcard.write_model_card`)."""
     hub_dataset = data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
@@ -770,11 +773,7 @@ def card_run_info(
         precision=accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32",
         wall_time_seconds=seconds,
         hardware=f"{accelerator.num_processes} x {accelerator.device.type}",
-        trainer="msn-pretrain" + (
-            f", recipe {json.loads(recipe.read_text())['name']!r} ({RECIPE_FILE} reproduces it)"
-            if (recipe := Path(args.output_dir) / RECIPE_FILE).is_file()
-            else ""
-        ),
+        trainer="msn-pretrain" + (f", recipe {recipe_name!r} ({RECIPE_FILE} reproduces it)" if recipe_name else ""),
         repo_id=args.hub_model_id,
     )
 
@@ -1090,8 +1089,10 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
     progress.close()
-    seconds = time.perf_counter() - start
-    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, seconds)
+    run_info = card_run_info(
+        args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"] if recipe else None
+    )
+    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, run_info)
 
 
 def finish(
@@ -1103,12 +1104,13 @@ def finish(
     train_data: TrainData,
     state: TrainingState,
     history: list[dict],
-    seconds: float | None = None,
+    run_info: dict,
 ) -> dict:
     """
     Export the final model at once (main process), then evaluate it: after the last barrier, so that a long
     evaluation cannot time out the other processes, which are done, and a failed one cannot lose the model.
-    The model card is written with the export and rewritten with the results; a summary line ends the run.
+    The model card (`run_info`: see `card_run_info`) is written with the export and rewritten with the results; a
+    summary line ends the run.
     """
     output_dir = Path(args.output_dir)
     if state.skipped_images:
@@ -1122,7 +1124,6 @@ def finish(
         export_final(model, processor, output_dir)
         if history:
             plot_loss_curve(history, output_dir / "loss_curve.png")
-        run_info = card_run_info(args, data_args, accelerator, state, seconds)
         write_model_card(output_dir, model, processor, run_info)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
