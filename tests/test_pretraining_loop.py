@@ -165,6 +165,11 @@ def tiny_views(batch_size: int, seed: int = 0) -> dict:
 
 
 def step_setup(gradient_accumulation_steps=1, **config):
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Accelerate's state is shared by every Accelerator of a process: start from none, whatever ran before (a Trainer).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     model = MSNModel(tiny_config(**config))
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(pt.parameter_groups(model), lr=1e-3)
