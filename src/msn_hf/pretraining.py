@@ -868,6 +868,25 @@ def all_processes(accelerator: Accelerator, flag: torch.Tensor | bool) -> bool:
     return accelerator.reduce((~flag.bool()).float().reshape(1), "sum").item() == 0
 
 
+def batch_decisions(accelerator: Accelerator, batch: dict | None) -> tuple[bool, int, bool]:
+    """
+    What every process decides alike about its next batch (`None`: it ran out), in one reduce: whether any process
+    ran out, how many unreadable images all processes skipped (`num_skipped`, popped from `batch`), and whether any
+    process's batch has no readable image left.
+    """
+    ran_out = batch is None
+    skipped = 0 if ran_out else batch.pop("num_skipped", 0)
+    unusable = not ran_out and "pixel_values" not in batch and "canvas" not in batch
+    flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float32, device=accelerator.device)
+    any_ran_out, skipped, any_unusable = accelerator.reduce(flags, "sum").tolist()
+    return any_ran_out > 0, int(skipped), any_unusable > 0
+
+
+def seed_batch(seed: int, epoch: int, batch_in_epoch: int) -> None:
+    """Seed torch's generators by a batch's place in the run, so that its masks repeat exactly after a resume."""
+    set_seed(seed + EPOCH_SEED_STRIDE * epoch + batch_in_epoch, device_specific=True)
+
+
 def epoch_batches(
     accelerator: Accelerator,
     dataloader,
@@ -891,21 +910,17 @@ def epoch_batches(
         if state.batches_in_epoch:
             batches = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
     # A stream's parts differ in length between processes: the first process to run out ends the epoch for all,
-    # so that every process meets the same collectives. One reduce per batch carries all three decisions.
+    # so that every process meets the same collectives.
     for batch in itertools.chain(batches, [None]):
-        ran_out = batch is None
-        skipped = 0 if ran_out else batch.pop("num_skipped")
-        unusable = not ran_out and "pixel_values" not in batch and "canvas" not in batch
-        flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float32, device=accelerator.device)
-        any_ran_out, skipped, any_unusable = accelerator.reduce(flags, "sum").tolist()
+        any_ran_out, skipped, any_unusable = batch_decisions(accelerator, batch)
         if any_ran_out:
             return
         state.batches_in_epoch += 1
-        state.skipped_images += int(skipped)
+        state.skipped_images += skipped
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
-        set_seed(seed + EPOCH_SEED_STRIDE * state.epoch + state.batches_in_epoch, device_specific=True)
+        seed_batch(seed, state.epoch, state.batches_in_epoch)
         batch = send_to_device(batch, accelerator.device) if streaming else batch
         yield collator.render_views(batch, accelerator.device)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
-from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import is_datasets_available
 
@@ -29,14 +28,15 @@ from .data import _IMAGE_COLUMN_NAMES, ImageDataset, _find_column
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 from .pretraining import (
-    EPOCH_SEED_STRIDE,
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
     all_processes,
     apply_schedules,
+    batch_decisions,
     clipped_parameters,
     parameter_groups,
+    seed_batch,
 )
 
 logger = logging.getLogger(__name__)
@@ -293,16 +293,14 @@ class MSNTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         self._batches_in_epoch += 1
         inputs = dict(inputs)
-        skipped = inputs.pop("num_skipped", 0)
-        skipped = torch.as_tensor(skipped, device=self.args.device).reshape(1)
-        self._skipped_images += int(self.accelerator.reduce(skipped, "sum"))
-        if not all_processes(self.accelerator, "pixel_values" in inputs):
+        _, skipped, any_unusable = batch_decisions(self.accelerator, inputs)
+        self._skipped_images += skipped
+        if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             self._window_skipped_batch = True
             return torch.zeros((), device=self.args.device)
-        # Masks depend only on the batch's place in the run, as in `msn-pretrain`, so a resumed run repeats the
-        # uninterrupted one exactly.
-        set_seed(self.args.seed + EPOCH_SEED_STRIDE * self._epoch + self._batches_in_epoch, device_specific=True)
+        # Masks depend only on the batch's place in the run, as in `msn-pretrain`.
+        seed_batch(self.args.seed, self._epoch, self._batches_in_epoch)
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
