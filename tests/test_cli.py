@@ -11,7 +11,8 @@ import pytest
 
 from conftest import TINY_BACKBONE_KWARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
-from msn_hf.cli import check_model_source, run
+from msn_hf.cli import run
+from msn_hf.sources import check_model_source
 
 ROOT = Path(__file__).resolve().parents[1]
 

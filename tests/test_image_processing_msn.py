@@ -16,7 +16,7 @@ from torchvision import transforms
 from torchvision.transforms.v2 import functional as tvF
 
 from conftest import tiny_config
-from msn_hf import MSNImageProcessor, MSNModel
+from msn_hf import MSNImageProcessor, MSNModel, views_msn
 from msn_hf import image_processing_msn as ipm
 
 TINY = dict(size={"shortest_edge": 32}, crop_size=32, focal_crop_size=16)
@@ -156,15 +156,15 @@ def test_colour_operations_match_torchvision():
     factors = torch.tensor([0.6, 0.95, 1.0, 1.25, 1.4])
     shifts = torch.tensor([-0.1, -0.02, 0.0, 0.07, 0.5])
     cases = [
-        (ipm.adjust_brightness_, tvF.adjust_brightness, factors),
-        (ipm.adjust_contrast_, tvF.adjust_contrast, factors),
-        (ipm.adjust_saturation_, tvF.adjust_saturation, factors),
-        (ipm.adjust_hue, tvF.adjust_hue, shifts),
+        (views_msn.adjust_brightness_, tvF.adjust_brightness, factors),
+        (views_msn.adjust_contrast_, tvF.adjust_contrast, factors),
+        (views_msn.adjust_saturation_, tvF.adjust_saturation, factors),
+        (views_msn.adjust_hue, tvF.adjust_hue, shifts),
     ]
     for ours, theirs, values in cases:
         expected = torch.stack([theirs(views[i], values[i].item()) for i in range(5)])
         torch.testing.assert_close(ours(views.clone(), values), expected, atol=1e-5, rtol=0)
-    gray = ipm.grayscale_(views.clone(), torch.tensor([True, False, True, False, False]))
+    gray = views_msn.grayscale_(views.clone(), torch.tensor([True, False, True, False, False]))
     torch.testing.assert_close(gray[2], tvF.rgb_to_grayscale(views[2], num_output_channels=3))
     assert torch.equal(gray[1], views[1])
 
@@ -176,10 +176,10 @@ def test_blur_and_crops_match_torchvision():
     expected = torch.stack(
         [tvF.gaussian_blur(views[i], [2 * int(np.ceil(3 * s)) + 1] * 2, [s] * 2) for i, s in enumerate(sigma.tolist())]
     )
-    torch.testing.assert_close(ipm.gaussian_blur(views, sigma), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(views_msn.gaussian_blur(views, sigma), expected, atol=1e-5, rtol=0)
 
     image = torch.from_numpy(np.array(random_image(30, 40))).permute(2, 0, 1)
-    params = ipm.sample_view_params(
+    params = views_msn.sample_view_params(
         torch.tensor([[30, 40]]),
         torch.zeros(6, dtype=torch.long),
         (0.1, 1.0),
@@ -192,7 +192,7 @@ def test_blur_and_crops_match_torchvision():
         (0.1, 2.0),
         torch.Generator().manual_seed(0),
     )
-    crops = ipm.resized_crops([image], params, (16, 16), "bilinear")
+    crops = views_msn.resized_crops([image], params, (16, 16), "bilinear")
     for crop, (top, left, height, width), flip in zip(crops, params.boxes.tolist(), params.flip.tolist()):
         expected = tvF.resized_crop(image, top, left, height, width, [16, 16], antialias=True)
         expected = (tvF.horizontal_flip(expected) if flip else expected).float() / 255
@@ -203,7 +203,7 @@ def test_crop_boxes_follow_random_resized_crop():
     generator = torch.Generator().manual_seed(0)
     sizes = torch.tensor([[200, 160]]).expand(3000, 2)
     for scale in ((0.3, 1.0), (0.05, 0.3)):
-        boxes = ipm.sample_resized_crop_boxes(sizes, scale, (3 / 4, 4 / 3), generator).double()
+        boxes = views_msn.sample_resized_crop_boxes(sizes, scale, (3 / 4, 4 / 3), generator).double()
         top, left, height, width = boxes.unbind(1)
         assert (top >= 0).all() and (left >= 0).all() and (top + height <= 200).all() and (left + width <= 160).all()
         area = height * width / (200 * 160)
@@ -542,8 +542,8 @@ def test_each_view_comes_from_its_own_image_in_its_role(device):
     generator = torch.Generator().manual_seed(5)
     sizes = torch.tensor([[40, 48], [56, 36], [44, 44]])
     common = (processor.crop_ratio, 0.5, 0.5, 0.8, 0.2, 0.5, (0.1, 2.0))
-    large = ipm.sample_view_params(sizes, torch.arange(3).repeat_interleave(3), (0.3, 1.0), *common, generator)
-    focal = ipm.sample_view_params(sizes, torch.arange(3).repeat_interleave(3), (0.05, 0.3), *common, generator)
+    large = views_msn.sample_view_params(sizes, torch.arange(3).repeat_interleave(3), (0.3, 1.0), *common, generator)
+    focal = views_msn.sample_view_params(sizes, torch.arange(3).repeat_interleave(3), (0.05, 0.3), *common, generator)
     assert large.jitter.any() and focal.jitter.any() and large.jitter_order.unique(dim=0).shape[0] > 1
     sources = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]
     expected_large = reference_views(sources, large, (32, 32), mean, std).view(3, 3, 3, 32, 32)
@@ -572,13 +572,13 @@ def test_device_rendering_matches_cpu_rendering():
                 assert difference.max() < 4 / 255 and difference.mean() < 0.3 / 255, (key, resample)
     # Crop geometry of the batched resize, nearest included, against one resize call per view.
     image = torch.from_numpy(np.array(random_image(30, 40))).permute(2, 0, 1)
-    params = ipm.sample_view_params(
+    params = views_msn.sample_view_params(
         torch.tensor([[30, 40]]), torch.zeros(8, dtype=torch.long), (0.05, 1.0), (0.75, 4 / 3), 0.5,
         0.0, 0.0, 0.0, 0.0, (0.1, 2.0), torch.Generator().manual_seed(1),
     )  # fmt: skip
     for interpolation in ("nearest", "bilinear", "bicubic"):
-        batched = ipm.batched_resized_crops(image[None], params, (12, 20), interpolation)
-        one_by_one = ipm.resized_crops([image], params, (12, 20), interpolation)
+        batched = views_msn.batched_resized_crops(image[None], params, (12, 20), interpolation)
+        one_by_one = views_msn.resized_crops([image], params, (12, 20), interpolation)
         # The one-by-one uint8 resize rounds each pass to a pixel level (nearest: no arithmetic, exact).
         torch.testing.assert_close(batched, one_by_one, atol=1.01 / 255 if interpolation != "nearest" else 0, rtol=0)
 
@@ -586,7 +586,7 @@ def test_device_rendering_matches_cpu_rendering():
 def test_jitter_and_blur_draws_follow_torchvision_ranges():
     num_views = 24000
     for strength in (0.5, 1.5):
-        params = ipm.sample_view_params(
+        params = views_msn.sample_view_params(
             torch.tensor([[64, 64]]), torch.zeros(num_views, dtype=torch.long), (0.3, 1.0), (0.75, 4 / 3), 0.5,
             strength, 1.0, 0.2, 0.5, (0.1, 2.0), torch.Generator().manual_seed(0),
         )  # fmt: skip

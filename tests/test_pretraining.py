@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL_ARGS, tiny_config
-from msn_hf import MSNImageProcessor, MSNModel
+from msn_hf import MSNImageProcessor, MSNModel, checkpointing, run_outputs, training
 from msn_hf import pretraining as pt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def run_script(*args, env=None, timeout=300):
 
 
 def test_schedules_follow_the_original_recipe():
-    s = pt.MSNSchedules(total_steps=1000, warmup_steps=100)
+    s = training.MSNSchedules(total_steps=1000, warmup_steps=100)
     span = 1250.0
     assert s.lr(0) == pytest.approx(2e-4)
     assert s.lr(50) == pytest.approx(2e-4 + 0.5 * (1e-3 - 2e-4))
@@ -54,7 +54,7 @@ def test_schedules_follow_the_original_recipe():
 
 def test_parameter_groups_exclude_biases_norms_prototypes_and_the_target():
     model = MSNModel(tiny_config())
-    decay, no_decay = pt.parameter_groups(model)
+    decay, no_decay = training.parameter_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -66,7 +66,7 @@ def test_parameter_groups_exclude_biases_norms_prototypes_and_the_target():
     assert no_decay["weight_decay"] == 0.0
 
     optimizer = torch.optim.AdamW([decay, no_decay])
-    pt.apply_schedules(optimizer, pt.MSNSchedules(total_steps=10, warmup_steps=2), step=5)
+    training.apply_schedules(optimizer, training.MSNSchedules(total_steps=10, warmup_steps=2), step=5)
     assert optimizer.param_groups[0]["weight_decay"] > 0.04 and optimizer.param_groups[1]["weight_decay"] == 0.0
 
 
@@ -74,9 +74,9 @@ def test_find_latest_checkpoint_ignores_incomplete_saves(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-11"):
         (tmp_path / name).mkdir()
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp"):
-        (tmp_path / name / pt.TRAINING_STATE_FILE).write_text("{}")
-    assert pt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
-    assert pt.find_latest_checkpoint(tmp_path / "missing") is None
+        (tmp_path / name / checkpointing.TRAINING_STATE_FILE).write_text("{}")
+    assert checkpointing.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert checkpointing.find_latest_checkpoint(tmp_path / "missing") is None
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_script_end_to_end_on_builtin_digits(tmp_path):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "loss_curve.png",
                  "metrics.jsonl", "eval_results.json", "train_results.json", "modeling_msn.py"):
         assert (out / name).is_file(), name
-    assert (out / "checkpoint-2" / pt.TRAINING_STATE_FILE).is_file()
+    assert (out / "checkpoint-2" / checkpointing.TRAINING_STATE_FILE).is_file()
     assert not list(out.glob("*.tmp")) and not (out / ".final").exists()
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -134,14 +134,14 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_views_on_device_train_end_to_end_and_resume_exactly(tmp_path, monkeypatch):
     rendered = []
-    render = pt.MSNViewsCollator.render_views
+    render = training.MSNViewsCollator.render_views
 
     def spy(self, batch, device):
         canvas = batch.get("canvas")
         rendered.append(None if canvas is None else (canvas.dtype, tuple(canvas.shape)))
         return render(self, batch, device)
 
-    monkeypatch.setattr(pt.MSNViewsCollator, "render_views", spy)
+    monkeypatch.setattr(training.MSNViewsCollator, "render_views", spy)
     common = [*TINY_ARGS, "--skip_evaluation", "--seed", "3", "--views_on_device", "--max_train_steps", "4"]
     pt.main([*common, "--output_dir", str(tmp_path / "straight")])
     # Workers made square uint8 canvases; the views were drawn afterwards, in this process.
@@ -173,13 +173,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while pt.find_latest_checkpoint(out) is None and time.time() < deadline and process.poll() is None:
+    while checkpointing.find_latest_checkpoint(out) is None and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    last = pt.find_latest_checkpoint(out)
+    last = checkpointing.find_latest_checkpoint(out)
     assert last is not None, "the run was killed before any checkpoint"
-    done = json.loads((last / pt.TRAINING_STATE_FILE).read_text())["completed_steps"]
+    done = json.loads((last / checkpointing.TRAINING_STATE_FILE).read_text())["completed_steps"]
     assert done < 40
     result = run_script(*args, "--resume_from_checkpoint", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -213,7 +213,7 @@ def test_push_to_hub_uploads_the_final_folder_without_checkpoints(tmp_path, monk
             calls["uploaded"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
             calls["repo_id"] = repo_id
 
-    monkeypatch.setattr(pt, "HfApi", FakeApi)
+    monkeypatch.setattr(run_outputs, "HfApi", FakeApi)
     out = tmp_path / "run"
     pt.main([*TINY_ARGS, "--skip_evaluation", "--max_train_steps", "2", "--checkpointing_steps", "1",
              "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "msn-tiny", "--hub_token", "hf_x",
@@ -262,7 +262,7 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
                  "--checkpointing_steps", "1", "--output_dir", str(out)])
     # Steps 1 and 2 came from forward calls 1 and 3; call 2 was skipped; calls 4-6 stopped the run.
     assert calls["n"] == 6
-    assert pt.find_latest_checkpoint(out) == out / "checkpoint-2"
+    assert checkpointing.find_latest_checkpoint(out) == out / "checkpoint-2"
 
 
 def test_two_processes_train_log_once_and_checkpoint_once(tmp_path):

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from conftest import TINY_MODEL_ARGS, tiny_config
-from msn_hf import MSNImageProcessor, MSNModel
+from msn_hf import MSNImageProcessor, MSNModel, checkpointing, training
 from msn_hf import pretraining as pt
 from msn_hf.data import DataArguments, decode_image
 from msn_hf.evaluation import load_evaluation_datasets
@@ -43,7 +43,7 @@ from msn_hf import modeling_msn
 rank = int(os.environ.get("RANK", "0"))
 log = Path(os.environ["MSN_TEST_LOG"])
 (log / f"pid_{rank}").write_text(str(os.getpid()))
-collate = pt.MSNViewsCollator.__call__
+collate = training.MSNViewsCollator.__call__
 calls = {"collate": 0, "forward": 0}
 
 def recording_collate(self, rows):
@@ -54,7 +54,7 @@ def recording_collate(self, rows):
         rows = [{**row, self.image_column: {"bytes": b"not an image", "path": None}} for row in rows]
     return collate(self, rows)
 
-pt.MSNViewsCollator.__call__ = recording_collate
+training.MSNViewsCollator.__call__ = recording_collate
 
 forward = modeling_msn.MSNModel.forward
 def probed_forward(self, *args, **kwargs):
@@ -172,15 +172,15 @@ def step_setup(gradient_accumulation_steps=1, **config):
     GradientState._reset_state()
     model = MSNModel(tiny_config(**config))
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW(pt.parameter_groups(model), lr=1e-3)
+    optimizer = torch.optim.AdamW(training.parameter_groups(model), lr=1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
-    schedules = pt.MSNSchedules(total_steps=10, warmup_steps=2, momentum=0.9, final_momentum=1.0)
+    schedules = training.MSNSchedules(total_steps=10, warmup_steps=2, momentum=0.9, final_momentum=1.0)
     return accelerator, model, optimizer, schedules
 
 
 def test_each_step_moves_the_anchor_and_updates_the_target_with_the_scheduled_momentum():
     accelerator, model, optimizer, schedules = step_setup()
-    state = pt.TrainingState()
+    state = checkpointing.TrainingState()
     initial_anchor = model.encoder.blocks[0].attn.qkv.weight.detach().clone()
     for step in range(3):
         old_target = [p.detach().clone() for p in model.target_encoder.parameters()]
@@ -207,7 +207,7 @@ def gradients_at_step(max_grad_norm: float) -> dict[str, torch.Tensor]:
 
     optimizer.optimizer.register_step_pre_hook(record)
     torch.manual_seed(1)
-    pt.training_step(accelerator, model, optimizer, tiny_views(8), pt.TrainingState(), schedules, max_grad_norm)
+    pt.training_step(accelerator, model, optimizer, tiny_views(8), checkpointing.TrainingState(), schedules, max_grad_norm)
     return grads
 
 
@@ -229,11 +229,11 @@ def test_two_accumulated_micro_batches_give_the_update_of_the_doubled_batch():
     halves = [{k: v[i * 4 : (i + 1) * 4] for k, v in views.items()} for i in range(2)]
     torch.manual_seed(0)
     accelerator, doubled, optimizer, schedules = step_setup(**config)
-    state = pt.TrainingState()
+    state = checkpointing.TrainingState()
     pt.training_step(accelerator, doubled, optimizer, views, state, schedules, max_grad_norm=3.0)
     torch.manual_seed(0)
     accelerator, accumulated, optimizer, schedules = step_setup(gradient_accumulation_steps=2, **config)
-    state = pt.TrainingState()
+    state = checkpointing.TrainingState()
     pt.training_step(accelerator, accumulated, optimizer, halves[0], state, schedules, max_grad_norm=3.0)
     assert state.completed_steps == 0
     pt.training_step(accelerator, accumulated, optimizer, halves[1], state, schedules, max_grad_norm=3.0)
@@ -246,7 +246,7 @@ def test_a_non_finite_gradient_norm_skips_the_step_and_the_ema():
     accelerator, model, optimizer, schedules = step_setup()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
     hook = model.encoder.blocks[0].attn.qkv.weight.register_hook(lambda grad: grad * float("inf"))
-    state = pt.TrainingState()
+    state = checkpointing.TrainingState()
     output = pt.training_step(accelerator, model, optimizer, tiny_views(8), state, schedules, max_grad_norm=3.0)
     hook.remove()
     assert torch.isfinite(output.loss)
@@ -261,7 +261,7 @@ def test_a_step_the_grad_scaler_skipped_takes_no_ema_update_and_is_not_counted(m
     accelerator, model, optimizer, schedules = step_setup()
     target = [p.detach().clone() for p in model.target_encoder.parameters()]
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
-    state = pt.TrainingState()
+    state = checkpointing.TrainingState()
     pt.training_step(accelerator, model, optimizer, tiny_views(8), state, schedules, max_grad_norm=3.0)
     assert state.completed_steps == 0 and state.consecutive_nonfinite == 0
     for old, new in zip(target, model.target_encoder.parameters()):
@@ -367,7 +367,7 @@ def test_checkpoints_rotate_keep_the_newest_and_overwrite_removes_the_old_run(tm
     out = tmp_path / "run"
     stale = out / "checkpoint-50"
     stale.mkdir(parents=True)
-    (stale / pt.TRAINING_STATE_FILE).write_text(json.dumps({"completed_steps": 50}))
+    (stale / checkpointing.TRAINING_STATE_FILE).write_text(json.dumps({"completed_steps": 50}))
     common = [*RUN_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32",
               "--output_dir", str(out)]  # fmt: skip
     with pytest.raises(ValueError, match="--overwrite_output_dir"):
@@ -375,13 +375,13 @@ def test_checkpoints_rotate_keep_the_newest_and_overwrite_removes_the_old_run(tm
     pt.main([*common, "--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
              "--overwrite_output_dir"])  # fmt: skip
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
-    assert pt.find_latest_checkpoint(out) == out / "checkpoint-3"
+    assert checkpointing.find_latest_checkpoint(out) == out / "checkpoint-3"
 
     epochs = tmp_path / "epochs"  # 32 images, batch 16: 2 steps per epoch
     pt.main([*common[:-1], str(epochs), "--max_train_steps", "4", "--checkpointing_steps", "epoch",
              "--checkpoints_total_limit", "1"])  # fmt: skip
     assert [p.name for p in epochs.glob("checkpoint-*")] == ["checkpoint-4"]
-    state = json.loads((epochs / "checkpoint-4" / pt.TRAINING_STATE_FILE).read_text())
+    state = json.loads((epochs / "checkpoint-4" / checkpointing.TRAINING_STATE_FILE).read_text())
     assert (state["epoch"], state["batches_in_epoch"], state["completed_steps"]) == (2, 0, 4)
 
 
@@ -480,7 +480,7 @@ def test_a_two_process_run_killed_while_saving_a_checkpoint_resumes_to_the_same_
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert (out / "checkpoint-2.tmp").is_dir()
-    assert pt.find_latest_checkpoint(out) == out / "checkpoint-1"
+    assert checkpointing.find_latest_checkpoint(out) == out / "checkpoint-1"
     result = launch(tmp_path, [*args, "--resume_from_checkpoint", "latest"], processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from" in result.stdout + result.stderr
@@ -533,5 +533,5 @@ def test_stream_parts_of_unequal_length_end_each_epoch_together(tmp_path):
     result = launch(tmp_path, args, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
-    state = json.loads((out / "checkpoint-6" / pt.TRAINING_STATE_FILE).read_text())
+    state = json.loads((out / "checkpoint-6" / checkpointing.TRAINING_STATE_FILE).read_text())
     assert (state["epoch"], state["batches_in_epoch"]) == (2, 0)

@@ -208,7 +208,7 @@ def test_nonfinite_windows_take_no_step_then_stop_the_run(initial_folder, tmp_pa
 def test_a_window_with_a_skipped_batch_takes_no_step(initial_folder, tmp_path, monkeypatch):
     # With DDP the gradients of a window are all-reduced by its last micro-batch's backward: a window whose
     # micro-batch was skipped may hold gradients that were never synchronised, so it takes no step.
-    from msn_hf.pretraining import MSNViewsCollator
+    from msn_hf.training import MSNViewsCollator
 
     trainer = make_trainer(initial_folder, tmp_path, max_steps=2, gradient_accumulation_steps=2)
     momenta = []

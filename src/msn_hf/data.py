@@ -20,8 +20,8 @@ DIGITS_IMAGE_SIZE = 32
 DIGITS_TEST_FRACTION = 0.2
 DEFAULT_TEST_SIZE = 0.2
 EVAL_SPLITS = ("validation", "test")
-_IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "jpg", "png", "jpeg", "webp")
-_LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "cls")
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "jpg", "png", "jpeg", "webp")
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "cls")
 # `datasets` builders for shards, by file extension.
 SHARD_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
 
@@ -140,7 +140,7 @@ def load_digits_dataset(split: str = "train", image_size: int = DIGITS_IMAGE_SIZ
     return datasets.Dataset.from_dict({"image": images, "label": digits.target[indices].tolist()}, features=features)
 
 
-def _find_column(features: datasets.Features, explicit: str | None, feature_type: type, names: tuple, what: str):
+def find_column(features: datasets.Features, explicit: str | None, feature_type: type, names: tuple, what: str):
     if explicit is not None:
         if explicit not in features:
             raise ValueError(f"`{what}_column_name` {explicit!r} is not a column; columns: {list(features)}.")
@@ -226,10 +226,10 @@ def load_image_dataset(
     features = dataset.features
     if features is None:
         raise ValueError("The dataset has no declared features; pass `image_column_name`.")
-    image_column = _find_column(features, image_column_name, datasets.Image, _IMAGE_COLUMN_NAMES, "image")
+    image_column = find_column(features, image_column_name, datasets.Image, IMAGE_COLUMN_NAMES, "image")
     if image_column is None:
         raise ValueError(f"No image column found; pass `image_column_name`. Columns: {list(features)}.")
-    label_column = _find_column(features, label_column_name, datasets.ClassLabel, _LABEL_COLUMN_NAMES, "label")
+    label_column = find_column(features, label_column_name, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label")
     if max_samples is not None:
         dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
     return ImageDataset(dataset=dataset, image_column=image_column, label_column=label_column)

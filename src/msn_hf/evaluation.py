@@ -35,7 +35,6 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from .cli import check_model_source
 from .data import (
     DEFAULT_TEST_SIZE,
     DataArguments,
@@ -45,6 +44,8 @@ from .data import (
     load_image_dataset,
     load_labelled_split,
 )
+from .modelcard import format_table, update_model_card
+from .sources import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -452,25 +453,6 @@ def evaluate_lowshot(
     return results
 
 
-def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
-    """
-    A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions), one row per
-    encoder, named by `labels` where it has the encoder's name.
-    """
-    encoders = results["encoders"]
-    columns = list(next(iter(encoders.values()))["logistic"])
-    has_knn = any("knn" in values for values in encoders.values())
-    knn_name = f"kNN (k={results['settings']['knn_k']})"
-    header = ["encoder", *columns, *([knn_name] if has_knn else [])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, values in encoders.items():
-        cells = [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" for r in values["logistic"].values()]
-        if has_knn:
-            cells.append(f"{100 * values['knn']:.1f}" if "knn" in values else "-")
-        lines.append("| " + " | ".join([(labels or {}).get(name, name), *cells]) + " |")
-    return "\n".join(lines)
-
-
 # -------------------------------------------------------------------------------------------------------- data
 def load_evaluation_datasets(
     dataset_name: str | None = None,
@@ -614,8 +596,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(format_table(results))
     print(f"\nResults written to {output_file}")
     if os.path.isdir(args.model_name_or_path):
-        from .modelcard import update_model_card
-
         card = update_model_card(args.model_name_or_path, results)
         if card is not None:
             print(f"Model card updated: {card}")

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluation import format_table
-
 CARD_FACTS_FILE = "msn_card.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 MSN_BIBTEX = """@inproceedings{assran2022masked,
@@ -294,3 +292,21 @@ def _save_card(card: ModelCard, output_dir: Path) -> Path:
 
 
 __all__ = ["headline", "render_model_card", "results_table", "update_model_card", "write_model_card"]
+def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
+    """
+    A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions), one row per
+    encoder, named by `labels` where it has the encoder's name.
+    """
+    encoders = results["encoders"]
+    columns = list(next(iter(encoders.values()))["logistic"])
+    has_knn = any("knn" in values for values in encoders.values())
+    knn_name = f"kNN (k={results['settings']['knn_k']})"
+    header = ["encoder", *columns, *([knn_name] if has_knn else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, values in encoders.items():
+        cells = [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" for r in values["logistic"].values()]
+        if has_knn:
+            cells.append(f"{100 * values['knn']:.1f}" if "knn" in values else "-")
+        lines.append("| " + " | ".join([(labels or {}).get(name, name), *cells]) + " |")
+    return "\n".join(lines)
+

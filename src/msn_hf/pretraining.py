@@ -7,13 +7,10 @@ examples of Transformers: `setup_run`, `build_train_data`, `resume`, then `train
 `save_checkpoint` per step, and `finish` (export first, evaluation after). Each piece is importable and tested.
 """
 
-import hashlib
 import itertools
 import json
 import logging
 import math
-import os
-import re
 import shutil
 import sys
 import time
@@ -27,13 +24,17 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
-from huggingface_hub import HfApi
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from .cli import check_model_source
+from .checkpointing import (
+    TrainingState,
+    find_latest_checkpoint,
+    resume,
+    save_checkpoint,
+)
 from .configuration_msn import MSNConfig
 from .data import (
     DataArguments,
@@ -57,17 +58,24 @@ from .recipe import (
     parse_overrides,
     save_recipe,
 )
+from .run_outputs import card_run_info, export_final, plot_loss_curve, push_to_hub
+from .sources import check_model_source
+from .training import (
+    IndexedDataset,
+    MSNSchedules,
+    MSNViewsCollator,
+    all_processes,
+    apply_schedules,
+    batch_decisions,
+    clipped_parameters,
+    parameter_groups,
+    seed_batch,
+)
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_STATE_FILE = "training_state.json"
-DATALOADER_STATE_FILE = "dataloader_state_{rank}.json"
 METRICS_FILE = "metrics.jsonl"
-INDEX_KEY = "__index__"
 RECIPE_SAMPLE_SIZE = 32
-# Offset between the mask seeds of consecutive epochs: a step's masks depend only on its place in the run.
-EPOCH_SEED_STRIDE = 1_000_003
 
 # The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images:
 # 1,540 steps, about 5.6 CPU-core minutes with the evaluation (benchmarks/RESULTS.md). Model and views are what the
@@ -259,147 +267,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     return args, data_args
 
 
-# --- schedules ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MSNSchedules:
-    """
-    The three per-step schedules of the original recipe, laid over `stretch * total_steps` steps so that training
-    stops at `1 / stretch` of each: learning rate (linear warmup then cosine), weight decay (cosine, rising) and
-    EMA momentum (linear).
-    """
-
-    total_steps: int
-    warmup_steps: int
-    learning_rate: float = 1e-3
-    warmup_start_learning_rate: float = 2e-4
-    final_learning_rate: float = 1e-6
-    weight_decay: float = 0.04
-    final_weight_decay: float = 0.4
-    momentum: float = 0.996
-    final_momentum: float = 1.0
-    stretch: float = 1.25
-
-    @property
-    def span(self) -> float:
-        return self.stretch * self.total_steps
-
-    def lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_start_learning_rate + (self.learning_rate - self.warmup_start_learning_rate) * (
-                step / self.warmup_steps
-            )
-        progress = (step - self.warmup_steps) / max(1.0, self.span - self.warmup_steps)
-        return self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * 0.5 * (
-            1.0 + math.cos(math.pi * progress)
-        )
-
-    def wd(self, step: int) -> float:
-        return self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (
-            1.0 + math.cos(math.pi * step / self.span)
-        )
-
-    def ema_momentum(self, step: int) -> float:
-        return self.momentum + (self.final_momentum - self.momentum) * step / self.span
-
-
-def parameter_groups(model: MSNModel) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; none on biases, norms, other 1-D tensors and the prototypes."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name == "prototypes" else decay).append(param)
-    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
-
-
-def apply_schedules(optimizer: torch.optim.Optimizer, schedules: MSNSchedules, step: int) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = schedules.lr(step)
-        if group.get("name") == "decay":
-            group["weight_decay"] = schedules.wd(step)
-
-
 # --- data ----------------------------------------------------------------------------------------------------------
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """A map-style dataset whose rows carry their index, so that the views of a row can be seeded by it."""
-
-    def __init__(self, dataset: datasets.Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], INDEX_KEY: index}
-
-
-def _row_key(row: dict, image_column: str):
-    """What identifies a row: its index in a map-style dataset, else its file path or a hash of its bytes."""
-    if INDEX_KEY in row:
-        return row[INDEX_KEY]
-    value = row[image_column]
-    if isinstance(value, dict) and value.get("path") and value.get("bytes") is None:
-        return value["path"]
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        return hashlib.blake2b(value["bytes"], digest_size=16).hexdigest()
-    return None
-
-
-class MSNViewsCollator:
-    """
-    Collate rows into MSN views: decodes each image (unreadable ones are skipped and counted in `num_skipped`) and
-    runs the image processor's view mode on the batch. Picklable, so it runs inside DataLoader workers.
-
-    The views are drawn from a generator seeded by `(seed, epoch, rows)`, where a row is named by its index in an
-    [`IndexedDataset`], else by its file path or the hash of its bytes (streaming): the same batch gets the same views
-    whichever process, worker or resumed run draws it.
-
-    With `views_on_device`, the collator only decodes and makes the `uint8` canvases (`canvas`, with the batch's
-    `view_seed`); `render_views` then draws the views in the training process, on its device, from that seed.
-    """
-
-    def __init__(
-        self, image_processor: MSNImageProcessor, image_column: str, seed: int = 0, views_on_device: bool = False
-    ):
-        self.image_processor = image_processor
-        self.image_column = image_column
-        self.seed = seed
-        self.views_on_device = views_on_device
-        self.epoch = 0
-
-    def _view_seed(self, rows: list[dict]) -> int | None:
-        keys = [_row_key(row, self.image_column) for row in rows]
-        if any(key is None for key in keys):
-            return None
-        digest = hashlib.blake2b(repr((self.seed, self.epoch, keys)).encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little")
-
-    @staticmethod
-    def _generator(seed: int | None) -> torch.Generator | None:
-        return None if seed is None else torch.Generator().manual_seed(seed)
-
-    def __call__(self, rows: list[dict]) -> dict:
-        images = [decode_image(row[self.image_column]) for row in rows]
-        valid = [image for image in images if image is not None]
-        batch = {"num_skipped": len(images) - len(valid)}
-        if valid and self.views_on_device:
-            batch.update(canvas=self.image_processor.make_canvas(valid), view_seed=self._view_seed(rows))
-        elif valid:
-            generator = self._generator(self._view_seed(rows))
-            batch.update(self.image_processor(valid, return_views=True, generator=generator, return_tensors="pt"))
-        return batch
-
-    def render_views(self, batch: dict, device: torch.device) -> dict:
-        """A canvas batch with its views drawn on `device` (a batch with views already is returned as it is)."""
-        if "canvas" not in batch:
-            return batch
-        canvas, generator = batch.pop("canvas"), self._generator(batch.pop("view_seed"))
-        views = self.image_processor(canvas, return_views=True, generator=generator, device=device, return_tensors="pt")
-        return {**batch, **views}
 
 
 @dataclass
@@ -606,200 +474,6 @@ def effective_recipe(name: str, args: PretrainingArguments, model: MSNModel, pro
     )
 
 
-# --- state and checkpoints -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingState:
-    """
-    Where the run stands; saved with every checkpoint as `training_state.json`.
-
-    Attributes:
-        completed_steps: optimiser steps taken (the position in the schedules).
-        epoch: the pass over the data in progress.
-        batches_in_epoch: batches of `epoch` consumed, skipped ones included (map-style resume skips them).
-        skipped_images: unreadable images so far, all processes.
-        consecutive_nonfinite: steps skipped in a row for a non-finite loss or gradient norm.
-        window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss.
-    """
-
-    completed_steps: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    skipped_images: int = 0
-    consecutive_nonfinite: int = 0
-    window_nonfinite: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps({k: v for k, v in vars(self).items() if k != "window_nonfinite"})
-
-
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders, oldest first; temporary folders of interrupted saves never match."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(found) if (path / TRAINING_STATE_FILE).exists()]
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the most steps, or None."""
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    output_dir: Path,
-    state: TrainingState,
-    dataloader,
-    total_limit: int | None,
-) -> Path:
-    """
-    Accelerate's state, the position in the run and, for a stream, each process's DataLoader state, written to
-    `checkpoint-N.tmp` and renamed to `checkpoint-N` by the main process once EVERY process has finished writing.
-    Then the oldest complete checkpoints beyond `total_limit` are removed; the newest is always kept.
-
-    Accelerate's automatic checkpoint naming is not used: it deletes the oldest checkpoint before writing the new one
-    (with `total_limit=1`, the only complete one) and writes in place, so a crash mid-save leaves a partial folder
-    that looks complete.
-    """
-    final = output_dir / f"checkpoint-{state.completed_steps}"
-    temporary = output_dir / f"checkpoint-{state.completed_steps}.tmp"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    if isinstance(dataloader, StatefulDataLoader):
-        path = temporary / DATALOADER_STATE_FILE.format(rank=accelerator.process_index)
-        path.write_text(json.dumps(dataloader.state_dict()))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / TRAINING_STATE_FILE).write_text(state.to_json())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        if total_limit:
-            for path in complete_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resume(
-    args: PretrainingArguments, accelerator: Accelerator, dataloader, output_dir: Path
-) -> TrainingState:
-    """
-    The state of `--resume_from_checkpoint` (a folder, or `latest` in `output_dir`) loaded into the model,
-    optimiser, RNGs and, for a stream, this process's DataLoader; a fresh state when there is nothing to resume.
-    """
-    if not args.resume_from_checkpoint:
-        return TrainingState()
-    if args.resume_from_checkpoint == "latest":
-        checkpoint = find_latest_checkpoint(output_dir)
-        if checkpoint is None:
-            accelerator.print(f"No checkpoint in {output_dir}: starting from scratch.")
-            return TrainingState()
-    else:
-        checkpoint = Path(args.resume_from_checkpoint)
-    if not (checkpoint / TRAINING_STATE_FILE).exists():
-        raise ValueError(
-            f"--resume_from_checkpoint must be a complete checkpoint folder or 'latest', got {str(checkpoint)!r} "
-            f"(no {TRAINING_STATE_FILE})."
-        )
-    accelerator.print(f"Resuming from {checkpoint}")
-    if isinstance(dataloader, StatefulDataLoader):
-        # Checked by every process alike, so that all of them stop rather than some wait for the others.
-        saved = len(list(checkpoint.glob(DATALOADER_STATE_FILE.format(rank="*"))))
-        if saved != accelerator.num_processes:
-            raise ValueError(
-                f"--resume_from_checkpoint {str(checkpoint)!r} holds the stream positions of {saved} process(es): "
-                f"resume a stream with the number of processes that saved it, got {accelerator.num_processes}."
-            )
-    accelerator.load_state(str(checkpoint))
-    if isinstance(dataloader, StatefulDataLoader):
-        path = checkpoint / DATALOADER_STATE_FILE.format(rank=accelerator.process_index)
-        if not path.exists():
-            raise ValueError(
-                f"--resume_from_checkpoint {str(checkpoint)!r} has no stream position for process "
-                f"{accelerator.process_index}: resume a stream with the number of processes that saved it."
-            )
-        dataloader.load_state_dict(json.loads(path.read_text()))
-    return TrainingState(**json.loads((checkpoint / TRAINING_STATE_FILE).read_text()))
-
-
-# --- outputs -------------------------------------------------------------------------------------------------------
-
-
-def plot_loss_curve(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m["step"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("loss", "loss"), ("prediction_loss", "cross-entropy"), ("me_max_loss", "me-max")):
-        ax.plot(steps, [m[key] for m in metrics], label=label)
-    ax.set_xlabel("optimisation step")
-    ax.set_ylabel("loss")
-    ax.set_title("MSN pretraining")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def card_run_info(
-    args: PretrainingArguments,
-    data_args: DataArguments,
-    accelerator: Accelerator,
-    state: TrainingState,
-    seconds: float,
-    recipe_name: str | None,
-) -> dict:
-    """The facts of this run that its model card states (see `msn_hf.modelcard.write_model_card`)."""
-    hub_dataset = data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
-    return dict(
-        dataset=data_args.source_name,
-        dataset_id=hub_dataset,
-        steps=state.completed_steps,
-        batch_size=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-        learning_rate_schedule=(
-            f"{args.warmup_start_learning_rate:g} -> {args.learning_rate:g} (warmup), cosine to "
-            f"{args.final_learning_rate:g}, over {args.schedule_stretch:g} x the steps"
-        ),
-        precision=accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32",
-        wall_time_seconds=seconds,
-        hardware=f"{accelerator.num_processes} x {accelerator.device.type}",
-        trainer="msn-pretrain" + (f", recipe {recipe_name!r} ({RECIPE_FILE} reproduces it)" if recipe_name else ""),
-        repo_id=args.hub_model_id,
-    )
-
-
-def push_to_hub(args: PretrainingArguments, output_dir: Path) -> None:
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(output_dir),
-        commit_message="MSN pretraining",
-        ignore_patterns=["checkpoint-*", "*.tmp", "runs/*", ".final/*"],
-    )
-
-
-def export_final(model: MSNModel, processor: MSNImageProcessor, output_dir: Path) -> None:
-    """`save_pretrained` of model and processor into a temporary folder, then each file moved into `output_dir`."""
-    staging = output_dir / ".final"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    for path in staging.iterdir():
-        os.replace(path, output_dir / path.name)
-    staging.rmdir()
-
-
 # --- the loop ------------------------------------------------------------------------------------------------------
 
 
@@ -861,32 +535,6 @@ def build_schedules(args: PretrainingArguments, config: MSNConfig, steps_per_epo
     )
 
 
-def all_processes(accelerator: Accelerator, flag: torch.Tensor | bool) -> bool:
-    """Whether `flag` holds on every process: a decision every process takes alike, as collectives need."""
-    flag = torch.as_tensor(flag, device=accelerator.device)
-    # A sum of failures: `reduce(..., "min")` sums as well on some backends.
-    return accelerator.reduce((~flag.bool()).float().reshape(1), "sum").item() == 0
-
-
-def batch_decisions(accelerator: Accelerator, batch: dict | None) -> tuple[bool, int, bool]:
-    """
-    What every process decides alike about its next batch (`None`: it ran out), in one reduce: whether any process
-    ran out, how many unreadable images all processes skipped (`num_skipped`, popped from `batch`), and whether any
-    process's batch has no readable image left.
-    """
-    ran_out = batch is None
-    skipped = 0 if ran_out else batch.pop("num_skipped", 0)
-    unusable = not ran_out and "pixel_values" not in batch and "canvas" not in batch
-    flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float32, device=accelerator.device)
-    any_ran_out, skipped, any_unusable = accelerator.reduce(flags, "sum").tolist()
-    return any_ran_out > 0, int(skipped), any_unusable > 0
-
-
-def seed_batch(seed: int, epoch: int, batch_in_epoch: int) -> None:
-    """Seed torch's generators by a batch's place in the run, so that its masks repeat exactly after a resume."""
-    set_seed(seed + EPOCH_SEED_STRIDE * epoch + batch_in_epoch, device_specific=True)
-
-
 def epoch_batches(
     accelerator: Accelerator,
     dataloader,
@@ -923,11 +571,6 @@ def epoch_batches(
         seed_batch(seed, state.epoch, state.batches_in_epoch)
         batch = send_to_device(batch, accelerator.device) if streaming else batch
         yield collator.render_views(batch, accelerator.device)
-
-
-def clipped_parameters(model: MSNModel) -> list[torch.nn.Parameter]:
-    """The parameters whose gradients are clipped: the anchor encoder and projection head, not the prototypes."""
-    return [*model.encoder.parameters(), *model.projection_head.parameters()]
 
 
 def training_step(
@@ -1065,7 +708,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
     if args.report_to != "none":
         accelerator.init_trackers("msn_pretraining", config={k: str(v) for k, v in {**vars(data_args), **vars(args)}.items()})
-    state = resume(args, accelerator, dataloader, output_dir)
+    state = resume(args.resume_from_checkpoint, accelerator, dataloader, output_dir)
     metrics = MetricsLog(accelerator, output_dir / METRICS_FILE, state.completed_steps, args.report_to != "none")
     progress = tqdm(total=schedules.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
 
@@ -1151,7 +794,7 @@ def finish(
         write_model_card(output_dir, model, processor, run_info, evaluation)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
     if args.push_to_hub:
-        push_to_hub(args, output_dir)
+        push_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
     print(f"\nmsn-pretrain: model, processor and card in {output_dir} ({state.completed_steps} steps).")
     if evaluation:
         print(f"  {headline(evaluation)} (all settings in {output_dir / 'README.md'}).")

@@ -24,10 +24,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import is_datasets_available
 
-from .data import _IMAGE_COLUMN_NAMES, ImageDataset, _find_column
+from .data import IMAGE_COLUMN_NAMES, ImageDataset, find_column
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
-from .pretraining import (
+from .training import (
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
@@ -204,7 +204,7 @@ class MSNTrainer(Trainer):
             image_column = image_column or train_dataset.image_column
             train_dataset = train_dataset.dataset
         if is_datasets_available() and isinstance(train_dataset, datasets.Dataset):
-            image_column = _find_column(train_dataset.features, image_column, datasets.Image, _IMAGE_COLUMN_NAMES, "image")
+            image_column = find_column(train_dataset.features, image_column, datasets.Image, IMAGE_COLUMN_NAMES, "image")
             if image_column is None:
                 raise ValueError(
                     f"`image_column` was not given and no image column was found among {train_dataset.column_names}."

@@ -1,0 +1,142 @@
+"""
+The checkpoint store of the Accelerate loop: where a run stands (`TrainingState`), checkpoints written atomically
+on every process, the latest complete one, and resuming from it.
+"""
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_FILE = "training_state.json"
+DATALOADER_STATE_FILE = "dataloader_state_{rank}.json"
+
+
+@dataclass
+class TrainingState:
+    """
+    Where the run stands; saved with every checkpoint as `training_state.json`.
+
+    Attributes:
+        completed_steps: optimiser steps taken (the position in the schedules).
+        epoch: the pass over the data in progress.
+        batches_in_epoch: batches of `epoch` consumed, skipped ones included (map-style resume skips them).
+        skipped_images: unreadable images so far, all processes.
+        consecutive_nonfinite: steps skipped in a row for a non-finite loss or gradient norm.
+        window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss.
+    """
+
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    skipped_images: int = 0
+    consecutive_nonfinite: int = 0
+    window_nonfinite: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in vars(self).items() if k != "window_nonfinite"})
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders, oldest first; temporary folders of interrupted saves never match."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found) if (path / TRAINING_STATE_FILE).exists()]
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the most steps, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    state: TrainingState,
+    dataloader,
+    total_limit: int | None,
+) -> Path:
+    """
+    Accelerate's state, the position in the run and, for a stream, each process's DataLoader state, written to
+    `checkpoint-N.tmp` and renamed to `checkpoint-N` by the main process once EVERY process has finished writing.
+    Then the oldest complete checkpoints beyond `total_limit` are removed; the newest is always kept.
+
+    Accelerate's automatic checkpoint naming is not used: it deletes the oldest checkpoint before writing the new one
+    (with `total_limit=1`, the only complete one) and writes in place, so a crash mid-save leaves a partial folder
+    that looks complete.
+    """
+    final = output_dir / f"checkpoint-{state.completed_steps}"
+    temporary = output_dir / f"checkpoint-{state.completed_steps}.tmp"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    if isinstance(dataloader, StatefulDataLoader):
+        path = temporary / DATALOADER_STATE_FILE.format(rank=accelerator.process_index)
+        path.write_text(json.dumps(dataloader.state_dict()))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / TRAINING_STATE_FILE).write_text(state.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if total_limit:
+            for path in complete_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(
+    resume_from_checkpoint: str | None, accelerator: Accelerator, dataloader, output_dir: Path
+) -> TrainingState:
+    """
+    The state of `resume_from_checkpoint` (`--resume_from_checkpoint`: a folder, or `latest` in `output_dir`) loaded into the model,
+    optimiser, RNGs and, for a stream, this process's DataLoader; a fresh state when there is nothing to resume.
+    """
+    if not resume_from_checkpoint:
+        return TrainingState()
+    if resume_from_checkpoint == "latest":
+        checkpoint = find_latest_checkpoint(output_dir)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {output_dir}: starting from scratch.")
+            return TrainingState()
+    else:
+        checkpoint = Path(resume_from_checkpoint)
+    if not (checkpoint / TRAINING_STATE_FILE).exists():
+        raise ValueError(
+            f"--resume_from_checkpoint must be a complete checkpoint folder or 'latest', got {str(checkpoint)!r} "
+            f"(no {TRAINING_STATE_FILE})."
+        )
+    accelerator.print(f"Resuming from {checkpoint}")
+    if isinstance(dataloader, StatefulDataLoader):
+        # Checked by every process alike, so that all of them stop rather than some wait for the others.
+        saved = len(list(checkpoint.glob(DATALOADER_STATE_FILE.format(rank="*"))))
+        if saved != accelerator.num_processes:
+            raise ValueError(
+                f"--resume_from_checkpoint {str(checkpoint)!r} holds the stream positions of {saved} process(es): "
+                f"resume a stream with the number of processes that saved it, got {accelerator.num_processes}."
+            )
+    accelerator.load_state(str(checkpoint))
+    if isinstance(dataloader, StatefulDataLoader):
+        path = checkpoint / DATALOADER_STATE_FILE.format(rank=accelerator.process_index)
+        if not path.exists():
+            raise ValueError(
+                f"--resume_from_checkpoint {str(checkpoint)!r} has no stream position for process "
+                f"{accelerator.process_index}: resume a stream with the number of processes that saved it."
+            )
+        dataloader.load_state_dict(json.loads(path.read_text()))
+    return TrainingState(**json.loads((checkpoint / TRAINING_STATE_FILE).read_text()))
+

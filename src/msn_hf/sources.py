@@ -1,0 +1,33 @@
+"""Where models come from: a folder here or a Hub id, checked before a run creates anything."""
+
+import os
+from pathlib import Path
+
+
+def check_model_source(value: str, flag: str = "--model_name_or_path") -> None:
+    """
+    Raise a `ValueError` naming `value` and how it was read when it is neither a model folder here nor a Hub model
+    id that can be loaded: a folder without `config.json`, a path to nothing, or a Hub id the Hub does not serve
+    (or that cannot be fetched offline).
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{flag} {value!r} was read as a local folder, but it holds no config.json: not a saved model.")
+        return
+    if path.exists():
+        raise ValueError(f"{flag} {value!r} is a file; expected a model folder or a Hub model id.")
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+    if looks_local:
+        raise ValueError(f"{flag} {value!r} was read as a local folder, but there is no folder at {path.absolute()}.")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(repo_id=value, filename="config.json")
+    except Exception as error:  # offline, unknown repository, invalid id, gated: all mean "cannot load this id"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{flag} {value!r} is not a folder here ({path.absolute()} does not exist), so it was read as a Hub "
+            f"model id, which could not be loaded: {reason}"
+        ) from error
+

@@ -1,0 +1,192 @@
+"""
+The MSN training recipe that both loops run (the Accelerate loop of `pretraining.py` and `MSNTrainer` of
+`trainer_msn.py`): the per-step schedules and the AdamW parameter groups, the parameters that are clipped, the
+views collator and the indexed dataset that seeds it, the per-batch seed, and the decisions every process takes
+alike about a batch. Written once, so that the two loops run the same recipe by construction.
+"""
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .data import decode_image
+from .image_processing_msn import MSNImageProcessor
+from .modeling_msn import MSNModel
+
+INDEX_KEY = "__index__"
+# Offset between the mask seeds of consecutive epochs: a step's masks depend only on its place in the run.
+EPOCH_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class MSNSchedules:
+    """
+    The three per-step schedules of the original recipe, laid over `stretch * total_steps` steps so that training
+    stops at `1 / stretch` of each: learning rate (linear warmup then cosine), weight decay (cosine, rising) and
+    EMA momentum (linear).
+    """
+
+    total_steps: int
+    warmup_steps: int
+    learning_rate: float = 1e-3
+    warmup_start_learning_rate: float = 2e-4
+    final_learning_rate: float = 1e-6
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    momentum: float = 0.996
+    final_momentum: float = 1.0
+    stretch: float = 1.25
+
+    @property
+    def span(self) -> float:
+        return self.stretch * self.total_steps
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_start_learning_rate + (self.learning_rate - self.warmup_start_learning_rate) * (
+                step / self.warmup_steps
+            )
+        progress = (step - self.warmup_steps) / max(1.0, self.span - self.warmup_steps)
+        return self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
+
+    def wd(self, step: int) -> float:
+        return self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (
+            1.0 + math.cos(math.pi * step / self.span)
+        )
+
+    def ema_momentum(self, step: int) -> float:
+        return self.momentum + (self.final_momentum - self.momentum) * step / self.span
+
+
+def parameter_groups(model: MSNModel) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; none on biases, norms, other 1-D tensors and the prototypes."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name == "prototypes" else decay).append(param)
+    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, schedules: MSNSchedules, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = schedules.lr(step)
+        if group.get("name") == "decay":
+            group["weight_decay"] = schedules.wd(step)
+
+
+def clipped_parameters(model: MSNModel) -> list[torch.nn.Parameter]:
+    """The parameters whose gradients are clipped: the anchor encoder and projection head, not the prototypes."""
+    return [*model.encoder.parameters(), *model.projection_head.parameters()]
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose rows carry their index, so that the views of a row can be seeded by it."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], INDEX_KEY: index}
+
+
+def _row_key(row: dict, image_column: str):
+    """What identifies a row: its index in a map-style dataset, else its file path or a hash of its bytes."""
+    if INDEX_KEY in row:
+        return row[INDEX_KEY]
+    value = row[image_column]
+    if isinstance(value, dict) and value.get("path") and value.get("bytes") is None:
+        return value["path"]
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return hashlib.blake2b(value["bytes"], digest_size=16).hexdigest()
+    return None
+
+
+class MSNViewsCollator:
+    """
+    Collate rows into MSN views: decodes each image (unreadable ones are skipped and counted in `num_skipped`) and
+    runs the image processor's view mode on the batch. Picklable, so it runs inside DataLoader workers.
+
+    The views are drawn from a generator seeded by `(seed, epoch, rows)`, where a row is named by its index in an
+    [`IndexedDataset`], else by its file path or the hash of its bytes (streaming): the same batch gets the same views
+    whichever process, worker or resumed run draws it.
+
+    With `views_on_device`, the collator only decodes and makes the `uint8` canvases (`canvas`, with the batch's
+    `view_seed`); `render_views` then draws the views in the training process, on its device, from that seed.
+    """
+
+    def __init__(
+        self, image_processor: MSNImageProcessor, image_column: str, seed: int = 0, views_on_device: bool = False
+    ):
+        self.image_processor = image_processor
+        self.image_column = image_column
+        self.seed = seed
+        self.views_on_device = views_on_device
+        self.epoch = 0
+
+    def _view_seed(self, rows: list[dict]) -> int | None:
+        keys = [_row_key(row, self.image_column) for row in rows]
+        if any(key is None for key in keys):
+            return None
+        digest = hashlib.blake2b(repr((self.seed, self.epoch, keys)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    @staticmethod
+    def _generator(seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        images = [decode_image(row[self.image_column]) for row in rows]
+        valid = [image for image in images if image is not None]
+        batch = {"num_skipped": len(images) - len(valid)}
+        if valid and self.views_on_device:
+            batch.update(canvas=self.image_processor.make_canvas(valid), view_seed=self._view_seed(rows))
+        elif valid:
+            generator = self._generator(self._view_seed(rows))
+            batch.update(self.image_processor(valid, return_views=True, generator=generator, return_tensors="pt"))
+        return batch
+
+    def render_views(self, batch: dict, device: torch.device) -> dict:
+        """A canvas batch with its views drawn on `device` (a batch with views already is returned as it is)."""
+        if "canvas" not in batch:
+            return batch
+        canvas, generator = batch.pop("canvas"), self._generator(batch.pop("view_seed"))
+        views = self.image_processor(canvas, return_views=True, generator=generator, device=device, return_tensors="pt")
+        return {**batch, **views}
+
+
+def seed_batch(seed: int, epoch: int, batch_in_epoch: int) -> None:
+    """Seed torch's generators by a batch's place in the run, so that its masks repeat exactly after a resume."""
+    set_seed(seed + EPOCH_SEED_STRIDE * epoch + batch_in_epoch, device_specific=True)
+
+
+def all_processes(accelerator: Accelerator, flag: torch.Tensor | bool) -> bool:
+    """Whether `flag` holds on every process: a decision every process takes alike, as collectives need."""
+    flag = torch.as_tensor(flag, device=accelerator.device)
+    # A sum of failures: `reduce(..., "min")` sums as well on some backends.
+    return accelerator.reduce((~flag.bool()).float().reshape(1), "sum").item() == 0
+
+
+def batch_decisions(accelerator: Accelerator, batch: dict | None) -> tuple[bool, int, bool]:
+    """
+    What every process decides alike about its next batch (`None`: it ran out), in one reduce: whether any process
+    ran out, how many unreadable images all processes skipped (`num_skipped`, popped from `batch`), and whether any
+    process's batch has no readable image left.
+    """
+    ran_out = batch is None
+    skipped = 0 if ran_out else batch.pop("num_skipped", 0)
+    unusable = not ran_out and "pixel_values" not in batch and "canvas" not in batch
+    flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float32, device=accelerator.device)
+    any_ran_out, skipped, any_unusable = accelerator.reduce(flags, "sum").tolist()
+    return any_ran_out > 0, int(skipped), any_unusable > 0
+
