@@ -28,6 +28,25 @@ MSNModel.register_for_auto_class("AutoModel")
 MSNForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 MSNImageProcessor.register_for_auto_class("AutoImageProcessor")
 
+# The Trainer classes are exported lazily: importing them imports `transformers.trainer`, which is slow and which
+# users of the model alone (inference, pipelines, `from_pretrained`) do not need.
+_LAZY_EXPORTS = {"MSNTrainer": "trainer_msn", "MSNTrainingArguments": "trainer_msn"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_EXPORTS])
+
+
 __all__ = [
     "MSNConfig",
     "MSNForImageClassification",
@@ -36,5 +55,7 @@ __all__ = [
     "MSNModel",
     "MSNModelOutput",
     "MSNPreTrainedModel",
+    "MSNTrainer",
+    "MSNTrainingArguments",
     "sinkhorn_knopp",
 ]
