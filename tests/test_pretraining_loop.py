@@ -38,7 +38,7 @@ import os, sys, time
 from pathlib import Path
 import accelerate
 from msn_hf import pretraining as pt
-from msn_hf import modeling_msn
+from msn_hf import modeling_msn, training
 
 rank = int(os.environ.get("RANK", "0"))
 log = Path(os.environ["MSN_TEST_LOG"])

@@ -15,16 +15,12 @@ Command line: `msn-convert {to-vit-msn,to-timm,from-original,from-vit-msn} ...` 
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +36,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from .configuration_msn import MSNConfig
+from .files import atomic_folder, check_output_dir
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNForImageClassification, MSNModel
 
@@ -512,52 +509,6 @@ def evaluation_processor_settings(model_dir: Path, config: MSNConfig) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    occupied = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
-    if occupied and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass `overwrite=True` (`--overwrite`) to replace it.")
-
-
-@contextlib.contextmanager
-def _atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """
-    Yield a temporary folder next to `output_dir` and rename it to `output_dir` when the block succeeds; on any
-    error it is deleted, so `output_dir` either is complete or is left as it was.
-    """
-    output_dir = Path(output_dir).absolute()
-    _check_output_dir(output_dir, overwrite)
-    # The outermost folder this call creates, removed again on failure so that nothing at all is left behind.
-    created = next((parent for parent in reversed(output_dir.parents) if not parent.exists()), None)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent, same file system: the final rename is atomic.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        yield staging
-        _move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(created or staging, ignore_errors=True)
-        raise
-
-
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Rename `staging` to `output_dir`, replacing what is there only once the new folder is in place."""
-    if not output_dir.exists():
-        os.replace(staging, output_dir)
-        return
-    # Moved aside rather than deleted first, so that a failed rename can put the old folder back.
-    previous = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex}"
-    os.replace(output_dir, previous)
-    try:
-        os.replace(staging, output_dir)
-    except BaseException:
-        os.replace(previous, output_dir)
-        raise
-    if previous.is_dir():
-        shutil.rmtree(previous)
-    else:
-        previous.unlink()
-
-
 def _check_same_features(
     reference: Callable[[torch.Tensor], torch.Tensor],
     converted: Callable[[torch.Tensor], torch.Tensor],
@@ -599,7 +550,7 @@ def to_vit_msn(
     filter and normalisation). Raises a `ValueError` naming what ViTMSN cannot express.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     _read_config_dict(model_dir, MSNConfig.model_type, "Use `from-vit-msn` for ViTMSN folders.")
     weights = read_weights(model_dir)
     classifier = load_msn_classifier(model_dir, weights) if is_classifier_weights(weights) else None
@@ -621,7 +572,7 @@ def to_vit_msn(
         exported_weights = {f"vit.{key}": tensor for key, tensor in exported_weights.items()}
         exported_weights.update({f"classifier.{k}": v.clone() for k, v in classifier.classifier.state_dict().items()})
     processor = ViTImageProcessor(**evaluation_processor_settings(model_dir, model.config))
-    with _atomic_output_dir(output_dir, overwrite) as staging:
+    with atomic_folder(output_dir, overwrite) as staging:
         vit_config.save_pretrained(staging)
         safetensors.torch.save_file(exported_weights, staging / "model.safetensors", metadata={"format": "pt"})
         processor.save_pretrained(staging)
@@ -702,12 +653,12 @@ def to_timm(
     pretrained_cfg_overlay=dict(file=".../model.safetensors"))`.
     """
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     model = load_msn_model(model_dir)
     weights = {key: tensor.clone() for key, tensor in model.target_encoder.state_dict().items()}
     preprocessing = evaluation_processor_settings(Path(model_dir), model.config)
     hub_config = timm_hub_config(model.config, model.target_encoder.num_features, preprocessing)
-    with _atomic_output_dir(output_dir, overwrite) as staging:
+    with atomic_folder(output_dir, overwrite) as staging:
         safetensors.torch.save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
         if verify:
@@ -762,7 +713,7 @@ def from_original(
     other than those of ViT-Ti/S/B/L/H; `backbone_kwargs` and `config_kwargs` override the inferred config.
     """
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     checkpoint = load_tensor_file(checkpoint_path)
     absent = [entry for entry in ("encoder", "target_encoder", "prototypes") if entry not in checkpoint]
     if absent:
@@ -789,7 +740,7 @@ def from_original(
     model = MSNModel(config)
     source = f"{checkpoint_path} (keys under msn_hf names: encoder.* = checkpoint['encoder'] without `module.`)"
     _load_exactly(model, state, source)
-    with _atomic_output_dir(output_dir, overwrite) as staging:
+    with atomic_folder(output_dir, overwrite) as staging:
         model.save_pretrained(staging)
     logger.info(f"Converted {checkpoint_path} ({config.backbone} {config.backbone_kwargs}) to {output_dir}.")
     return output_dir
@@ -804,7 +755,7 @@ def from_vit_msn(
     are freshly initialised. `config_kwargs` set other `MSNConfig` fields (head sizes, mask ratio, ...).
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     _read_config_dict(model_dir, ViTMSNConfig.model_type, "Only ViTMSN folders are supported.")
     architecture = _architecture_of_vit_msn_config(ViTMSNConfig.from_pretrained(model_dir))
     config = msn_config_for(architecture, **config_kwargs)
@@ -815,7 +766,7 @@ def from_vit_msn(
     if verify:
         source = _load_vit_msn_exactly(model_dir)
         _check_same_features(_vit_msn_features(source), _msn_target_features(model), architecture, "from-vit-msn")
-    with _atomic_output_dir(output_dir, overwrite) as staging:
+    with atomic_folder(output_dir, overwrite) as staging:
         model.save_pretrained(staging)
     logger.info(f"Converted the ViTMSN folder {model_dir} to an msn_hf folder {output_dir} (new head and prototypes).")
     return output_dir

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .files import write_text_atomically
+
 CARD_FACTS_FILE = "msn_card.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 MSN_BIBTEX = """@inproceedings{assran2022masked,
@@ -255,7 +257,7 @@ def write_model_card(
         "views": describe_views(processor, model.config),
     }
     output_dir = Path(output_dir)
-    _write_atomically(output_dir / CARD_FACTS_FILE, json.dumps(facts, indent=2, default=str))
+    write_text_atomically(output_dir / CARD_FACTS_FILE, json.dumps(facts, indent=2, default=str))
     return _save_card(render_model_card(facts, results, output_dir), output_dir)
 
 
@@ -279,15 +281,9 @@ def headline(results: dict, setting: str | None = None) -> str:
     return f"{setting} top-1: MSN {_percent(values['msn'])} %" + (f" vs {others}" if others else "")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def _save_card(card: ModelCard, output_dir: Path) -> Path:
     path = output_dir / "README.md"
-    _write_atomically(path, str(card))
+    write_text_atomically(path, str(card))
     return path
 
 

@@ -18,8 +18,9 @@ the recipe file it wrote.
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
+
+from .files import write_text_atomically
 
 RECIPE_KEYS = ("name", "backbone", "backbone_kwargs", "config", "processor", "training")
 RECIPE_FILE = "msn_recipe.json"
@@ -283,18 +284,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
 def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
     """Write `recipe` as JSON, through a temporary file renamed into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(recipe, out, indent=2, sort_keys=True, default=list)
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_text_atomically(path, json.dumps(recipe, indent=2, sort_keys=True, default=list) + "\n")
 
 
 __all__ = ["auto_recipe", "describe_images", "imagenet_recipe", "load_recipe", "parse_overrides", "recipe_table", "save_recipe"]

@@ -12,6 +12,7 @@ from huggingface_hub import HfApi
 
 from .checkpointing import TrainingState
 from .data import DataArguments
+from .files import move_files_into
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 from .recipe import RECIPE_FILE
@@ -81,7 +82,5 @@ def export_final(model: MSNModel, processor: MSNImageProcessor, output_dir: Path
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
-    for path in staging.iterdir():
-        os.replace(path, output_dir / path.name)
-    staging.rmdir()
+    move_files_into(staging, output_dir)
 
