@@ -16,7 +16,8 @@ from msn_hf import MSNConfig, MSNImageProcessor, MSNModel
 from msn_hf.data import ImageDataset, load_digits_dataset
 from msn_hf.evaluation import evaluate_lowshot
 from msn_hf.modelcard import headline, write_model_card
-from msn_hf.pretraining import DIGITS_DEFAULTS, plot_loss_curve
+from msn_hf.recipe import auto_recipe
+from msn_hf.run_outputs import plot_loss_curve
 from msn_hf.trainer_msn import MSNTrainer, MSNTrainingArguments
 
 
@@ -28,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=float, default=22, help="Steps (one epoch), or a fraction below 1.")
     parser.add_argument("--max_train_samples", type=int, help="Pretrain on the first N training images only.")
-    parser.add_argument("--backbone_kwargs", type=json.loads, help="JSON timm kwargs replacing the digits ViT's.")
+    parser.add_argument("--backbone_kwargs", type=json.loads, help="JSON timm kwargs merged into the recipe's.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument("--save_steps", type=int, help="Checkpoint every N steps (default: no checkpoints).")
@@ -39,16 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    config = MSNConfig(
-        backbone=DIGITS_DEFAULTS["backbone"],
-        backbone_kwargs=args.backbone_kwargs or DIGITS_DEFAULTS["backbone_kwargs"],
-        **DIGITS_DEFAULTS["config"],
-    )
-    model = MSNModel(config)
-    processor = MSNImageProcessor(**DIGITS_DEFAULTS["processor"])
     train = load_digits_dataset("train")
     pretraining_images = train if args.max_train_samples is None else train.select(range(args.max_train_samples))
-
     training_args = MSNTrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -61,11 +54,28 @@ def main(argv=None) -> dict:
         save_steps=args.save_steps or 500,
         report_to="none",
     )
+    # The auto recipe of THIS run: its images, global batch and number of steps.
+    recipe = auto_recipe(
+        image_size=32,
+        grey=True,
+        num_images=len(pretraining_images),
+        global_batch=args.per_device_train_batch_size * training_args.world_size,
+        planned_steps=args.max_steps,
+    )
+    config = MSNConfig(
+        backbone=recipe["backbone"],
+        backbone_kwargs={**recipe["backbone_kwargs"], **(args.backbone_kwargs or {})},
+        **recipe["config"],
+    )
+    model = MSNModel(config)
+    processor = MSNImageProcessor(**recipe["processor"])
     trainer = MSNTrainer(model=model, args=training_args, train_dataset=pretraining_images, image_processor=processor)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     wall_time = time.perf_counter() - start
-    trainer.save_model()  # model, its code and the image processor
+    trainer.save_model()  # model, its code and the image processor (main process only)
+    if not trainer.is_world_process_zero():
+        return {}  # one evaluation, plot and card per run, not one per process
 
     model.eval()
     results = evaluate_lowshot(

@@ -77,14 +77,9 @@ logger = get_logger(__name__)
 METRICS_FILE = "metrics.jsonl"
 RECIPE_SAMPLE_SIZE = 32
 
-# The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images:
-# 1,540 steps, about 5.6 CPU-core minutes with the evaluation (benchmarks/RESULTS.md). Model and views are what the
-# auto rule picks for such a run.
+# The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images
+# (1,540 steps, benchmarks/RESULTS.md); the auto rule picks their model and views from that run length.
 DIGITS_TRAINING_DEFAULTS = dict(num_train_epochs=70, per_device_train_batch_size=64)
-DIGITS_DEFAULTS = {
-    **auto_recipe(image_size=32, grey=True, num_images=1437, global_batch=64, planned_steps=70 * (1437 // 64)),
-    "training": DIGITS_TRAINING_DEFAULTS,
-}
 # The optimisation settings a recipe file carries (its `training` section) and a run writes into its own.
 RECIPE_TRAINING_FIELDS = (
     "learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay", "final_weight_decay",
