@@ -2,9 +2,11 @@
 MSN pretraining with Accelerate: one process or many, CPU or GPU, map-style or streaming data, resumable, with the
 original schedules.
 
-`examples/pretrain_msn.py` and the `msn-pretrain` console script run `main()`. The loop reads as the `no_trainer`
+`examples/pretrain_msn.py` and the `msn-pretrain` console script run `main()`. This module holds the command line
+(`PretrainingArguments`, `parse_args`), the choice of model and views, and the loop, which reads as the `no_trainer`
 examples of Transformers: `setup_run`, `build_train_data`, `resume`, then `training_step`, `log_step` and
-`save_checkpoint` per step, and `finish` (export first, evaluation after). Each piece is importable and tested.
+`save_checkpoint` per step, and `finish` (export first, evaluation after). The recipe it shares with `MSNTrainer`
+lives in `training.py`, the checkpoint store in `checkpointing.py`, the run's outputs in `run_outputs.py`.
 """
 
 import itertools
