@@ -28,7 +28,12 @@ def png_size(path):
 def lowshot_results(encoders=("msn", "random", "pixels"), fraction=True):
     """The shape of evaluate_lowshot's results, with made-up accuracies."""
     rng = np.random.default_rng(0)
-    settings = {"shots": [1, 2, 5, 10], "label_fraction": 0.01 if fraction else None, "num_train": 1437, "num_labels": 10}
+    settings = {
+        "shots": [1, 2, 5, 10],
+        "label_fraction": 0.01 if fraction else None,
+        "num_train": 1437,
+        "num_labels": 10,
+    }
     names = ["1-shot", "2-shot", "5-shot", "10-shot"] + (["1%"] if fraction else [])
     results = {"settings": settings, "encoders": {}}
     for encoder in encoders:
@@ -65,7 +70,9 @@ def test_nearest_neighbours_match_a_brute_force_search():
     train[13] = 50.0 * query[2]
     assert nearest_neighbours(train, query, 1)[2, 0] == 13
     # Torch tensors are accepted.
-    np.testing.assert_array_equal(nearest_neighbours(torch.tensor(train), torch.tensor(query), 5), brute_force_neighbours(train, query, 5))
+    np.testing.assert_array_equal(
+        nearest_neighbours(torch.tensor(train), torch.tensor(query), 5), brute_force_neighbours(train, query, 5)
+    )
 
 
 def test_nearest_neighbours_break_ties_by_index():
@@ -76,7 +83,12 @@ def test_nearest_neighbours_break_ties_by_index():
 @pytest.mark.parametrize(
     "train, query, k, match",
     [
-        (np.ones((4, 3)), np.ones((2, 2)), 1, r"`query_features` must have as many columns as `train_features` \(3\), got 2"),
+        (
+            np.ones((4, 3)),
+            np.ones((2, 2)),
+            1,
+            r"`query_features` must have as many columns as `train_features` \(3\), got 2",
+        ),
         (np.ones((4, 3)), np.ones((2, 3)), 5, r"`k` must be an integer in \[1, 4\], got 5"),
         (np.ones((4, 3)), np.ones((2, 3)), 0, r"`k` must be an integer in \[1, 4\], got 0"),
         (np.ones(4), np.ones((2, 3)), 1, r"`train_features` must be a non-empty \(num_vectors, dim\) numeric array"),

@@ -22,7 +22,9 @@ def grown(quantity, images_seen):
     value = phases[0][0]
     for first, last, step, start, end in phases:
         count = (last - first) // step
-        value += step * sum(images_seen >= start * (end / start) ** (k / count) * (1 - 1e-12) for k in range(1, count + 1))
+        value += step * sum(
+            images_seen >= start * (end / start) ** (k / count) * (1 - 1e-12) for k in range(1, count + 1)
+        )
     return value
 
 
@@ -76,7 +78,10 @@ def test_digits_default_keeps_the_first_anchor():
     recipe = auto_recipe(image_size=32, grey=True, num_images=1437, global_batch=batch, planned_steps=steps)
     first = {phase[0]: phase[1] for phase in reversed(GROWTH)}
     assert grid_of(recipe) == first["grid"] == 4
-    assert (recipe["backbone_kwargs"]["depth"], recipe["backbone_kwargs"]["embed_dim"]) == (first["depth"], first["embed_dim"])
+    assert (recipe["backbone_kwargs"]["depth"], recipe["backbone_kwargs"]["embed_dim"]) == (
+        first["depth"],
+        first["embed_dim"],
+    )
     assert recipe["backbone_kwargs"]["patch_size"] == 8 and recipe["config"]["image_size"] == 32
 
 

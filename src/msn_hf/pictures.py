@@ -188,9 +188,13 @@ def plot_lowshot(results: Mapping, path: str | os.PathLike, labels: Mapping[str,
         `path`, as a string. The figure is `CHART_INCHES` at `DPI`.
     """
     encoders = results.get("encoders") if isinstance(results, Mapping) else None
-    if not isinstance(encoders, Mapping) or not encoders or not all(
-        isinstance(values, Mapping) and isinstance(values.get("logistic"), Mapping) and values["logistic"]
-        for values in encoders.values()
+    if (
+        not isinstance(encoders, Mapping)
+        or not encoders
+        or not all(
+            isinstance(values, Mapping) and isinstance(values.get("logistic"), Mapping) and values["logistic"]
+            for values in encoders.values()
+        )
     ):
         raise ValueError(
             "plot_lowshot: `results` must be evaluate_lowshot's {'settings', 'encoders': {name: {'logistic': {...}}}},"
@@ -247,7 +251,13 @@ def plot_prototypes(assignment_counts, path: str | os.PathLike) -> int:
         The number of prototypes used, for the model card. The figure is `CHART_INCHES` at `DPI`.
     """
     counts = _to_numpy(assignment_counts)
-    if counts.ndim != 1 or counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any() or counts.sum() <= 0:
+    if (
+        counts.ndim != 1
+        or counts.size == 0
+        or not np.isfinite(counts).all()
+        or (counts < 0).any()
+        or counts.sum() <= 0
+    ):
         raise ValueError(
             "plot_prototypes: `assignment_counts` must be a (num_prototypes,) array of non-negative counts, not all "
             f"zero, got {_describe(assignment_counts)}."
@@ -302,9 +312,17 @@ def _as_matrix(name: str, values) -> np.ndarray:
 def _check_rows(name: str, query_images: Sequence, rows: Sequence[Sequence]) -> tuple[int, int]:
     """(Q, k) after checking that `rows` holds one non-empty sequence of equal length per query image."""
     if not isinstance(query_images, Sequence) or len(query_images) == 0:
-        raise ValueError(f"plot_neighbours: `query_images` must be a non-empty sequence of images, got {_describe(query_images)}.")
+        raise ValueError(
+            f"plot_neighbours: `query_images` must be a non-empty sequence of images, got {_describe(query_images)}."
+        )
     lengths = [len(row) if isinstance(row, Sequence) else None for row in rows] if isinstance(rows, Sequence) else None
-    if lengths is None or len(lengths) != len(query_images) or None in lengths or len(set(lengths)) != 1 or lengths[0] == 0:
+    if (
+        lengths is None
+        or len(lengths) != len(query_images)
+        or None in lengths
+        or len(set(lengths)) != 1
+        or lengths[0] == 0
+    ):
         raise ValueError(
             f"plot_neighbours: `{name}` must hold {len(query_images)} rows (one per query image) of the same number "
             f"(>= 1) of images, got row lengths {lengths if lengths is not None else _describe(rows)}."
@@ -346,6 +364,14 @@ def _describe(value) -> str:
 
 
 __all__ = [
-    "CELL_INCHES", "CHART_INCHES", "DPI", "ENCODER_LABELS", "HEADER_INCHES", "nearest_neighbours", "plot_lowshot",
-    "plot_neighbours", "plot_prototypes", "prototype_usage",
+    "CELL_INCHES",
+    "CHART_INCHES",
+    "DPI",
+    "ENCODER_LABELS",
+    "HEADER_INCHES",
+    "nearest_neighbours",
+    "plot_lowshot",
+    "plot_neighbours",
+    "plot_prototypes",
+    "prototype_usage",
 ]
