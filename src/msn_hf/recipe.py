@@ -5,10 +5,13 @@ Pretraining recipes: what model, views and schedule a run gets when the user doe
   msn_hf's defaults, unchanged.
 - `auto_recipe(...)`: a rule from what is known before training (image side, grey or colour, dataset size, global
   batch, planned steps) to a model, views and schedule that learn in that budget. At 224 px with a long run it
-  keeps the paper's geometry; small images and short runs get a grid near 8 x 8 to 14 x 14 tokens, focal views
-  scaled with the image, blur scaled with the view side, no colour jitter on grey data, about one prototype per
-  batch image, a faster EMA and MAE-style initialisation with fixed sine-cosine position embeddings (the sweeps
-  that chose these rules are in benchmarks/RESULTS.md).
+  keeps the paper's geometry. Shorter runs get cheaper steps: the token grid, then the encoder's depth, then its
+  width grow with the images the run sees (`target_grid`, `GROWTH`), one quantity at a time and each in small
+  steps, so that neighbouring run lengths get neighbouring models (a run 10 % longer never costs more than one
+  such step more per image, `step_cost`). The view side snaps to a multiple of a patch so that any image side
+  gets the target grid (`view_geometry`). Focal views scale with the image, blur with the view side, no colour
+  jitter on grey data, about one prototype per batch image, a faster EMA and MAE-style initialisation with fixed
+  sine-cosine position embeddings (the sweeps that chose these rules are in benchmarks/RESULTS.md).
 
 A recipe is a plain dict `{"name", "backbone", "backbone_kwargs", "config", "processor", "training"}` that
 `save_recipe` writes as JSON and `load_recipe` reads back (JSON or YAML), so that a run can be reproduced from
@@ -29,17 +32,30 @@ RECIPE_FILE = "msn_recipe.json"
 # pretraining script, so the ImageNet recipe changes nothing.
 IMAGENET_TRAINING = dict(num_train_epochs=800, per_device_train_batch_size=64, num_warmup_epochs=15)
 
-# Widths of the encoders the auto rule picks from, smallest first: (images seen during the run up to which it is
-# used, backbone_kwargs, projection hidden / output sizes).
-_MODEL_SIZES = (
-    (200_000, dict(embed_dim=128, depth=4, num_heads=4), (512, 128)),
-    (5_000_000, dict(embed_dim=192, depth=12, num_heads=3), (1024, 256)),
-    (math.inf, dict(embed_dim=384, depth=12, num_heads=6), (2048, 256)),
+# How the auto rule's model grows with the images a run sees (planned steps x global batch): phases of one quantity
+# each, `(quantity, first value, last value, step, images seen at the first value, at the last value)`, the value
+# interpolated linearly in log(images seen) between its two anchors and rounded down to a step. The phases follow
+# one another, so two changes are always at least a factor 2 ** (1 / 4) ~ 1.19 (grid 4 -> 8), 2.5 ** (1 / 6) ~ 1.16
+# (grid 8 -> 14), 3 ** (1 / 8) ~ 1.15 (depth), 1.33 ** (1 / 2) ~ 1.15 or 2 ** (1 / 6) ~ 1.12 (width) apart in run
+# length. Anchors: the digits sweeps (benchmarks/RESULTS.md) found a 4 x 4 grid best up to ~100,000 images seen,
+# because it trains ~4x more steps than 8 x 8 in the same time; the paper's ViT-S/16 (14 x 14 tokens, 384 wide, 12
+# deep) is the model of runs of its scale. The grid grows first: at 4 x 4, a 224 px view has 56 px patches.
+GROWTH = (
+    ("grid", 4, 8, 1, 100_000, 200_000),
+    ("grid", 8, 14, 1, 200_000, 500_000),
+    ("depth", 4, 12, 1, 500_000, 1_500_000),
+    ("embed_dim", 128, 192, 32, 1_500_000, 2_000_000),
+    ("embed_dim", 192, 384, 32, 2_000_000, 4_000_000),
 )
-# Largest token grid of a view, by images seen during the run: the paper's 14 x 14 for long runs; coarser for
-# short ones, where a step must be cheap (a 4 x 4 grid trains ~4x more steps than 8 x 8 in the same time, which
-# won on the digits: benchmarks/RESULTS.md).
-_GRID_BY_RUN = ((100_000, 4), (200_000, 8), (math.inf, 14))
+# From this many images seen a run is of the paper's scale: 10 focal views, and the authors' initialisation with
+# learned positions on grids of 12 x 12 or more. After the last growth step (4 million), not with it, so that the
+# two changes do not add up in one step of run length.
+_PAPER_SCALE_IMAGES = 5_000_000
+# Projection head (hidden, output sizes) by encoder width, up to (excluding) a width: the 128-wide digits model's,
+# ViT-Ti's, ViT-S's (the paper's).
+_PROJECTION_BY_WIDTH = ((192, (512, 128)), (384, (1024, 256)), (math.inf, (2048, 256)))
+# Smallest patch side in pixels: below 4 px a token sees too little of the image to be worth its cost.
+_MIN_PATCH = 4
 # The paper's geometry at 224 px.
 _PAPER_SIDE, _PAPER_FOCAL_SIDE, _PAPER_BLUR = 224, 96, (0.1, 2.0)
 
@@ -56,17 +72,73 @@ def imagenet_recipe() -> dict:
     )
 
 
-def _check_positive_int(name: str, value) -> None:
+def _check_positive_int(name: str, value, function: str = "auto_recipe") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"auto_recipe: `{name}` must be a positive integer, got {value!r}.")
+        raise ValueError(f"{function}: `{name}` must be a positive integer, got {value!r}.")
 
 
-def _patch_size(side: int, max_grid: int) -> int:
-    """The smallest patch (at least 4 px) dividing `side` whose grid has at most `max_grid` tokens per row."""
-    candidates = [p for p in range(4, side + 1) if side % p == 0 and side // p <= max_grid]
-    if not candidates:
-        return side
-    return candidates[0]
+def _grown(quantity: str, images_seen: float) -> int:
+    """The value of a `GROWTH` quantity after a run of `images_seen` images (its first value before any phase)."""
+    phases = [phase for phase in GROWTH if phase[0] == quantity]
+    value = phases[0][1]
+    for _, first, last, step, start, end in phases:
+        if images_seen >= start:
+            progress = min(1.0, math.log(images_seen / start) / math.log(end / start))
+            # The epsilon keeps an anchor's own value at the anchor despite rounding in the logarithms.
+            value = first + step * math.floor((last - first) / step * progress + 1e-9)
+    return value
+
+
+def target_grid(images_seen: int) -> int:
+    """
+    Tokens per row (and column) of the anchor view that the auto rule aims at for a run of `images_seen` images
+    (planned steps x global batch): 4 up to 100,000, one more at each factor 2 ** (1 / 4) up to 8 at 200,000, one
+    more at each factor 2.5 ** (1 / 6) up to the paper's 14 at 500,000. Small images may get fewer
+    (`view_geometry`).
+    """
+    _check_positive_int("images_seen", images_seen, "target_grid")
+    return _grown("grid", images_seen)
+
+
+def view_geometry(image_size: int, grid: int) -> tuple[int, int]:
+    """
+    `(view side, patch size)` in pixels for images of side `image_size` and a target of `grid` tokens per row.
+
+    The view is at most 224 px (the paper's) and the patch at least 4 px, so the grid is `min(grid,
+    min(image_size, 224) // 4)`; the patch is the largest that fits that many times, and the view side is grid x
+    patch: the image side snapped down to a multiple of the patch (150 px with a target of 12 gives 144 px views
+    of 12 px patches; at most `grid - 1` pixels of the image side are lost to the snap).
+    """
+    _check_positive_int("image_size", image_size, "view_geometry")
+    _check_positive_int("grid", grid, "view_geometry")
+    if image_size < _MIN_PATCH:
+        raise ValueError(f"view_geometry: `image_size` must be at least {_MIN_PATCH} px, got {image_size}.")
+    limit = min(image_size, _PAPER_SIDE)
+    grid = min(grid, limit // _MIN_PATCH)
+    patch = limit // grid
+    return grid * patch, patch
+
+
+def _num_heads(embed_dim: int) -> int:
+    """Attention heads: 64 channels each as in ViT-Ti and ViT-S where the width allows, else 32 (the 128-wide model)."""
+    return embed_dim // 64 if embed_dim >= 192 and embed_dim % 64 == 0 else embed_dim // 32
+
+
+def step_cost(recipe: dict, global_batch: int = 1) -> float:
+    """
+    A proxy for the compute of one optimiser step of `recipe`: multiply-adds of the encoder's blocks over all views
+    of `global_batch` images, `depth x sum over views of t x (12 w^2 + 2 t w)` for a width w and t tokens per view
+    (class token included): 12 w^2 per token for the QKV and output projections and a 4x MLP, 2 t w for the
+    attention scores and their weighted sum. Views: the anchor and the target at the view side, and the focal views.
+    Masking, the backward pass, the heads and the patch embedding scale or add a little to this, alike for all
+    recipes; the proxy is for comparing recipes, not for predicting seconds.
+    """
+    backbone, processor = recipe["backbone_kwargs"], recipe["processor"]
+    width, depth, patch = backbone["embed_dim"], backbone["depth"], backbone["patch_size"]
+    view_tokens = (recipe["config"]["image_size"] // patch) ** 2 + 1
+    focal_tokens = (recipe["config"]["focal_image_size"] // patch) ** 2 + 1
+    views = [view_tokens] * 2 + [focal_tokens] * processor["num_focal_views"]
+    return float(global_batch * depth * sum(t * (12 * width**2 + 2 * t * width) for t in views))
 
 
 def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int, planned_steps: int) -> dict:
@@ -80,22 +152,29 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
         global_batch: images per optimiser step over all processes.
         planned_steps: optimiser steps of the run.
 
-    Rules (constants chosen by the sweeps in benchmarks/RESULTS.md):
-        - view side: `image_size` rounded down to a multiple of 4 (at most 224);
-        - patch size: the smallest divisor of the side, at least 4 px, whose grid is at most 14 x 14 (the paper's),
-          8 x 8 for runs that see fewer than 200,000 images, 4 x 4 below 100,000;
+    Rules (constants chosen by the sweeps in benchmarks/RESULTS.md; "images seen" is `planned_steps x global_batch`):
+        - token grid: `target_grid(images seen)`, 4 x 4 up to 100,000 images seen, growing one token at a time
+          to 8 x 8 at 200,000 and the paper's 14 x 14 at 500,000;
+        - view side and patch: `view_geometry(image_size, grid)`: the view (crop) side is the image side, at most
+          224 px, snapped down to a multiple of the largest patch (at least 4 px) giving that grid;
+        - encoder: 128 wide, 4 deep up to 500,000 images seen; then one block more at each factor 3 ** (1 / 8) to
+          12 blocks at 1.5 million; then 32 channels wider at each step to ViT-Ti's 192 at 2 million and ViT-S's
+          384 at 4 million (`GROWTH`); heads of 64 channels where the width allows, else 32; projection head by
+          width (512 / 128 below 192 wide, 1,024 / 256 below 384, the paper's 2,048 / 256);
         - focal side: 96 / 224 of the view side as a multiple of the patch, at least two patches; focal views:
-          10 for runs of the paper's scale, fewer for short runs so that focal tokens cost about as much as the
-          anchor view's;
+          10 for runs of the paper's scale (5 million images seen and more), fewer for shorter runs so that focal
+          tokens cost about as much as the anchor view's;
         - blur sigma: (0.1, 2.0) x side / 224; colour jitter off for grey data;
-        - encoder width and depth, projection head: by images seen (a 4-block, 128-wide ViT below 200,000, ViT-Ti
-          below 5 million, ViT-S/16 above);
         - prototypes: the power of two nearest to the global batch, between 16 and 1,024;
         - EMA momentum start: 0.996, or `1 - 5 / planned_steps` when lower (a time constant of a fifth of the run);
         - warmup: 5 % of the planned steps (the paper: 15 of 800 epochs, 1.9 %, of a far longer run);
         - initialisation: the authors' (`weight_init="msn"`, learned position embeddings) for runs of the paper's
           scale on grids of 12 x 12 tokens or more, else MAE-style with fixed sine-cosine position embeddings
           (learned positions start as noise and need many steps per position).
+
+    Because one quantity changes at a time, in steps at least a factor 1.12 of run length apart, the per-step
+    cost (`step_cost`) of a run 10 % longer is at most one step more: at most (160 / 128) ** 2 ~ 1.56x (the first
+    widening; 4 x 4 -> 5 x 5 tokens is 26 / 17 ~ 1.53x tokens per view).
     """
     for name, value in (
         ("image_size", image_size), ("num_images", num_images), ("global_batch", global_batch),
@@ -104,20 +183,19 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
         _check_positive_int(name, value)
     if image_size < 16:
         raise ValueError(f"auto_recipe: `image_size` must be at least 16 px, got {image_size}.")
-    side = min(_PAPER_SIDE, image_size - image_size % 4)
     images_seen = planned_steps * global_batch
-    max_grid = next(grid for limit, grid in _GRID_BY_RUN if images_seen < limit)
-    patch = _patch_size(side, max_grid)
+    side, patch = view_geometry(image_size, target_grid(images_seen))
     grid = side // patch
 
     focal_patches = max(2, round(grid * _PAPER_FOCAL_SIDE / _PAPER_SIDE))
     focal_side = focal_patches * patch
-    paper_scale = images_seen >= _MODEL_SIZES[1][0]
+    paper_scale = images_seen >= _PAPER_SCALE_IMAGES
     # Short runs: as many focal views as make their tokens cost about the anchor view's (at least 2).
     num_focal = 10 if paper_scale else max(2, min(10, round(grid**2 / focal_patches**2)))
 
-    sizes = next((kwargs, head) for limit, kwargs, head in _MODEL_SIZES if images_seen < limit)
-    backbone_kwargs, (hidden, output) = sizes
+    embed_dim, depth = _grown("embed_dim", images_seen), _grown("depth", images_seen)
+    backbone_kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=_num_heads(embed_dim))
+    hidden, output = next(head for limit, head in _PROJECTION_BY_WIDTH if embed_dim < limit)
     num_prototypes = int(min(1024, max(16, 2 ** round(math.log2(global_batch)))))
     scale = side / _PAPER_SIDE
     blur = (round(_PAPER_BLUR[0] * scale, 4), round(_PAPER_BLUR[1] * scale, 4))
@@ -287,4 +365,7 @@ def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
     write_text_atomically(path, json.dumps(recipe, indent=2, sort_keys=True, default=list) + "\n")
 
 
-__all__ = ["auto_recipe", "describe_images", "imagenet_recipe", "load_recipe", "parse_overrides", "recipe_table", "save_recipe"]
+__all__ = [
+    "auto_recipe", "describe_images", "imagenet_recipe", "load_recipe", "parse_overrides", "recipe_table", "save_recipe",
+    "GROWTH", "step_cost", "target_grid", "view_geometry",
+]
