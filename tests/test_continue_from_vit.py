@@ -14,10 +14,10 @@ from transformers import (
     ViTForImageClassification,
     ViTForMaskedImageModeling,
     ViTImageProcessor,
+    ViTModel,
     ViTMSNConfig,
     ViTMSNForImageClassification,
     ViTMSNModel,
-    ViTModel,
 )
 
 from conftest import tiny_config
@@ -111,7 +111,8 @@ def test_model_folder_kind_of_msn_folders_and_their_errors(tmp_path):
         assert expected in message, (expected, message)
 
     (tmp_path / "seg").mkdir()
-    (tmp_path / "seg" / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTForSomething"]}))
+    unknown_task = {"model_type": "vit", "architectures": ["ViTForSomething"]}
+    (tmp_path / "seg" / "config.json").write_text(json.dumps(unknown_task))
     with pytest.raises(ValueError, match="ViTForSomething"):
         convert.model_folder_kind(tmp_path / "seg")
 
@@ -207,7 +208,8 @@ def test_imported_model_saves_and_reloads(tmp_path):
     assert set(reloaded.state_dict()) == set(original)
     assert all(torch.equal(tensor, original[key]) for key, tensor in reloaded.state_dict().items())
     images = pixels()
-    torch.testing.assert_close(msn_outputs(reloaded, images).last_hidden_state, msn_outputs(model, images).last_hidden_state)
+    expected = msn_outputs(model, images).last_hidden_state
+    torch.testing.assert_close(msn_outputs(reloaded, images).last_hidden_state, expected)
 
 
 def test_processor_kwargs_follow_the_source_normalisation(tmp_path):
@@ -219,7 +221,8 @@ def test_processor_kwargs_follow_the_source_normalisation(tmp_path):
     assert (kwargs["crop_size"], kwargs["focal_crop_size"]) == (IMAGE, 16)
 
     saved_vit(tmp_path / "with_processor")
-    ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "with_processor")
+    source_processor = ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    source_processor.save_pretrained(tmp_path / "with_processor")
     model, kwargs = convert.msn_model_from_vit(tmp_path / "with_processor", **TINY_HEAD)
     assert (kwargs["image_mean"], kwargs["image_std"]) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
     processor = MSNImageProcessor(**kwargs)
@@ -232,7 +235,8 @@ def test_from_vit_msn_command_accepts_a_vit_model_and_saves_its_processor(tmp_pa
     convert.from_vit_msn(tmp_path / "vit", tmp_path / "msn", **TINY_HEAD)
     model = MSNModel.from_pretrained(tmp_path / "msn")
     images = pixels()
-    torch.testing.assert_close(msn_outputs(model, images).last_hidden_state, source_tokens(reference, images), atol=1e-4, rtol=0)
+    expected = source_tokens(reference, images)
+    torch.testing.assert_close(msn_outputs(model, images).last_hidden_state, expected, atol=1e-4, rtol=0)
     assert list(MSNImageProcessor.from_pretrained(tmp_path / "msn").image_mean) == list(ViTImageProcessor().image_mean)
 
 

@@ -42,10 +42,10 @@ from transformers import (
     ViTForImageClassification,
     ViTForMaskedImageModeling,
     ViTImageProcessor,
+    ViTModel,
     ViTMSNConfig,
     ViTMSNForImageClassification,
     ViTMSNModel,
-    ViTModel,
 )
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
@@ -224,10 +224,14 @@ def _architecture_of_vit_config(config: ViTConfig | ViTMSNConfig) -> ViTArchitec
     """
     name = type(config).__name__.removesuffix("Config")
     if config.hidden_act != "gelu":
-        raise ValueError(f"{name} `hidden_act={config.hidden_act!r}` has no timm ViT counterpart (timm uses exact GELU).")
+        raise ValueError(
+            f"{name} `hidden_act={config.hidden_act!r}` has no timm ViT counterpart (timm uses exact GELU)."
+        )
     eps = config.layer_norm_eps
     if eps > _TIMM_LAYER_NORM_EPS and not math.isclose(eps, _TIMM_LAYER_NORM_EPS):
-        raise ValueError(f"{name} `layer_norm_eps={eps}` is larger than timm's {_TIMM_LAYER_NORM_EPS}: the features would change.")
+        raise ValueError(
+            f"{name} `layer_norm_eps={eps}` is larger than timm's {_TIMM_LAYER_NORM_EPS}: the features would change."
+        )
     if not math.isclose(eps, _TIMM_LAYER_NORM_EPS):
         # Transformers ViTs (google/vit-*) use 1e-12. The epsilon only matters for tokens whose variance over the
         # channels is near it; a trained ViT's activations have variances many orders above 1e-6, so timm's 1e-6
@@ -872,7 +876,9 @@ def _read_hub_or_local_config(path_or_id: str | os.PathLike) -> dict:
         if not config_file.is_file():
             raise FileNotFoundError(f"{path_or_id} has no config.json: not a saved model folder.")
     elif path.exists() or isinstance(path_or_id, os.PathLike) or str(path_or_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{path_or_id} is not a model folder (expected a folder with config.json or a Hub model id).")
+        raise FileNotFoundError(
+            f"{path_or_id} is not a model folder (expected a folder with config.json or a Hub model id)."
+        )
     else:
         from huggingface_hub import hf_hub_download
 
@@ -891,6 +897,19 @@ def model_folder_kind(path_or_id: str | os.PathLike) -> str:
     - `"vit"`: a Transformers `ViTModel`, `ViTForImageClassification` or `ViTForMaskedImageModeling`.
 
     Raises a `ValueError` naming the folder, its `model_type` and `architectures`, and what is accepted.
+
+    `msn-pretrain --model_name_or_path` dispatches on it (after checking that the folder or id exists):
+
+    ```python
+    kind = model_folder_kind(source)
+    if kind == "msn_classifier":
+        raise classifier_folder_error(source)
+    if kind == "msn":  # continue an msn_hf run: everything, heads and prototypes included, comes from the folder
+        model = MSNModel.from_pretrained(source, **config_overrides)
+    else:  # "vit" / "vit_msn": the ViT starts both encoders, heads and prototypes are new
+        model, processor_kwargs = msn_model_from_vit(source, **config_overrides)
+        processor = MSNImageProcessor(**{**processor_kwargs, **processor_overrides})
+    ```
     """
     return _kind_of_config(_read_hub_or_local_config(path_or_id), path_or_id)
 
@@ -990,7 +1009,8 @@ def _vit_source_features(folder: Path, architectures: list[str]) -> Callable[[to
     # A folder saved without a pooler loads into a ViTModel that has one: the pooler is not compared.
     missing = [key for key in info["missing_keys"] if not _VIT_HEAD_WEIGHTS.match(key.removeprefix("vit."))]
     if missing or info["unexpected_keys"]:
-        raise ValueError(f"{model_class.__name__} does not load {folder} exactly: {missing + list(info['unexpected_keys'])}.")
+        problems = missing + list(info["unexpected_keys"])
+        raise ValueError(f"{model_class.__name__} does not load {folder} exactly: {problems}.")
     encoder = getattr(model, "vit", model).eval()
     return lambda pixels: encoder(pixel_values=pixels).last_hidden_state
 
@@ -1035,7 +1055,8 @@ def msn_model_from_vit(
     for name, value in _IMPORT_FIXED_FIELDS.items():
         if name in config_overrides and config_overrides[name] != value:
             raise ValueError(
-                f"`{name}` must be {value!r} when importing a ViT (its weights are loaded), got {config_overrides[name]!r}."
+                f"`{name}` must be {value!r} when importing a ViT (its weights are loaded), "
+                f"got {config_overrides[name]!r}."
             )
     folder = _local_model_folder(path_or_id)
     vit_config = (ViTConfig if kind == "vit" else ViTMSNConfig).from_pretrained(folder)
@@ -1059,7 +1080,10 @@ def msn_model_from_vit(
         reference = _vit_source_features(folder, source_config.get("architectures") or [_VIT_BASE_MODELS[kind]])
         _check_same_features(reference, _msn_target_features(model), architecture, "ViT import")
     processor_kwargs = _vit_processor_kwargs(folder, config, architecture.in_chans)
-    logger.info(f"Imported the {kind} encoder of {path_or_id} as both MSN encoders ({config.backbone} {config.backbone_kwargs}).")
+    logger.info(
+        f"Imported the {kind} encoder of {path_or_id} as both MSN encoders "
+        f"({config.backbone} {config.backbone_kwargs})."
+    )
     return model, processor_kwargs
 
 
