@@ -286,3 +286,18 @@ def test_bad_weights_are_listed(tmp_path):
         convert.msn_model_from_vit(tmp_path / "vit")
     for expected in ("blocks.1.mlp.fc2.bias", "encoder.layer.0.extra.weight", str(tmp_path / "vit")):
         assert expected in str(error.value)
+
+
+def test_imported_model_trains_on_the_views_of_its_processor(tmp_path):
+    """What `msn-pretrain --model_name_or_path` does with a ViT: views from the returned kwargs, a loss, gradients."""
+    saved_vit(tmp_path / "vit", "vit_msn")
+    model, processor_kwargs = convert.msn_model_from_vit(tmp_path / "vit", **TINY_HEAD)
+    processor = MSNImageProcessor(**processor_kwargs, num_anchor_views=1, num_focal_views=2)
+    images = [torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8) for _ in range(4)]
+    views = processor(images, return_views=True, seed=0, return_tensors="pt")
+    assert views["anchor_pixel_values"].shape[-1] == IMAGE and views["focal_pixel_values"].shape[-1] == 16
+    loss = model.train()(**views).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.encoder.blocks[0].attn.qkv.weight.grad is not None and model.prototypes.grad is not None
+    assert all(parameter.grad is None for parameter in model.target_encoder.parameters())
