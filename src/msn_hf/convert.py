@@ -832,7 +832,7 @@ def from_vit_msn(
     `config_kwargs` set other `MSNConfig` fields (head sizes, mask ratio, ...). The folder also gets the
     `MSNImageProcessor` that normalises images as the source model expects.
     """
-    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    output_dir = Path(output_dir)  # `model_dir` stays a string: it may be a Hub id
     _check_output_dir(output_dir, overwrite)
     model, processor_kwargs = msn_model_from_vit(model_dir, verify=verify, **config_kwargs)
     with _atomic_output_dir(output_dir, overwrite) as staging:
@@ -854,8 +854,6 @@ MODEL_FOLDER_KINDS = {
     "vit_msn": (ViTMSNConfig.model_type, ("ViTMSNModel", "ViTMSNForImageClassification")),
     "vit": (ViTConfig.model_type, ("ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling")),
 }
-# Weights of a Transformers ViT that are not part of the encoder MSN trains (after removing the `vit.` prefix of the
-# task models): the pooler of `ViTModel`, the heads of the task models and the mask token of masked image modelling.
 _TRANSFORMERS_VITS = {
     model_class.__name__: model_class
     for model_class in (
@@ -863,6 +861,8 @@ _TRANSFORMERS_VITS = {
     )
 }
 _VIT_BASE_MODELS = {"vit": "ViTModel", "vit_msn": "ViTMSNModel"}
+# Weights of a Transformers ViT that are not part of the encoder MSN trains (after removing the `vit.` prefix of the
+# task models): the pooler of `ViTModel`, the heads of the task models and the mask token of masked image modelling.
 _VIT_HEAD_WEIGHTS = re.compile(r"^(pooler\.|classifier\.|decoder\.|embeddings\.mask_token$)")
 # MSNConfig fields that cannot change when importing a ViT: the imported weights define them.
 _IMPORT_FIXED_FIELDS = {"position_embedding": "learned", "backbone_pretrained": None}
