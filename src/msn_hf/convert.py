@@ -5,7 +5,9 @@ Conversions between msn_hf checkpoints and the other places an MSN model lives.
   `MSNForImageClassification` folder as a `ViTMSNForImageClassification` folder.
 - `to_timm`: the target encoder as a timm checkpoint (`model.safetensors` + `config.json`).
 - `from_original`: a `.pth.tar` checkpoint of the authors' release as a full msn_hf folder.
-- `from_vit_msn`: a Transformers `ViTMSNModel` folder (e.g. facebook/vit-msn-small) as an msn_hf folder.
+- `from_vit_msn`: a Transformers `ViTMSNModel` or `ViTModel` folder (e.g. facebook/vit-msn-small) as an msn_hf folder.
+- `msn_model_from_vit`, `model_folder_kind`, `classifier_folder_error`: continuing pretraining from a saved model
+  (`msn-pretrain --model_name_or_path`), in memory.
 
 Every conversion validates the whole source first (missing, unexpected and mis-shaped keys are reported together),
 writes into a temporary sibling of the output folder, checks the result numerically where two implementations are
@@ -31,7 +33,16 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
-from transformers import ViTImageProcessor, ViTMSNConfig, ViTMSNForImageClassification, ViTMSNModel
+from transformers import (
+    ViTConfig,
+    ViTForImageClassification,
+    ViTForMaskedImageModeling,
+    ViTImageProcessor,
+    ViTModel,
+    ViTMSNConfig,
+    ViTMSNForImageClassification,
+    ViTMSNModel,
+)
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
@@ -58,6 +69,8 @@ _DEFAULT_HEAD_DIM = 64
 _FOCAL_RATIO = 96 / 224
 # Tolerance of the numerical self-check run after each cross-library conversion (float32, one random image).
 _VERIFY_TOLERANCE = 1e-3
+# The LayerNorm epsilon of every timm ViT block and final norm (not configurable through `backbone_kwargs`).
+_TIMM_LAYER_NORM_EPS = 1e-6
 
 # timm ViT names <-> Transformers ViTMSN checkpoint names ("{i}" is a block index). Names ending with a dot are
 # prefixes (weight and bias follow). The fused qkv projection is handled apart: it maps onto three tensors.
@@ -201,14 +214,28 @@ def msn_config_for(architecture: ViTArchitecture, backbone_kwargs: dict | None =
     return MSNConfig(**values)
 
 
-def _architecture_of_vit_msn_config(config: ViTMSNConfig) -> ViTArchitecture:
-    """The architecture of a ViTMSN config, refusing the options a timm ViT block cannot reproduce."""
+def _architecture_of_vit_config(config: ViTConfig | ViTMSNConfig) -> ViTArchitecture:
+    """
+    The architecture of a Transformers ViT or ViTMSN config (same fields, same blocks), refusing the options a timm
+    ViT block cannot reproduce.
+    """
+    name = type(config).__name__.removesuffix("Config")
     if config.hidden_act != "gelu":
-        raise ValueError(f"ViTMSN `hidden_act={config.hidden_act!r}` has no timm ViT counterpart (timm uses exact GELU).")
-    if not math.isclose(config.layer_norm_eps, 1e-6):
-        raise ValueError(f"ViTMSN `layer_norm_eps={config.layer_norm_eps}` differs from timm's 1e-6.")
+        raise ValueError(
+            f"{name} `hidden_act={config.hidden_act!r}` has no timm ViT counterpart (timm uses exact GELU)."
+        )
+    eps = config.layer_norm_eps
+    if eps > _TIMM_LAYER_NORM_EPS and not math.isclose(eps, _TIMM_LAYER_NORM_EPS):
+        raise ValueError(
+            f"{name} `layer_norm_eps={eps}` is larger than timm's {_TIMM_LAYER_NORM_EPS}: the features would change."
+        )
+    if not math.isclose(eps, _TIMM_LAYER_NORM_EPS):
+        # Transformers ViTs (google/vit-*) use 1e-12. The epsilon only matters for tokens whose variance over the
+        # channels is near it; a trained ViT's activations have variances many orders above 1e-6, so timm's 1e-6
+        # changes the features by about eps / (2 * variance), far below float32 training noise.
+        logger.info(f"{name} `layer_norm_eps={eps}` becomes timm's {_TIMM_LAYER_NORM_EPS} (a negligible change).")
     if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
-        raise ValueError(f"ViTMSN `head_dim={config.head_dim}` is not hidden_size / num_attention_heads.")
+        raise ValueError(f"{name} `head_dim={config.head_dim}` is not hidden_size / num_attention_heads.")
     return ViTArchitecture(
         embed_dim=config.hidden_size,
         depth=config.num_hidden_layers,
@@ -750,26 +777,265 @@ def from_vit_msn(
     model_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True, **config_kwargs
 ) -> Path:
     """
-    Convert a Transformers `ViTMSNModel` folder (e.g. a local copy of facebook/vit-msn-small) into an msn_hf
-    `MSNModel` folder: the ViT becomes both the anchor and the target encoder; the projection heads and prototypes
-    are freshly initialised. `config_kwargs` set other `MSNConfig` fields (head sizes, mask ratio, ...).
+    Convert a Transformers `ViTMSNModel` folder (e.g. a local copy of facebook/vit-msn-small), or any other folder
+    [`msn_model_from_vit`] reads (`ViTModel`, the image classifiers of both), into an msn_hf `MSNModel` folder: the
+    ViT becomes both the anchor and the target encoder; the projection heads and prototypes are freshly initialised.
+    `config_kwargs` set other `MSNConfig` fields (head sizes, mask ratio, ...). The folder also gets the
+    `MSNImageProcessor` that normalises images as the source model expects.
     """
-    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    output_dir = Path(output_dir)  # `model_dir` stays a string: it may be a Hub id
     check_output_dir(output_dir, overwrite)
-    _read_config_dict(model_dir, ViTMSNConfig.model_type, "Only ViTMSN folders are supported.")
-    architecture = _architecture_of_vit_msn_config(ViTMSNConfig.from_pretrained(model_dir))
-    config = msn_config_for(architecture, **config_kwargs)
-    model = MSNModel(config)
-    encoder_state = convert_vit_msn_to_timm_state_dict(read_weights(model_dir))
-    _load_exactly(model.target_encoder, encoder_state, f"The weights of {model_dir} (under timm names)")
-    model.encoder.load_state_dict(encoder_state)
-    if verify:
-        source = _load_vit_msn_exactly(model_dir)
-        _check_same_features(_vit_msn_features(source), _msn_target_features(model), architecture, "from-vit-msn")
+    model, processor_kwargs = msn_model_from_vit(model_dir, verify=verify, **config_kwargs)
     with atomic_folder(output_dir, overwrite) as staging:
         model.save_pretrained(staging)
-    logger.info(f"Converted the ViTMSN folder {model_dir} to an msn_hf folder {output_dir} (new head and prototypes).")
+        MSNImageProcessor(**processor_kwargs).save_pretrained(staging)
+    logger.info(f"Converted the ViT folder {model_dir} to an msn_hf folder {output_dir} (new head and prototypes).")
     return output_dir
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Continuing pretraining from a saved model (`msn-pretrain --model_name_or_path`)
+# --------------------------------------------------------------------------------------------------------------
+
+# What `model_folder_kind` accepts: kind -> (config.json `model_type`, `architectures` entries). A config without
+# `architectures` is read as the base model of its type.
+MODEL_FOLDER_KINDS = {
+    "msn": (MSNConfig.model_type, ("MSNModel",)),
+    "msn_classifier": (MSNConfig.model_type, ("MSNForImageClassification",)),
+    "vit_msn": (ViTMSNConfig.model_type, ("ViTMSNModel", "ViTMSNForImageClassification")),
+    "vit": (ViTConfig.model_type, ("ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling")),
+}
+_TRANSFORMERS_VITS = {
+    model_class.__name__: model_class
+    for model_class in (
+        ViTModel, ViTForImageClassification, ViTForMaskedImageModeling, ViTMSNModel, ViTMSNForImageClassification
+    )
+}
+_VIT_BASE_MODELS = {"vit": "ViTModel", "vit_msn": "ViTMSNModel"}
+# Weights of a Transformers ViT that are not part of the encoder MSN trains (after removing the `vit.` prefix of the
+# task models): the pooler of `ViTModel`, the heads of the task models and the mask token of masked image modelling.
+_VIT_HEAD_WEIGHTS = re.compile(r"^(pooler\.|classifier\.|decoder\.|embeddings\.mask_token$)")
+# MSNConfig fields that cannot change when importing a ViT: the imported weights define them.
+_IMPORT_FIXED_FIELDS = {"position_embedding": "learned", "backbone_pretrained": None}
+
+
+def _read_hub_or_local_config(path_or_id: str | os.PathLike) -> dict:
+    """The `config.json` of a local folder or, for anything that is not a folder here, of a Hub model id."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path_or_id} has no config.json: not a saved model folder.")
+    elif path.exists() or isinstance(path_or_id, os.PathLike) or str(path_or_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"{path_or_id} is not a model folder (expected a folder with config.json or a Hub model id)."
+        )
+    else:
+        from huggingface_hub import hf_hub_download
+
+        # Offline or unknown ids raise here; `msn-pretrain` checks the source (`check_model_source`) before.
+        config_file = Path(hf_hub_download(repo_id=str(path_or_id), filename="config.json"))
+    return json.loads(config_file.read_text())
+
+
+def model_folder_kind(path_or_id: str | os.PathLike) -> str:
+    """
+    What a model folder or Hub id holds, from its `config.json` alone (no weights are read):
+
+    - `"msn"`: an msn_hf `MSNModel` pretraining folder (`model_type` "msn", architectures `MSNModel` or none);
+    - `"msn_classifier"`: a fine-tuned msn_hf `MSNForImageClassification` folder (see [`classifier_folder_error`]);
+    - `"vit_msn"`: a Transformers `ViTMSNModel` or `ViTMSNForImageClassification`;
+    - `"vit"`: a Transformers `ViTModel`, `ViTForImageClassification` or `ViTForMaskedImageModeling`.
+
+    Raises a `ValueError` naming the folder, its `model_type` and `architectures`, and what is accepted.
+
+    `msn-pretrain --model_name_or_path` dispatches on it (after checking that the folder or id exists):
+
+    ```python
+    kind = model_folder_kind(source)
+    if kind == "msn_classifier":
+        raise classifier_folder_error(source)
+    if kind == "msn":  # continue an msn_hf run: everything, heads and prototypes included, comes from the folder
+        model = MSNModel.from_pretrained(source, **config_overrides)
+    else:  # "vit" / "vit_msn": the ViT starts both encoders, heads and prototypes are new
+        model, processor_kwargs = msn_model_from_vit(source, **config_overrides)
+        processor = MSNImageProcessor(**{**processor_kwargs, **processor_overrides})
+    ```
+    """
+    return _kind_of_config(_read_hub_or_local_config(path_or_id), path_or_id)
+
+
+def _kind_of_config(config: dict, path_or_id: str | os.PathLike) -> str:
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    for kind, (kind_type, kind_architectures) in MODEL_FOLDER_KINDS.items():
+        if model_type != kind_type:
+            continue
+        # Several kinds share a model type ("msn"): a folder without architectures is the first, the base model.
+        if not architectures or set(architectures) <= set(kind_architectures):
+            return kind
+    accepted = "; ".join(f"{kind_type} ({', '.join(names)})" for kind_type, names in _accepted_architectures().items())
+    raise ValueError(
+        f"{path_or_id} holds model_type={model_type!r} with architectures={architectures}; expected one of: {accepted}."
+    )
+
+
+def _accepted_architectures() -> dict[str, list[str]]:
+    accepted = {}
+    for kind_type, names in MODEL_FOLDER_KINDS.values():
+        accepted.setdefault(kind_type, []).extend(names)
+    return accepted
+
+
+def classifier_folder_error(path: str | os.PathLike) -> ValueError:
+    """
+    The error for a fine-tuned `MSNForImageClassification` folder given where a pretraining folder (or a ViT to
+    import) is needed, saying what to pass instead. Returned, not raised: `raise classifier_folder_error(path)`.
+    """
+    return ValueError(
+        f"{path} is a fine-tuned MSNForImageClassification folder (encoder `vit` and a `classifier`), not an MSNModel "
+        "pretraining folder: pass the MSNModel folder it was fine-tuned from, or, to continue pretraining from the "
+        f"fine-tuned encoder, export it with `msn-convert to-vit-msn --model {path} --output DIR` and pass DIR."
+    )
+
+
+def _local_model_folder(path_or_id: str | os.PathLike) -> Path:
+    """A local folder as is; a Hub id as its cached snapshot (configs and weights only)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    repo_id = str(path_or_id)
+    folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):  # older repositories only have the PyTorch pickle
+        folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.json", "pytorch_model.bin"]))
+    return folder
+
+
+def vit_encoder_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    The encoder weights of a Transformers ViT or ViTMSN checkpoint, under the names of a bare `ViTModel` /
+    `ViTMSNModel` (`embeddings.*`, `encoder.layer.*`, `layernorm.*`): the `vit.` prefix of the task models is removed
+    and the pooler, classifier, decoder and mask token are dropped. Unknown keys are kept, for a strict load to report.
+    """
+    encoder = {}
+    for key, tensor in weights.items():
+        key = key.removeprefix("vit.")
+        if not _VIT_HEAD_WEIGHTS.match(key):
+            encoder[key] = tensor
+    return encoder
+
+
+def _vit_processor_kwargs(folder: Path, config: MSNConfig, num_channels: int) -> dict:
+    """
+    `MSNImageProcessor` kwargs for `config`'s view sizes, normalising as the source ViT expects: the mean and std of
+    its `preprocessor_config.json`, else those of a default `ViTImageProcessor`.
+    """
+    processor_file = folder / "preprocessor_config.json"
+    settings = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    defaults = ViTImageProcessor()
+
+    def per_channel(name: str) -> list[float]:
+        value = settings.get(name, getattr(defaults, name))
+        # Processors may store one number for all channels.
+        return [float(value)] * num_channels if isinstance(value, (int, float)) else [float(v) for v in value]
+
+    return dict(
+        size={"shortest_edge": round(config.image_size * 256 / 224)},  # the crop ratio `msn-pretrain` uses
+        crop_size=config.image_size,
+        focal_crop_size=config.focal_image_size,
+        do_normalize=bool(settings.get("do_normalize", defaults.do_normalize)),
+        image_mean=per_channel("image_mean"),
+        image_std=per_channel("image_std"),
+    )
+
+
+def _vit_source_features(folder: Path, architectures: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """
+    The encoder tokens `(batch_size, 1 + num_patches, hidden_size)` of a Transformers ViT folder, loaded by
+    Transformers itself (its own class, its own key conventions) as the reference of the import's self-check.
+    """
+    model_class = _TRANSFORMERS_VITS[architectures[0]]
+    model, info = model_class.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+    # A folder saved without a pooler loads into a ViTModel that has one: the pooler is not compared.
+    missing = [key for key in info["missing_keys"] if not _VIT_HEAD_WEIGHTS.match(key.removeprefix("vit."))]
+    if missing or info["unexpected_keys"]:
+        problems = missing + list(info["unexpected_keys"])
+        raise ValueError(f"{model_class.__name__} does not load {folder} exactly: {problems}.")
+    encoder = getattr(model, "vit", model).eval()
+    return lambda pixels: encoder(pixel_values=pixels).last_hidden_state
+
+
+def msn_model_from_vit(
+    path_or_id: str | os.PathLike, *, verify: bool = False, **config_overrides
+) -> tuple[MSNModel, dict]:
+    """
+    A new `MSNModel` whose anchor (`encoder`) and target (`target_encoder`) encoders both start as the encoder of a
+    Transformers ViT: a `ViTModel` or `ViTMSNModel` folder or Hub id, or one of their task models
+    (`ViTForImageClassification`, ... : the `vit.` encoder is taken, the classifier, pooler and decoder are dropped).
+    The projection heads and prototypes are freshly initialised (the target head a copy of the anchor's), as for a
+    model trained from scratch.
+
+    The backbone keeps the source's width, depth, heads, MLP width, qkv bias, patch size and native resolution
+    (`MSNConfig.image_size = config.image_size`; `focal_image_size` keeps the paper's 96 / 224 ratio).
+    `config_overrides` set other `MSNConfig` fields (`num_prototypes`, `mask_ratio`, ...; `backbone_kwargs` are
+    merged into the inferred timm kwargs, e.g. `{"drop_path_rate": 0.1}`). Fields the weights fix (`image_size`,
+    `position_embedding`, `backbone_pretrained`) cannot be overridden.
+
+    With `verify=True` the target encoder's tokens are compared with the source's `last_hidden_state` on a random
+    image at the native size (one extra forward of each model).
+
+    Returns the model (in eval mode, target frozen) and the `MSNImageProcessor` kwargs for it: `size`, `crop_size`,
+    `focal_crop_size` from the config and `do_normalize`, `image_mean`, `image_std` from the source's
+    `preprocessor_config.json` (else a default `ViTImageProcessor`'s). `msn-pretrain --model_name_or_path` builds
+    `MSNImageProcessor(**{**processor_kwargs, **processor_overrides})`.
+
+    Raises a `ValueError` for anything else (an msn_hf folder: load it with `MSNModel.from_pretrained`; a fine-tuned
+    msn_hf classifier: [`classifier_folder_error`]), for options a timm ViT cannot reproduce, and listing every
+    missing, unexpected or mis-shaped weight.
+    """
+    source_config = _read_hub_or_local_config(path_or_id)
+    kind = _kind_of_config(source_config, path_or_id)
+    if kind == "msn_classifier":
+        raise classifier_folder_error(path_or_id)
+    if kind not in ("vit", "vit_msn"):
+        raise ValueError(
+            f"`path_or_id` must be a Transformers ViT or ViTMSN model, got {path_or_id}, an msn_hf {kind!r} folder: "
+            "load it with `MSNModel.from_pretrained` instead."
+        )
+    for name, value in _IMPORT_FIXED_FIELDS.items():
+        if name in config_overrides and config_overrides[name] != value:
+            raise ValueError(
+                f"`{name}` must be {value!r} when importing a ViT (its weights are loaded), "
+                f"got {config_overrides[name]!r}."
+            )
+    folder = _local_model_folder(path_or_id)
+    vit_config = (ViTConfig if kind == "vit" else ViTMSNConfig).from_pretrained(folder)
+    architecture = _architecture_of_vit_config(vit_config)
+    image_size = config_overrides.get("image_size", architecture.image_size)
+    if image_size != architecture.image_size:
+        raise ValueError(
+            f"`image_size` must be the native resolution {architecture.image_size} of {path_or_id} (its position "
+            f"embeddings), got {image_size!r}; MSNModel runs other sizes as they are: set the processor's crop sizes."
+        )
+    overrides = dict(config_overrides)
+    config = msn_config_for(architecture, overrides.pop("backbone_kwargs", None), **overrides)
+    model = MSNModel(config)
+    weights = vit_encoder_weights(read_weights(folder))
+    source = f"The weights of {path_or_id} (under timm names, without pooler and heads)"
+    _load_exactly(model.encoder, convert_vit_msn_to_timm_state_dict(weights), source)
+    # The target branch starts as an exact copy of the anchor branch, as after `MSNModel.__init__`.
+    model.copy_anchor_to_target()
+    model.eval()
+    if verify:
+        reference = _vit_source_features(folder, source_config.get("architectures") or [_VIT_BASE_MODELS[kind]])
+        _check_same_features(reference, _msn_target_features(model), architecture, "ViT import")
+    processor_kwargs = _vit_processor_kwargs(folder, config, architecture.in_chans)
+    logger.info(
+        f"Imported the {kind} encoder of {path_or_id} as both MSN encoders "
+        f"({config.backbone} {config.backbone_kwargs})."
+    )
+    return model, processor_kwargs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -804,7 +1070,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     original.add_argument("--num_heads", type=int, help="Attention heads, for widths other than ViT-Ti/S/B/L/H.")
     original.add_argument("--backbone_kwargs", type=_json_dict, help="JSON overrides of the inferred timm kwargs.")
-    vit_msn = add("from-vit-msn", "Convert a Transformers ViTMSN folder.", "--model", "ViTMSN folder.")
+    vit_msn = add(
+        "from-vit-msn", "Convert a Transformers ViTMSN or ViT folder.", "--model", "ViTMSN or ViT folder or Hub id."
+    )
     for command in (original, vit_msn):
         command.add_argument("--config", type=_json_dict, default={}, help="JSON MSNConfig fields, e.g. '{\"mask_ratio\": 0.3}'.")
     return parser
