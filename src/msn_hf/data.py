@@ -228,7 +228,8 @@ def load_image_dataset(
     """
     Load images from a Hub id or a `Dataset.save_to_disk` folder (`dataset_name`), an image folder (`train_dir`),
     shards (`train_files` globs, see [`resolve_shards`]) or, with none, the built-in digits. Image and label
-    columns are detected from the features when not given.
+    columns are detected from the features when not given; an image column that cannot hold images is a ValueError
+    (see [`check_image_column`]), and a label column of class names becomes a `ClassLabel` (see [`class_names`]).
     """
     if sum(map(bool, (dataset_name, train_dir, train_files))) > 1:
         raise ValueError("Give one of `dataset_name`, `train_dir` and `train_files`, not several.")
