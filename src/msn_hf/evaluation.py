@@ -142,8 +142,9 @@ def _batches(
         images = [decode_image(value) for value in values]
         kept = [i for i, image in enumerate(images) if image is not None]
         if skipped is not None:
-            for i in sorted(set(range(len(images))) - set(kept)):
-                skipped[(values[i] or {}).get("path") or f"row {start + i}"] = None
+            for i, (value, image) in enumerate(zip(values, images)):
+                if image is None:
+                    skipped[(value or {}).get("path") or f"row {start + i}"] = None
         start += len(values)
         if not kept:
             continue
@@ -171,6 +172,8 @@ def extract_features(
         image_processor: the evaluation preprocessing, called as `image_processor(images, return_tensors="pt")`.
         device: where to run the model; by default where its parameters are. The model is moved there and its
             train/eval mode is restored afterwards.
+
+    Unreadable images are skipped with their labels; one warning per call counts the files and names the first.
 
     Returns:
         `(features, labels)`: float32 `(num_images, num_features)` and the label values `(num_images,)`.
