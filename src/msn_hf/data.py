@@ -151,6 +151,43 @@ def find_column(features: datasets.Features, explicit: str | None, feature_type:
     return next((name for name in names if name in features), None)
 
 
+def _is_image_like(feature, strings: bool = False) -> bool:
+    """Whether a column can be read as images: an Image feature, bytes, a `{"bytes", "path"}` struct, or (`strings`)
+    file paths, which is what `datasets.Image` casts from."""
+    if isinstance(feature, datasets.Image):
+        return True
+    if isinstance(feature, dict):
+        return bool({"bytes", "path"} & set(feature))
+    dtypes = ("binary", "large_binary") + (("string", "large_string") if strings else ())
+    return isinstance(feature, datasets.Value) and feature.dtype in dtypes
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def check_image_column(features: datasets.Features, image_column: str, explicit: bool = True) -> None:
+    """
+    Raise a one-line ValueError, naming the column, its type and the image columns there are, when `image_column`
+    cannot hold images (e.g. `--image_column_name label` on an integer column); `datasets` would raise a pyarrow
+    error on first use instead.
+    """
+    feature = features[image_column]
+    if _is_image_like(feature, strings=True):
+        return
+    others = [name for name, other in features.items() if name != image_column and _is_image_like(other)]
+    what = f"--image_column_name {image_column!r}" if explicit else f"The detected image column {image_column!r}"
+    raise ValueError(
+        f"{what} must hold images (an Image feature, bytes, {{bytes, path}} records or file paths), got "
+        f"{feature}; image columns: {others}."
+    )
+
+
+def class_names(dataset: datasets.Dataset, label_column: str) -> list[str]:
+    """The class names of a column of names: sorted unique values, as `ClassLabel` / `class_encode_column` order them."""
+    return sorted(name for name in dataset.unique(label_column) if name is not None)
+
+
 def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
     """
     The `datasets` builder and the files of `--train_files` globs. Local globs must match files; remote ones
@@ -191,7 +228,8 @@ def load_image_dataset(
     """
     Load images from a Hub id or a `Dataset.save_to_disk` folder (`dataset_name`), an image folder (`train_dir`),
     shards (`train_files` globs, see [`resolve_shards`]) or, with none, the built-in digits. Image and label
-    columns are detected from the features when not given.
+    columns are detected from the features when not given; an image column that cannot hold images is a ValueError
+    (see [`check_image_column`]), and a label column of class names becomes a `ClassLabel` (see [`class_names`]).
     """
     if sum(map(bool, (dataset_name, train_dir, train_files))) > 1:
         raise ValueError("Give one of `dataset_name`, `train_dir` and `train_files`, not several.")
@@ -229,17 +267,71 @@ def load_image_dataset(
     image_column = find_column(features, image_column_name, datasets.Image, IMAGE_COLUMN_NAMES, "image")
     if image_column is None:
         raise ValueError(f"No image column found; pass `image_column_name`. Columns: {list(features)}.")
+    check_image_column(features, image_column, explicit=image_column_name is not None)
     label_column = find_column(features, label_column_name, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label")
+    # A column of class names (e.g. read from a CSV) becomes a ClassLabel, so that everything downstream sees ids and
+    # names. The names come from the whole split, before truncation, so that a truncated run numbers classes as a
+    # full one does; and only the kept rows are rewritten. A stream cannot be listed without a pass: it keeps names.
+    names = None
+    if label_column is not None and _is_string(features[label_column]) and not streaming:
+        names = class_names(dataset, label_column)
     if max_samples is not None:
         dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
+    if names is not None:
+        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
     return ImageDataset(dataset=dataset, image_column=image_column, label_column=label_column)
+
+
+# The largest value of PIL's 16-bit integer modes ("I;16", "I;16B", "I;16L", "I;16N"): 65535 / 257 = 255 exactly.
+UINT16_MAX = 65535
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """
+    A grey mode "L" image of a 16-bit ("I;16", "I;16B", ...), 32-bit integer ("I") or float ("F") image, its values
+    scaled to [0, 255] rather than clipped as PIL's conversions do (a 16-bit ramp comes out 99.6 % white, a [0, 1]
+    float one black). Other images are returned as they are.
+
+    - 16-bit: by the range of the type, 65535 -> 255 (microscopy, medical and astronomy PNG / TIFF files).
+    - "I": by the 16-bit range when every value is in [0, 65535], else by the image's own min..max.
+    - "F": x 255 when every value is in [0, 1], else by the image's own min..max (non-finite values clipped to it).
+
+    Why not the int32 range for "I": "I" is mostly 16-bit data widened to 32 bits (`convert("I")`, older Pillow
+    versions opening 16-bit PNGs, many TIFF writers), which the int32 range would turn black, and it should decode
+    as the same file saved as "I;16" does. Values no bit depth explains (negative, or above 65535) have no scale but
+    their own, hence the image's range, as for floats outside [0, 1]; a constant such image is black.
+    """
+    if image.mode.startswith("I;16"):
+        return Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) / (UINT16_MAX / 255)).astype(np.uint8))
+    if image.mode not in ("I", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    finite = pixels[np.isfinite(pixels)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    pixels = np.clip(np.nan_to_num(pixels, nan=low), low, high)
+    if image.mode == "I" and low >= 0 and high <= UINT16_MAX:
+        low, high = 0.0, float(UINT16_MAX)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scaled = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """
+    An RGB image of any PIL mode: 16/32-bit and float images scaled to 8 bits (see [`to_8_bit`]), transparency
+    composited on white as the image processor does, palettes and other colour spaces converted.
+    """
+    if image.mode == "RGB":
+        return image
+    return Image.fromarray(convert_to_rgb(to_8_bit(image), return_numpy=True))
 
 
 def decode_image(value) -> Image.Image | None:
     """
-    An RGB PIL image from a decoded image or an undecoded `{"bytes", "path"}` record, transparency composited on
-    white as the image processor does; `None` when the image cannot be read (corrupt or missing file, or a
-    decompression bomb), so that callers can skip it instead of crashing mid-epoch.
+    An RGB PIL image (see [`to_rgb`]) from a decoded image or an undecoded `{"bytes", "path"}` record; `None` when
+    the image cannot be read (corrupt or missing file, or a decompression bomb), so that callers can skip it instead
+    of crashing mid-epoch.
     """
     try:
         if isinstance(value, Image.Image):
@@ -251,7 +343,7 @@ def decode_image(value) -> Image.Image | None:
         else:
             return None
         image.load()
-        return image if image.mode == "RGB" else Image.fromarray(convert_to_rgb(image, return_numpy=True))
+        return to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         logger.debug("Unreadable image skipped: %s", error)
         return None
@@ -265,7 +357,40 @@ def has_labels(data: ImageDataset) -> bool:
     if isinstance(data.dataset, datasets.IterableDataset):
         return True
     labels = np.asarray(data.dataset[data.label_column])
+    if labels.dtype.kind not in "iuf":  # class names (a hand-made ImageDataset): every row must have one
+        return labels.size > 0 and all(label is not None and label != "" for label in labels.tolist())
     return labels.size > 0 and labels.min() >= 0
+
+
+def match_labels(train: ImageDataset, test: ImageDataset) -> ImageDataset:
+    """
+    `test` with its class ids renumbered to those of `train`, matched by class name. A set loaded on its own numbers
+    the classes it holds: an image folder of [cat, fox] gives fox the id 1, which a training folder of [cat, dog, fox]
+    gives dog. Labels < 0 (no label) are kept. `test` is returned as it is when both have the same class names, or
+    when either has none (integer labels are then taken to share their ids). A test class that is not a training
+    class is a ValueError naming it.
+    """
+    train_names, test_names = train.label_names, test.label_names
+    if train_names is None or test_names is None or train_names == test_names:
+        return test
+    unknown = [name for name in test_names if name not in train_names]
+    if unknown:
+        raise ValueError(
+            f"The test set's classes must be training classes (labels are matched by name), got {unknown} "
+            f"outside the training classes {train_names}."
+        )
+    index = {name: i for i, name in enumerate(train_names)}
+    new_ids = np.array([index[name] for name in test_names], dtype=np.int64)
+    column = test.label_column
+    features = test.dataset.features.copy()
+    features[column] = datasets.ClassLabel(names=train_names)
+
+    def renumber(labels: list) -> dict:
+        labels = np.asarray(labels, dtype=np.int64)
+        return {column: np.where(labels >= 0, new_ids[np.clip(labels, 0, None)], labels).tolist()}
+
+    dataset = test.dataset.map(renumber, input_columns=column, batched=True, features=features)
+    return ImageDataset(dataset, test.image_column, column)
 
 
 def load_labelled_split(

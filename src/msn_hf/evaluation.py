@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from .data import (
     hold_out,
     load_image_dataset,
     load_labelled_split,
+    match_labels,
 )
 from .modelcard import format_table, update_model_card
 from .sources import check_model_source
@@ -76,6 +78,8 @@ BASELINES = ("random", "pixels")
 # Raw-pixel features are average-pooled to at most this side, so that 224 px images stay affordable.
 PIXEL_FEATURE_SIZE = 32
 MODEL_ENCODER_NAME = "msn"
+# Unreadable files named in the warning of one feature extraction (all are counted).
+SKIPPED_FILES_SHOWN = 3
 
 
 # ----------------------------------------------------------------------------------------------------- features
@@ -125,17 +129,27 @@ def _embed(model: torch.nn.Module | None, pixel_values: torch.Tensor) -> torch.T
 
 
 def _batches(
-    dataset: ImageDataset, image_processor, batch_size: int
+    dataset: ImageDataset, image_processor, batch_size: int, skipped: dict | None = None
 ) -> Iterator[tuple[torch.Tensor, list]]:
-    """Evaluation-preprocessed `(pixel_values, labels)` batches; unreadable images are skipped with their labels."""
-    for rows in dataset.dataset.iter(batch_size=batch_size):
-        images = [decode_image(value) for value in rows[dataset.image_column]]
+    """
+    Evaluation-preprocessed `(pixel_values, labels)` batches. The images are read undecoded and decoded here, as the
+    pretraining collator does, so that an unreadable one is skipped with its label (`datasets` would raise on it
+    while reading the batch); each skipped file is added to the keys of `skipped`, by path (else by row).
+    """
+    rows = dataset.dataset.cast_column(dataset.image_column, datasets.Image(decode=False))
+    start = 0
+    for batch in rows.iter(batch_size=batch_size):
+        values = batch[dataset.image_column]
+        images = [decode_image(value) for value in values]
         kept = [i for i, image in enumerate(images) if image is not None]
-        if len(kept) < len(images):
-            logger.warning("Skipped %d unreadable images.", len(images) - len(kept))
+        if skipped is not None:
+            for i, (value, image) in enumerate(zip(values, images)):
+                if image is None:
+                    skipped[(value or {}).get("path") or f"row {start + i}"] = None
+        start += len(values)
         if not kept:
             continue
-        labels = [rows[dataset.label_column][i] for i in kept]
+        labels = [batch[dataset.label_column][i] for i in kept]
         pixel_values = image_processor([images[i] for i in kept], return_tensors="pt")["pixel_values"]
         yield pixel_values, labels
 
@@ -160,6 +174,8 @@ def extract_features(
         device: where to run the model; by default where its parameters are. The model is moved there and its
             train/eval mode is restored afterwards.
 
+    Unreadable images are skipped with their labels; one warning per call counts the files and names the first.
+
     Returns:
         `(features, labels)`: float32 `(num_images, num_features)` and the label values `(num_images,)`.
     """
@@ -176,9 +192,10 @@ def extract_features(
         model.to(device).eval()
     total = len(dataset.dataset) if hasattr(dataset.dataset, "__len__") else None
     features, labels = [], []
+    skipped = {}  # the unreadable files, in the order met; a dict counts a file met twice once
     try:
         with torch.inference_mode(), tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
-            for pixel_values, batch_labels in _batches(dataset, image_processor, batch_size):
+            for pixel_values, batch_labels in _batches(dataset, image_processor, batch_size, skipped):
                 if device is not None:
                     pixel_values = pixel_values.to(device)
                 features.append(_embed(model, pixel_values).float().cpu())
@@ -187,6 +204,13 @@ def extract_features(
     finally:
         if was_training:
             model.train()
+    if skipped:
+        # One summary per extraction: a warning per batch would bury the first files among the repeats.
+        shown = list(skipped)[:SKIPPED_FILES_SHOWN]
+        logger.warning(
+            f"{desc}: skipped {len(skipped)} unreadable image files: {', '.join(shown)}"
+            f"{', ...' if len(skipped) > len(shown) else ''}."
+        )
     if not features:
         raise ValueError("`dataset` contains no readable image.")
     return torch.cat(features).numpy(), np.asarray(labels)
@@ -474,7 +498,8 @@ def load_evaluation_datasets(
     Labelled train and test sets from the same sources as pretraining (Hub id or `save_to_disk` folder, image
     folder, shards, or the built-in digits with their test split). The test set is `test_dir`, `test_split`, or
     else the first labelled one of 'validation' and 'test'; without any, a stratified `test_size` of the training
-    images is held out with `seed` (the split `msn-pretrain` holds out before pretraining).
+    images is held out with `seed` (the split `msn-pretrain` holds out before pretraining). A test set loaded on its
+    own has its class ids matched to the training classes by name (see [`match_labels`]).
     """
     common = dict(image_column_name=image_column_name, label_column_name=label_column_name, cache_dir=cache_dir)
     # Truncated before any hold-out, as `msn-pretrain` does, so that the same flags hold out the same images.
@@ -493,6 +518,8 @@ def load_evaluation_datasets(
         test = None
     else:
         test = load_labelled_split(dataset_name, dataset_config_name, test_split, **common)
+    if test is not None:
+        test = match_labels(train, test)  # loaded on its own, it numbers its classes on its own
     if test is None:
         logger.warning("No labelled evaluation split: holding out %.0f%% of %r.", 100 * test_size, train_split)
         train, test = hold_out(train, test_size, seed=seed)

@@ -46,6 +46,7 @@ from .data import (
     hold_out,
     load_image_dataset,
     load_labelled_split,
+    match_labels,
 )
 from .image_processing_msn import MSNImageProcessor
 from .modelcard import headline, write_model_card
@@ -310,6 +311,8 @@ def _evaluation_sets(
         test = load_image_dataset(train_dir=data_args.test_dir, **common)
     elif not (data_args.train_dir or data_args.train_files):
         test = load_labelled_split(data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split, **common)
+    if test is not None:
+        test = match_labels(data, test)  # loaded on its own, it numbers its classes on its own
     if test is None:
         if len(data.dataset) > max_eval_samples:
             return data, None, f"{len(data.dataset)} labelled images exceed --max_eval_samples {max_eval_samples}"

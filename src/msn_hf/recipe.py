@@ -278,15 +278,19 @@ def recipe_table(image_sizes: Iterable[int] = (28, 32, 64, 96, 224), grey_sizes:
 def describe_images(images: Iterable) -> tuple[int, bool]:
     """
     `(image_size, grey)` of a sample of PIL images: the median shortest side, and whether every image is grey-scale
-    (mode L / LA / I / F, or RGB with equal channels).
+    (a grey band only, with or without alpha, as in modes 1, L, LA, I, I;16, I;16B and F, or equal channels once
+    converted to RGB as training decodes it, e.g. a grey palette).
     """
     import numpy as np
+
+    from .data import to_rgb
 
     sides, grey = [], True
     for image in images:
         sides.append(min(image.size))
-        if grey and image.mode not in ("1", "L", "LA", "I", "I;16", "F"):
-            pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+        if grey and set(image.getbands()) - {"A", "a"} not in ({"1"}, {"L"}, {"I"}, {"F"}):
+            # The same conversion as `decode_image`, so that a file and its decoded image are described alike.
+            pixels = np.asarray(to_rgb(image), dtype=np.int16)
             grey = bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
     if not sides:
         raise ValueError("describe_images: `images` must hold at least one readable image, got none.")

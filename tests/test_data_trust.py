@@ -1,0 +1,281 @@
+"""
+Data the user does not control: unreadable files at evaluation time, string label columns, a non-image column
+named as the image column, test folders whose classes are numbered on their own, and 16/32-bit images.
+"""
+
+import io
+import json
+import logging
+
+import datasets
+import numpy as np
+import pytest
+from accelerate import Accelerator
+from PIL import Image
+
+from conftest import TINY_MODEL_ARGS, tiny_config
+from msn_hf import MSNImageProcessor, MSNModel
+from msn_hf import pretraining as pt
+from msn_hf.data import DataArguments, ImageDataset, decode_image, has_labels, load_image_dataset, match_labels
+from msn_hf.evaluation import evaluate_lowshot, extract_features, load_evaluation_datasets
+from msn_hf.recipe import describe_images
+
+# Visually distinct classes: a classifier on raw pixels separates them perfectly when labels match.
+COLOURS = {"cat": (220, 30, 30), "dog": (30, 200, 40), "fox": (40, 60, 230), "wolf": (230, 230, 40)}
+CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n not an image at all"
+
+
+def tiny_processor() -> MSNImageProcessor:
+    return MSNImageProcessor(size={"shortest_edge": 32}, crop_size=32, focal_crop_size=16)
+
+
+def image_folder(root, classes, per_class=6, corrupt=None, seed=0):
+    """An imagefolder of 32 px noisy solid-colour PNGs, one sub-folder per class, plus `corrupt[name]` garbage files."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
+        for i in range((corrupt or {}).get(name, 0)):
+            (folder / f"{name}_corrupt_{i}.png").write_bytes(CORRUPT_BYTES)
+    return root
+
+
+def warnings_of(caplog, logger_name):
+    return [record.getMessage() for record in caplog.records
+            if record.levelno == logging.WARNING and record.name == logger_name]  # fmt: skip
+
+
+# --- unreadable images are skipped at evaluation time (issue 6) ---------------------------------------------------
+
+
+def test_extract_features_skips_unreadable_files_and_counts_distinct_files_once(tmp_path, caplog):
+    folder = image_folder(tmp_path / "images", ["cat", "dog", "fox"], corrupt={"cat": 2, "fox": 1})
+    data = load_image_dataset(train_dir=str(folder))
+    assert len(data.dataset) == 21
+    with caplog.at_level(logging.WARNING, logger="msn_hf.evaluation"):
+        features, labels = extract_features(None, data, tiny_processor(), batch_size=4, progress=False)
+    assert features.shape[0] == len(labels) == 18
+    messages = warnings_of(caplog, "msn_hf.evaluation")
+    assert len(messages) == 1, messages  # one summary per extraction, not one per batch
+    assert "3 unreadable" in messages[0] and "cat_corrupt_0.png" in messages[0]
+
+    # The same files seen twice are still three files.
+    caplog.clear()
+    twice = ImageDataset(datasets.concatenate_datasets([data.dataset, data.dataset]), data.image_column, "label")
+    with caplog.at_level(logging.WARNING, logger="msn_hf.evaluation"):
+        features, _ = extract_features(None, twice, tiny_processor(), batch_size=8, progress=False)
+    assert features.shape[0] == 36
+    messages = warnings_of(caplog, "msn_hf.evaluation")
+    assert len(messages) == 1 and "3 unreadable" in messages[0], messages
+
+
+def test_evaluate_lowshot_completes_on_a_folder_with_unreadable_files(tmp_path):
+    folder = image_folder(tmp_path / "images", ["cat", "dog", "fox"], per_class=8, corrupt={"dog": 2, "fox": 2})
+    train, test = load_evaluation_datasets(train_dir=str(folder), test_size=0.25)
+    results = evaluate_lowshot(
+        MSNModel(tiny_config()), train, test, tiny_processor(), shots=(1,), label_fraction=None, seeds=(0,),
+        knn_k=3, baselines=("pixels",), progress=False,
+    )  # fmt: skip
+    settings = results["settings"]
+    assert settings["num_train"] + settings["num_test"] == 24  # the 4 unreadable files are not counted
+    assert results["encoders"]["pixels"]["knn"] == 1.0
+
+
+def test_pretraining_with_unreadable_labelled_files_writes_its_evaluation(tmp_path):
+    folder = image_folder(tmp_path / "images", ["cat", "dog"], per_class=10, corrupt={"cat": 2, "dog": 1})
+    out = tmp_path / "run"
+    pt.main([*TINY_MODEL_ARGS, "--train_dir", str(folder), "--max_train_steps", "2",
+             "--per_device_train_batch_size", "8", "--output_dir", str(out)])  # fmt: skip
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert evaluation["settings"]["num_train"] + evaluation["settings"]["num_test"] == 20  # the readable ones
+    assert "eval" in json.loads((out / "train_results.json").read_text())
+
+
+# --- string labels and non-image columns (issue 7) ----------------------------------------------------------------
+
+
+def test_string_labels_from_a_metadata_csv_are_encoded_as_class_labels(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = ["fox", "cat", "dog", "cat", "fox", "dog"] * 3
+    lines = ["file_name,label"]
+    for i, name in enumerate(names):
+        Image.new("RGB", (32, 32), COLOURS[name]).save(folder / f"{i}.png")
+        lines.append(f"{i}.png,{name}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    assert isinstance(datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").features["label"],
+                      datasets.Value)  # fmt: skip  # what `datasets` makes of it: strings
+
+    data = load_image_dataset(train_dir=str(folder))
+    assert data.label_names == ["cat", "dog", "fox"] and data.num_labels == 3  # sorted names, as ClassLabel does
+    assert [data.label_names[i] for i in data.dataset["label"]] == names
+    assert has_labels(data)
+    # Truncation keeps the ids of the whole split, so that a truncated run numbers classes as a full one does.
+    first = load_image_dataset(train_dir=str(folder), max_samples=1)
+    assert first.label_names == ["cat", "dog", "fox"] and first.dataset["label"] == [2]
+    # A hand-made ImageDataset with string labels does not crash `has_labels` either.
+    raw = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(folder / "0.png")}], "label": ["fox"]},
+                                     features=datasets.Features(image=datasets.Image(), label=datasets.Value("string")))  # fmt: skip
+    assert has_labels(ImageDataset(raw, "image", "label"))
+
+    train, test = load_evaluation_datasets(train_dir=str(folder), test_size=0.5)
+    results = evaluate_lowshot(
+        MSNModel(tiny_config()), train, test, tiny_processor(), shots=(1,), label_fraction=None, seeds=(0,),
+        knn_k=1, baselines=("pixels",), progress=False,
+    )  # fmt: skip
+    assert results["settings"]["num_labels"] == 3 and results["encoders"]["pixels"]["knn"] == 1.0
+
+
+def test_a_non_image_column_given_as_the_image_column_is_a_one_line_error(tmp_path):
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b"]))
+    images = [Image.new("RGB", (8, 8), (i, i, i)) for i in range(4)]
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}, features=features).save_to_disk(
+        str(tmp_path / "data")
+    )
+    with pytest.raises(ValueError) as error:
+        load_image_dataset(dataset_name=str(tmp_path / "data"), image_column_name="label")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "--image_column_name 'label'" in message and "ClassLabel" in message and "['image']" in message
+    with pytest.raises(ValueError, match="--image_column_name 'label'"):
+        load_evaluation_datasets(dataset_name=str(tmp_path / "data"), image_column_name="label")
+
+
+# --- a separate test folder is matched to the training classes by name (issue 12) ---------------------------------
+
+
+def folder_of(path: str) -> str:
+    return path.replace("\\", "/").split("/")[-2]
+
+
+def test_test_folder_labels_are_matched_to_training_classes_by_name(tmp_path):
+    train_dir = image_folder(tmp_path / "train", ["cat", "dog", "fox"])
+    test_dir = image_folder(tmp_path / "test", ["cat", "fox"], per_class=4, seed=1)
+    assert datasets.load_dataset("imagefolder", data_dir=str(test_dir), split="train").features["label"].names == [
+        "cat", "fox"]  # fmt: skip  # imagefolder numbers the test folder on its own: fox would be 1, i.e. "dog"
+
+    train, test = load_evaluation_datasets(train_dir=str(train_dir), test_dir=str(test_dir))
+    assert test.label_names == train.label_names == ["cat", "dog", "fox"]
+    rows = test.dataset.cast_column("image", datasets.Image(decode=False))
+    assert [test.label_names[row["label"]] for row in rows] == [folder_of(row["image"]["path"]) for row in rows]
+    assert sorted(set(test.dataset["label"])) == [0, 2]
+
+    results = evaluate_lowshot(
+        MSNModel(tiny_config()), train, test, tiny_processor(), shots=(1, 2), label_fraction=None, seeds=(0, 1),
+        knn_k=3, baselines=("pixels",), progress=False,
+    )  # fmt: skip
+    pixels = results["encoders"]["pixels"]
+    assert pixels["knn"] == 1.0  # with the folder's own ids, every fox would count as a wrong "dog": 0.5
+    assert all(setting["mean"] == 1.0 for setting in pixels["logistic"].values())
+
+
+def test_pretraining_matches_the_test_folder_to_the_training_classes(tmp_path):
+    train_dir = image_folder(tmp_path / "train", ["cat", "dog", "fox"])
+    test_dir = image_folder(tmp_path / "test", ["dog", "fox"], per_class=3, seed=1)
+    data_args = DataArguments(train_dir=str(train_dir), test_dir=str(test_dir))
+    train_data = pt.build_train_data(data_args, pt.PretrainingArguments(per_device_train_batch_size=8),
+                                     Accelerator(cpu=True))  # fmt: skip
+    train, test = train_data.evaluation
+    assert test.label_names == train.label_names == ["cat", "dog", "fox"]
+    rows = test.dataset.cast_column("image", datasets.Image(decode=False))
+    assert [test.label_names[row["label"]] for row in rows] == [folder_of(row["image"]["path"]) for row in rows]
+
+
+def test_a_test_class_unknown_in_training_is_named(tmp_path):
+    train_dir = image_folder(tmp_path / "train", ["cat", "dog"], per_class=2)
+    test_dir = image_folder(tmp_path / "test", ["cat", "wolf"], per_class=2)
+    with pytest.raises(ValueError, match="wolf"):
+        load_evaluation_datasets(train_dir=str(train_dir), test_dir=str(test_dir))
+    with pytest.raises(ValueError, match="wolf"):
+        pt.build_train_data(DataArguments(train_dir=str(train_dir), test_dir=str(test_dir)),
+                            pt.PretrainingArguments(per_device_train_batch_size=2), Accelerator(cpu=True))  # fmt: skip
+    # Matching the same classes changes nothing.
+    train = load_image_dataset(train_dir=str(train_dir))
+    assert match_labels(train, train).dataset["label"] == train.dataset["label"]
+
+
+# --- 16 and 32-bit images are scaled to 8 bits, not clipped (issue 14) -----------------------------------------------
+
+SIDE = 32
+RAMP = np.tile(np.linspace(0, 255, SIDE).round().astype(np.uint8), (SIDE, 1))  # a horizontal grey ramp
+
+
+def ramp_in(mode: str) -> tuple[bytes, np.ndarray]:
+    """The ramp as the encoded file of an image of `mode` (PNG or TIFF) and the 8-bit grey image it should decode to."""
+    ramp16 = np.tile(np.linspace(0, 65535, SIDE).round().astype(np.uint16), (SIDE, 1))
+    expected = RAMP
+    if mode == "I;16":
+        image = Image.fromarray(ramp16)
+    elif mode == "I;16B":
+        image = Image.frombytes("I;16B", (SIDE, SIDE), ramp16.astype(">u2").tobytes())
+    elif mode == "I":  # 16-bit data widened to 32 bits (`convert("I")`): the 16-bit scale, like I;16
+        image = Image.fromarray(ramp16.astype(np.int32))
+    elif mode == "I wide":  # values no fixed bit depth explains: the image's own range
+        image = Image.fromarray((ramp16.astype(np.int32) * 100 - 3_000_000).astype(np.int32))
+    elif mode == "F":  # [0, 1] floats
+        image = Image.fromarray((ramp16 / 65535).astype(np.float32))
+    elif mode == "F wide":  # floats outside [0, 1]: the image's own range
+        image = Image.fromarray((ramp16 / 65535 * 8 - 2).astype(np.float32))
+    elif mode == "1":
+        image = Image.fromarray(RAMP).convert("1", dither=Image.Dither.NONE)
+        expected = np.where(RAMP >= 128, 255, 0).astype(np.uint8)
+    else:
+        image = Image.fromarray(RAMP).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG" if mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16") else "TIFF")
+    opened = Image.open(io.BytesIO(buffer.getvalue()))
+    assert opened.mode == mode.split()[0]  # the test exercises the mode it names
+    return buffer.getvalue(), expected
+
+
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I", "I wide", "F", "F wide"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_decodes_to_its_8_bit_grey_ramp_in_decoding_collator_and_recipe(mode):
+    data, expected = ramp_in(mode)
+    record = {"bytes": data, "path": None}
+    decoded = np.asarray(decode_image(record), dtype=np.int16)
+    assert decoded.shape == (SIDE, SIDE, 3)
+    assert np.abs(decoded - expected[..., None]).max() <= 2, decoded.mean()  # a 16-bit ramp is not ~255 (white)
+    assert abs(decoded.mean() - expected.mean()) < 1
+
+    # Pretraining decodes with the collator: its canvas is the same ramp.
+    collator = pt.MSNViewsCollator(MSNImageProcessor(size=SIDE, crop_size=SIDE), "image", views_on_device=True)
+    canvas = collator([{"image": record}])["canvas"][0].numpy().astype(np.int16)
+    assert np.abs(canvas - expected[None]).max() <= 2
+
+    # The auto recipe sees a grey image of the same size, whether it reads the file or the decoded image.
+    opened = Image.open(io.BytesIO(data))
+    assert describe_images([opened]) == describe_images([decode_image(record)]) == (SIDE, True)
+
+
+def test_describe_images_tells_colour_from_grey_in_every_mode():
+    colour = Image.fromarray(np.dstack([RAMP, RAMP[::-1], np.full_like(RAMP, 90)]))
+    for mode in ("RGB", "RGBA", "P", "CMYK"):
+        assert describe_images([colour.convert(mode)]) == (SIDE, False), mode
+    assert describe_images([Image.fromarray(RAMP).convert("P")]) == (SIDE, True)
+
+
+def test_raw_pixel_features_of_every_mode_match_the_8_bit_ramp():
+    """Evaluation reads the same 8 bits: raw-pixel features of each mode equal those of its expected grey image."""
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["ramp"]))
+    records, references = [], []
+    for mode in MODES:
+        data, expected = ramp_in(mode)
+        records.append({"bytes": data, "path": None})
+        buffer = io.BytesIO()
+        Image.fromarray(expected).convert("RGB").save(buffer, "PNG")
+        references.append({"bytes": buffer.getvalue(), "path": None})
+    labels = [0] * len(MODES)
+    modes = ImageDataset(datasets.Dataset.from_dict({"image": records, "label": labels}, features=features), "image", "label")
+    reference = ImageDataset(datasets.Dataset.from_dict({"image": references, "label": labels}, features=features),
+                             "image", "label")  # fmt: skip
+    got, _ = extract_features(None, modes, tiny_processor(), batch_size=5, progress=False)
+    want, _ = extract_features(None, reference, tiny_processor(), batch_size=5, progress=False)
+    scale = 1 / (255 * 0.229)  # one 8-bit level after ImageNet normalisation, at most
+    for mode, row, reference_row in zip(MODES, got, want):
+        np.testing.assert_allclose(row, reference_row, atol=3 * scale, err_msg=mode)
