@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -46,7 +47,18 @@ from .data import (
     load_labelled_split,
     match_labels,
 )
+from .files import write_text_atomically
 from .modelcard import format_table, update_model_card
+from .pictures import (
+    LOWSHOT_FILE,
+    NEIGHBOURS_FILE,
+    PROTOTYPES_FILE,
+    nearest_neighbours,
+    plot_lowshot,
+    plot_neighbours,
+    plot_prototypes,
+    prototype_usage,
+)
 from .sources import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -75,9 +87,14 @@ PROTOCOLS = {
 }
 DEFAULT_PROTOCOL = "msn"
 BASELINES = ("random", "pixels")
+# The results file of `msn-pretrain`'s final evaluation and of `msn-evaluate`.
+RESULTS_FILE = "eval_results.json"
 # Raw-pixel features are average-pooled to at most this side, so that 224 px images stay affordable.
 PIXEL_FEATURE_SIZE = 32
 MODEL_ENCODER_NAME = "msn"
+# The neighbours picture: query images (one per class) and neighbours of each.
+NEIGHBOUR_QUERIES = 8
+NEIGHBOURS = 6
 # Unreadable files named in the warning of one feature extraction (all are counted).
 SKIPPED_FILES_SHOWN = 3
 
@@ -130,9 +147,9 @@ def _embed(model: torch.nn.Module | None, pixel_values: torch.Tensor) -> torch.T
 
 def _batches(
     dataset: ImageDataset, image_processor, batch_size: int, skipped: dict | None = None
-) -> Iterator[tuple[torch.Tensor, list]]:
+) -> Iterator[tuple[torch.Tensor, list, list[int]]]:
     """
-    Evaluation-preprocessed `(pixel_values, labels)` batches. The images are read undecoded and decoded here, as the
+    Evaluation-preprocessed `(pixel_values, labels, rows)` batches (`rows`: the dataset rows of the kept images). The images are read undecoded and decoded here, as the
     pretraining collator does, so that an unreadable one is skipped with its label (`datasets` would raise on it
     while reading the batch); each skipped file is added to the keys of `skipped`, by path (else by row).
     """
@@ -151,7 +168,7 @@ def _batches(
             continue
         labels = [batch[dataset.label_column][i] for i in kept]
         pixel_values = image_processor([images[i] for i in kept], return_tensors="pt")["pixel_values"]
-        yield pixel_values, labels
+        yield pixel_values, labels, [start - len(values) + i for i in kept]
 
 
 def extract_features(
@@ -162,7 +179,8 @@ def extract_features(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "Extracting features",
-) -> tuple[np.ndarray, np.ndarray]:
+    return_rows: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     Frozen features of a labelled dataset, batched and without gradient.
 
@@ -177,7 +195,8 @@ def extract_features(
     Unreadable images are skipped with their labels; one warning per call counts the files and names the first.
 
     Returns:
-        `(features, labels)`: float32 `(num_images, num_features)` and the label values `(num_images,)`.
+        `(features, labels)`: float32 `(num_images, num_features)` and the label values `(num_images,)`; with
+        `return_rows`, also the dataset row of each feature vector `(num_images,)` (unreadable rows have none).
     """
     if dataset.label_column is None:
         raise ValueError(
@@ -191,15 +210,16 @@ def extract_features(
         device = torch.device(device) if device is not None else next(model.parameters()).device
         model.to(device).eval()
     total = len(dataset.dataset) if hasattr(dataset.dataset, "__len__") else None
-    features, labels = [], []
+    features, labels, rows = [], [], []
     skipped = {}  # the unreadable files, in the order met; a dict counts a file met twice once
     try:
         with torch.inference_mode(), tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
-            for pixel_values, batch_labels in _batches(dataset, image_processor, batch_size, skipped):
+            for pixel_values, batch_labels, batch_rows in _batches(dataset, image_processor, batch_size, skipped):
                 if device is not None:
                     pixel_values = pixel_values.to(device)
                 features.append(_embed(model, pixel_values).float().cpu())
                 labels.extend(batch_labels)
+                rows.extend(batch_rows)
                 bar.update(len(batch_labels))
     finally:
         if was_training:
@@ -213,6 +233,8 @@ def extract_features(
         )
     if not features:
         raise ValueError("`dataset` contains no readable image.")
+    if return_rows:
+        return torch.cat(features).numpy(), np.asarray(labels), np.asarray(rows, dtype=np.int64)
     return torch.cat(features).numpy(), np.asarray(labels)
 
 
@@ -377,7 +399,7 @@ def evaluate_lowshot(
     label_fraction: float | None = DEFAULT_LABEL_FRACTION,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     knn_k: int | None = DEFAULT_KNN_K,
-    baselines: Sequence[str] = ("random",),
+    baselines: Sequence[str] = BASELINES,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     l2_reg: float = DEFAULT_L2_REG,
@@ -385,6 +407,7 @@ def evaluate_lowshot(
     progress: bool = True,
     trust_remote_code: bool = False,
     protocol: str = DEFAULT_PROTOCOL,
+    pictures_dir: str | os.PathLike | None = None,
 ) -> dict:
     """
     Low-shot evaluation of a frozen encoder and of baselines on the same data and samples.
@@ -408,6 +431,9 @@ def evaluate_lowshot(
         output_file: where to write the results as JSON (None: do not write).
         protocol: `"msn"` (the authors': centred, L2-normalised features, `C = 1 / l2_reg`, no intercept) or
             `"standardized"` (standardised features, `C = 1 / (l2_reg * n)`); stated in `settings`.
+        pictures_dir: where to draw the pictures of what was learnt (see [`write_pictures`]); None: none.
+            `label_fraction` is left out (with `settings["label_fraction_note"]`) when it is fewer than one labelled
+            image per class.
 
     Returns:
         `{"settings": {...}, "encoders": {"msn": {...}, "random": {...}, "pixels": {...}}}` where every encoder
@@ -444,20 +470,27 @@ def evaluate_lowshot(
         encoders["pixels"] = lambda: None
 
     results = {"encoders": {}}
+    label_fraction_note = None
+    kept_features = {}  # (train, test) features and rows of the model and the pixels, for the pictures
     for name, build in encoders.items():
         start = time.perf_counter()
         encoder = build()
         features = {}
         for split, dataset in (("train", train), ("test", test)):
             features[split] = extract_features(
-                encoder, dataset, image_processor, batch_size, device, progress, desc=f"{name} {split} features"
-            )
-        (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+                encoder, dataset, image_processor, batch_size, device, progress, desc=f"{name} {split} features",
+                return_rows=True,
+            )  # fmt: skip
+        (train_x, train_y, train_rows), (test_x, test_y, test_rows) = features["train"], features["test"]
         train_y, test_y = _encode_labels(train_y, test_y)
+        if label_fraction is not None and label_fraction_note is None:
+            label_fraction, label_fraction_note = _usable_label_fraction(label_fraction, train_y)
         results["encoders"][name] = evaluate_features(
             train_x, train_y, test_x, test_y, shots, label_fraction, seeds, knn_k, l2_reg, protocol
         )
         results["encoders"][name]["seconds"] = round(time.perf_counter() - start, 2)
+        if name in (MODEL_ENCODER_NAME, "pixels"):
+            kept_features[name] = (train_x, train_rows, test_x, test_rows, test_y)
     results["settings"] = {
         "shots": list(shots),
         "label_fraction": label_fraction,
@@ -470,11 +503,91 @@ def evaluate_lowshot(
         "num_test": int(len(test_y)),
         "num_labels": int(len(np.unique(np.concatenate([train_y, test_y])))),
     }
+    if label_fraction_note is not None:
+        results["settings"]["label_fraction_note"] = label_fraction_note
+    if pictures_dir is not None:
+        results["pictures"] = write_pictures(
+            pictures_dir, model, train, test, image_processor, kept_features, results, batch_size, device
+        )
     if output_file is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-        with open(output_file, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_text_atomically(output_file, json.dumps(results, indent=2))
     return results
+
+
+def _usable_label_fraction(label_fraction: float, train_labels: np.ndarray) -> tuple[float | None, str | None]:
+    """
+    `label_fraction`, or None with the reason when it is fewer than one labelled image per class on average: every
+    class would then get the one image `sample_fraction` guarantees, and the setting would repeat the 1-shot one.
+    """
+    per_class = label_fraction * len(train_labels) / len(np.unique(train_labels))
+    if per_class >= 1:
+        return label_fraction, None
+    return None, (
+        f"{fraction_name(label_fraction)} of {len(train_labels)} labelled images is {per_class:.2f} per class, fewer "
+        "than one: left out (it would repeat the 1-shot setting)."
+    )
+
+
+def write_pictures(
+    output_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    train: ImageDataset,
+    test: ImageDataset,
+    image_processor,
+    features: dict,
+    results: dict,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> dict:
+    """
+    The pictures of what the model learnt, into `output_dir`: `neighbours.png` (a few test images, one per class,
+    and their nearest training images under the model's features, beside the same under raw pixels when `features`
+    has them), `lowshot.png` (accuracy against labels per class, from `results`) and, for a model with prototypes,
+    `prototypes.png` (the share of the training images each prototype takes). `features` maps `"msn"` (and
+    `"pixels"`) to `(train_features, train_rows, test_features, test_rows, test_labels)` of [`extract_features`].
+
+    Returns `{"files": [names written], "prototypes": {"used", "num_prototypes"}}` (prototypes only when drawn).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = {"files": []}
+    train_x, train_rows, test_x, test_rows, test_y = features[MODEL_ENCODER_NAME]
+    # One query per class, in class order, so that the grid shows as many classes as it has rows.
+    queries = [int(np.flatnonzero(test_y == label)[0]) for label in np.unique(test_y)][:NEIGHBOUR_QUERIES]
+    k = min(NEIGHBOURS, len(train_rows))
+    train_images, test_images = _undecoded_images(train), _undecoded_images(test)
+    neighbours = nearest_neighbours(train_x, test_x[queries], k)
+    pixel_neighbours = None
+    if "pixels" in features:
+        pixel_train_x, pixel_train_rows, pixel_test_x, _, _ = features["pixels"]
+        # The same readable rows in the same order: the pixel features index the same images.
+        pixel_neighbours = nearest_neighbours(pixel_train_x, pixel_test_x[queries], k)
+        pixel_neighbours = [[train_images(pixel_train_rows[j]) for j in row] for row in pixel_neighbours]
+    plot_neighbours(
+        [test_images(test_rows[i]) for i in queries],
+        [[train_images(train_rows[j]) for j in row] for row in neighbours],
+        output_dir / NEIGHBOURS_FILE,
+        pixel_neighbour_images=pixel_neighbours,
+    )
+    plot_lowshot(results, output_dir / LOWSHOT_FILE)
+    written["files"] += [NEIGHBOURS_FILE, LOWSHOT_FILE]
+    if hasattr(model, "prototype_assignments"):
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        counts = np.zeros(model.config.num_prototypes, dtype=np.int64)
+        with torch.inference_mode():
+            for pixel_values, _, _ in _batches(train, image_processor, batch_size):
+                probs = model.prototype_assignments(pixel_values.to(device)).float().cpu().numpy()
+                counts += prototype_usage(probs, model.config.num_prototypes)
+        used = plot_prototypes(counts, output_dir / PROTOTYPES_FILE)
+        written["files"].append(PROTOTYPES_FILE)
+        written["prototypes"] = {"used": int(used), "num_prototypes": int(model.config.num_prototypes)}
+    return written
+
+
+def _undecoded_images(dataset: ImageDataset):
+    """`row -> PIL image` of a dataset, decoded with `decode_image` (as the features were)."""
+    rows = dataset.dataset.cast_column(dataset.image_column, datasets.Image(decode=False))
+    return lambda row: decode_image(rows[int(row)][dataset.image_column])
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -566,11 +679,17 @@ class EvaluationArguments:
         metadata={"help": "Logistic regression protocol (see PROTOCOLS).", "choices": tuple(PROTOCOLS)},
     )
     baselines: list[str] = field(
-        default_factory=list, metadata={"help": f"Among {BASELINES}.", "choices": BASELINES, "nargs": "*"}
+        default_factory=lambda: list(BASELINES),
+        metadata={"help": f"Among {BASELINES} (default: both; none given: none).", "choices": BASELINES, "nargs": "*"},
     )
     batch_size: int = field(default=64, metadata={"help": "Feature extraction batch size."})
     device: str | None = field(default=None, metadata={"help": "Default: CUDA when available."})
-    output_file: str | None = field(default=None, metadata={"help": "Default: lowshot_results.json in the model folder."})
+    output_file: str | None = field(
+        default=None, metadata={"help": f"Default: {RESULTS_FILE} in the model folder (the file msn-pretrain writes)."}
+    )
+    no_pictures: bool = field(
+        default=False, metadata={"help": "Do not draw neighbours.png, lowshot.png and prototypes.png next to the results."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Load code shipped with the checkpoint."})
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
 
@@ -596,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output_file = args.output_file
     if output_file is None:
         folder = args.model_name_or_path if os.path.isdir(args.model_name_or_path) else "."
-        output_file = os.path.join(folder, "lowshot_results.json")
+        output_file = os.path.join(folder, RESULTS_FILE)
     results = evaluate_lowshot(
         args.model_name_or_path,
         train,
@@ -614,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         progress=not args.no_progress,
         trust_remote_code=args.trust_remote_code,
         protocol=args.protocol,
+        pictures_dir=None if args.no_pictures else os.path.dirname(os.path.abspath(output_file)),
     )
     settings = results["settings"]
     print(
@@ -622,6 +742,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(format_table(results))
     print(f"\nResults written to {output_file}")
+    for name in results.get("pictures", {}).get("files", []):
+        print(f"Picture: {os.path.join(os.path.dirname(os.path.abspath(output_file)), name)}")
     if os.path.isdir(args.model_name_or_path):
         card = update_model_card(args.model_name_or_path, results)
         if card is not None:

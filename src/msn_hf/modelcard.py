@@ -17,6 +17,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .files import write_text_atomically
 
 CARD_FACTS_FILE = "msn_card.json"
+# The license of the card's metadata unless the run states one: msn_hf's own.
+DEFAULT_LICENSE = "apache-2.0"
 LOSS_CURVE_FILE = "loss_curve.png"
 MSN_BIBTEX = """@inproceedings{assran2022masked,
   title     = {Masked Siamese Networks for Label-Efficient Learning},
@@ -95,7 +97,7 @@ def eval_results(results: dict, facts: dict) -> list[EvalResult]:
         task_type="image-classification",
         task_name="Low-shot image classification (frozen features)",
         dataset_type=facts.get("eval_dataset_id") or facts.get("dataset_id") or "custom",
-        dataset_name=facts.get("eval_dataset") or facts.get("dataset") or "custom",
+        dataset_name=dataset_title(facts.get("eval_dataset") or facts.get("dataset")),
         dataset_split=facts.get("eval_split", "test"),
         metric_type="accuracy",
     )
@@ -144,42 +146,85 @@ def recipe_table(facts: dict) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
+def dataset_title(source: str | None) -> str:
+    """How a data set is named in a title: a Hub id or a name as it is, a local folder or file by its own name."""
+    if not source:
+        return "custom data"
+    names = [part.strip() for part in source.split(",")]
+    titled = [Path(name.rstrip("/\\")).name if ("/" in name or os.sep in name) and not _is_hub_id(name) else name
+              for name in names]  # fmt: skip
+    return ", ".join(dict.fromkeys(titled))
+
+
+def _is_hub_id(name: str) -> bool:
+    """`user/name` (one slash, no path syntax) that is not a folder here."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+
+
+def pictures_section(results: dict, output_dir: str | os.PathLike | None) -> str:
+    """Markdown embedding the pictures of `results["pictures"]` that exist in `output_dir`."""
+    pictures = results.get("pictures") or {}
+    if output_dir is None:
+        return ""
+    output_dir = Path(output_dir)
+    captions = {
+        "neighbours.png": "Nearest training images of test images under the model's features (left) and under raw "
+                          "pixels (right): what the features treat as alike",
+        "lowshot.png": "Top-1 accuracy against labelled images per class, MSN against the baselines",
+        "prototypes.png": "Share of the training images each prototype takes, sorted: a collapse shows as a few bars",
+    }  # fmt: skip
+    lines = [f"![{captions[name]}]({name})" for name in pictures.get("files", []) if (output_dir / name).exists()]
+    prototypes = pictures.get("prototypes")
+    if prototypes:
+        lines.append(
+            f"The training images use **{prototypes['used']} of the {prototypes['num_prototypes']} prototypes** (each "
+            "image counted for its most likely prototype under the target encoder)."
+        )
+    return "".join(f"\n\n{line}" for line in lines)
+
+
 def render_model_card(facts: dict, results: dict | None = None, output_dir: str | os.PathLike | None = None) -> ModelCard:
     """The card of a run described by `facts` (see [`write_model_card`]) with evaluation `results` (or none yet)."""
     arch = facts["architecture"]
-    dataset = facts.get("dataset") or "custom data"
+    dataset = dataset_title(facts.get("dataset"))
     model_name = facts.get("model_name") or f"msn-{backbone_name(arch).lower().replace(' ', '-').replace('/', '')}"
     model_name = re.sub(r"[^a-z0-9.]+", "-", model_name.lower()).strip("-")
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
-        license=facts.get("license"),
+        license=facts.get("license") or DEFAULT_LICENSE,
         datasets=[facts["dataset_id"]] if facts.get("dataset_id") else None,
         tags=["msn", "masked-siamese-networks", "self-supervised", "vision", "image-feature-extraction", "timm"],
         eval_results=eval_results(results, facts) if results else None,
     )
-    repo = facts.get("repo_id") or "path/to/this/folder"
+    # The Hub repository when there is one, else this folder as the run named it: the snippets work as written.
+    repo = facts.get("repo_id") or (str(output_dir) if output_dir is not None else "path/to/this/folder")
+    settings = (results or {}).get("settings", {})
+    num_labels = settings.get("num_labels")
     if results:
-        settings = results.get("settings", {})
         results_section = (
-            f"Low-shot evaluation of the frozen target encoder on {facts.get('eval_dataset') or dataset} "
+            f"Low-shot evaluation of the frozen target encoder on {dataset_title(facts.get('eval_dataset')) or dataset} "
             f"({settings.get('num_train', '?')} training / {settings.get('num_test', '?')} test images, "
             f"{settings.get('num_labels', '?')} classes). Top-1 accuracy in %, logistic regression on the class "
             f"token with k images per class or a fraction of the labels, mean ± std over seeds "
             f"{settings.get('seeds', [])}; cosine kNN on all labels. Baselines ran on the same data and samples.\n\n"
             f"{results_table(results)}"
         )
+        if settings.get("label_fraction_note"):
+            results_section += f"\n\nNo label-fraction column: {settings['label_fraction_note']}"
+        results_section += pictures_section(results, output_dir)
     else:
-        results_section = "Not evaluated yet: `msn-evaluate --model_name_or_path <this folder> --baselines random pixels`."
+        results_section = f"Not evaluated yet: `msn-evaluate --model_name_or_path {repo}` (with the data flags of the run)."
     loss_plot = ""
     if output_dir is not None and (Path(output_dir) / LOSS_CURVE_FILE).exists():
-        loss_plot = f"\n\n![Training loss: cross-entropy and me-max]({LOSS_CURVE_FILE})"
+        loss_plot = f"\n\n![Training loss: cross-entropy (with the total) and me-max, on their own axes]({LOSS_CURVE_FILE})"
     limitations = facts.get("limitations") or (
         f"Pretrained on {dataset} for {facts.get('steps', '?')} steps ({_duration(facts.get('wall_time_seconds'))}); "
         "the figures above come from that data and budget only and are not comparable with the paper's ImageNet "
         "results."
     )
+    classifier_labels = f"num_labels={num_labels}, " if num_labels else "num_labels=NUM_CLASSES, "
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -215,7 +260,7 @@ Fine-tuning a classifier (its encoder starts from the target encoder):
 ```python
 from transformers import AutoModelForImageClassification
 
-model = AutoModelForImageClassification.from_pretrained("{repo}", num_labels=10, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained("{repo}", {classifier_labels}trust_remote_code=True)
 ```
 
 `msn-convert to-vit-msn --model {repo} --output vit-msn` exports the target encoder as a Transformers

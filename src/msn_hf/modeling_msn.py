@@ -524,6 +524,23 @@ class MSNModel(MSNPreTrainedModel):
         target, anchor = self._target_and_anchor_parameters()
         torch._foreach_lerp_(target, anchor, 1.0 - momentum)
 
+    @torch.no_grad()
+    def prototype_assignments(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        The target branch's assignment of unmasked images to the prototypes, `p(z_target)` of [`MSNLoss`] before
+        sharpening and Sinkhorn: which prototypes the data uses (a collapse shows as a few prototypes taking all).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): evaluation-preprocessed.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, num_prototypes)`, rows summing to 1.
+        """
+        self._check_pixel_values("pixel_values", pixel_values, ranks=(4,))
+        tokens, _ = self._encode(self.target_encoder, pixel_values)
+        embeddings = self.target_projection_head(tokens[:, 0]).float()
+        return self.criterion.log_probs(embeddings, self.prototypes.float()).exp()
+
     def _embed_views(self, views: torch.Tensor, mask_ratio: float) -> torch.Tensor:
         """Projection-head outputs of one resolution group of anchor views `(V, B, 3, H, W)` -> `(V * B, out)`."""
         tokens, _ = self._encode(self.encoder, views.flatten(0, 1), mask_ratio=mask_ratio, class_token_only=True)

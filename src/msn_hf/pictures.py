@@ -33,6 +33,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+# The file names a run and `msn-evaluate` write, linked from the model card.
+NEIGHBOURS_FILE = "neighbours.png"
+LOWSHOT_FILE = "lowshot.png"
+PROTOTYPES_FILE = "prototypes.png"
 # Resolution of every figure, dots per inch.
 DPI = 100
 # Side of one image cell of `plot_neighbours`, inches; and the height of its header (panel titles), inches.

@@ -805,8 +805,11 @@ def finish(
 def run_final_evaluation(
     args: PretrainingArguments, train_data: TrainData, model: MSNModel, processor: MSNImageProcessor, output_dir: Path
 ) -> dict:
-    """Low-shot evaluation of the target encoder on the held-out labelled images; writes `eval_results.json`."""
-    from .evaluation import evaluate_lowshot
+    """
+    Low-shot evaluation of the target encoder (and the random and pixel baselines) on the held-out labelled images;
+    writes `eval_results.json` and the pictures of what was learnt.
+    """
+    from .evaluation import RESULTS_FILE, evaluate_lowshot
 
     if train_data.evaluation is None:
         logger.info(f"Low-shot evaluation skipped: {train_data.no_evaluation_reason}.")
@@ -819,7 +822,9 @@ def run_final_evaluation(
             f"run `msn-evaluate --model_name_or_path {output_dir}` on a subset or raise the limit."
         )
         return {}
-    return evaluate_lowshot(model, train, test, processor, output_file=str(output_dir / "eval_results.json"))
+    return evaluate_lowshot(
+        model, train, test, processor, output_file=str(output_dir / RESULTS_FILE), pictures_dir=output_dir
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,22 +19,26 @@ from .recipe import RECIPE_FILE
 
 
 def plot_loss_curve(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """
+    The logged losses against the step: the total and the cross-entropy on one panel, me-max on its own below it
+    (it is near 0 while the cross-entropy is near log K: on one axis it would be a flat line).
+    """
+    from matplotlib.figure import Figure
 
     steps = [m["step"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("loss", "loss"), ("prediction_loss", "cross-entropy"), ("me_max_loss", "me-max")):
-        ax.plot(steps, [m[key] for m in metrics], label=label)
-    ax.set_xlabel("optimisation step")
-    ax.set_ylabel("loss")
-    ax.set_title("MSN pretraining")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figure = Figure(figsize=(6, 5))
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    top.plot(steps, [m["loss"] for m in metrics], label="total", linewidth=2.5, alpha=0.6)
+    top.plot(steps, [m["prediction_loss"] for m in metrics], label="cross-entropy", linestyle="--")
+    top.set_ylabel("loss")
+    top.set_title("MSN pretraining")
+    top.legend()
+    bottom.plot(steps, [m["me_max_loss"] for m in metrics], color="tab:green", label="me-max")
+    bottom.set_ylabel("me-max")
+    bottom.set_xlabel("optimisation step")
+    bottom.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def card_run_info(
