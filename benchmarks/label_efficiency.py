@@ -1,26 +1,29 @@
 """
-Label efficiency under a fixed wall-clock budget: pretrain with `msn-pretrain`, then evaluate the target encoder
-against a random encoder of the same shape and raw pixels (`msn_hf.evaluation`, the authors' protocol).
+Label efficiency against wall-clock budget: pretrain with `msn-pretrain --max_train_time B`, then evaluate the
+target encoder against a random encoder of the same shape and raw pixels (`msn-evaluate`, the authors' protocol).
+It tells when MSN passes raw pixels on a kind of data, and how the time is best spent.
 
-Data sets, both offline:
-- `digits`: scikit-learn's digits, built into msn_hf (32 px grey, 10 classes, held-out test split);
-- `shapes`: generated here: 10 classes of shapes and textures (disc, square, triangle, cross, ring, and
-  horizontal, vertical, diagonal stripes, checkerboard, dots) at random position, size, colours and noise, 32 px
-  RGB, written as image folders (train / test).
+Data sets, all offline and of different kinds:
+- `digits`: scikit-learn's digits, built into msn_hf (32 px grey, 10 classes, its held-out test split);
+- `shapes`: generated here: 10 classes of shapes and textures at random position, size, colours and noise, 32 px;
+- `photos`: natural-image statistics: 48 px crops of the two photographs scikit-learn ships (`china.jpg`,
+  `flower.jpg`), at random position and scale, labelled by source photograph and quadrant (8 classes).
 
-The number of steps that fits the budget is measured first (a short timed run of the same recipe), then the run is
-laid over that many steps (so that its schedules end where the run does) and timed.
+    python benchmarks/label_efficiency.py --datasets digits shapes photos --budgets 1m 3m 10m
+    python benchmarks/label_efficiency.py --datasets photos --budgets 3m --variant grid4="--recipe_file r.json"
+    python benchmarks/label_efficiency.py --continued shapes:photos --budgets 3m
 
-    python benchmarks/label_efficiency.py --datasets digits shapes --budget_seconds 180
-    python benchmarks/label_efficiency.py --datasets digits --variant patch8="--backbone_kwargs {...}" ...
-
-Each `--variant NAME=FLAGS` adds a run with extra `msn-pretrain` flags (a sweep); the default is one run with the
-auto recipe. Results: a markdown table on stdout and JSON in `--output_dir`.
+Each `--variant NAME=FLAGS` adds a run with extra `msn-pretrain` flags (a sweep); the default is the auto recipe.
+`--continued SOURCE:TARGET` pretrains on SOURCE for the first budget, then on TARGET compares continuing from it
+(`--model_name_or_path`) with scratch at equal time and with the starting weights as they are.
+Results: markdown tables on stdout, JSON and a plot (accuracy at 1/5/10 shots and kNN against budget) in
+`--output_dir`.
 """
 
 import argparse
 import json
 import math
+import re
 import shlex
 import subprocess
 import sys
@@ -33,8 +36,11 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "dstripes", "checker", "dots")
+DATASETS = ("digits", "shapes", "photos")
+SHOTS = (1, 5, 10)
 
 
+# --------------------------------------------------------------------------------------------------- data sets
 def draw_shape(kind: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
     """One image of class `kind`: random background and foreground colours, position, scale and pixel noise."""
     background, foreground = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
@@ -83,89 +89,179 @@ def draw_shape(kind: str, rng: np.random.Generator, size: int = 32) -> Image.Ima
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def make_shapes(folder: Path, train_per_class: int = 200, test_per_class: int = 50, seed: int = 0) -> Path:
-    """Write the `shapes` image folders `folder/train/<class>/*.png` and `folder/test/<class>/*.png` (once)."""
+def write_folders(folder: Path, classes: dict, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """`folder/train/<class>/*.png` and `folder/test/<class>/*.png` from `classes[name](rng) -> PIL image` (once)."""
     if (folder / "done").exists():
         return folder
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for kind in SHAPES:
-            (folder / split / kind).mkdir(parents=True, exist_ok=True)
+        for name, draw in classes.items():
+            (folder / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                draw_shape(kind, rng).save(folder / split / kind / f"{i}.png")
+                draw(rng).save(folder / split / name / f"{i}.png")
     (folder / "done").write_text("ok")
     return folder
 
 
-def pretrain(data_flags: list[str], extra: list[str], output_dir: Path, max_steps: int | None, env=None) -> float:
-    """Run msn-pretrain; returns its wall time in seconds."""
-    command = [sys.executable, str(SCRIPT), *data_flags, *extra, "--output_dir", str(output_dir), "--overwrite_output_dir"]
-    if max_steps is not None:
-        command += ["--max_train_steps", str(max_steps)]
+def photo_crops(size: int = 48) -> dict:
+    """8 classes: a quadrant of one of scikit-learn's two photographs; each image a random square crop of it."""
+    from sklearn.datasets import load_sample_images
+
+    classes = {}
+    for photo, name in zip(load_sample_images().images, ("china", "flower")):
+        height, width = photo.shape[:2]
+        for row in range(2):
+            for col in range(2):
+                top, left = row * height // 2, col * width // 2
+
+                def crop(rng, photo=photo, top=top, left=left, height=height, width=width):
+                    side = int(rng.integers(size, min(height, width) // 2))
+                    y = top + int(rng.integers(0, height // 2 - side + 1))
+                    x = left + int(rng.integers(0, width // 2 - side + 1))
+                    return Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BICUBIC)
+
+                classes[f"{name}-{'tb'[row]}{'lr'[col]}"] = crop
+    return classes
+
+
+def data_flags(dataset: str, output: Path) -> list[str]:
+    if dataset == "digits":
+        return []
+    if dataset == "shapes":
+        classes = {kind: (lambda rng, kind=kind: draw_shape(kind, rng)) for kind in SHAPES}
+        folder = write_folders(output / "data-shapes", classes, train_per_class=200, test_per_class=50)
+    else:
+        folder = write_folders(output / "data-photos", photo_crops(), train_per_class=200, test_per_class=50)
+    return ["--train_dir", str(folder / "train"), "--test_dir", str(folder / "test")]
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+def run(command: list[str]) -> float:
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
     return time.perf_counter() - start
 
 
-def steps_in_budget(data_flags, extra, work: Path, budget_seconds: float, probe_steps: int = 30) -> int:
-    """Steps that fit the budget, from the time of a probe run of `probe_steps` (start-up cost removed)."""
-    short = pretrain(data_flags, [*extra, "--skip_evaluation"], work / "probe-short", 3)
-    long = pretrain(data_flags, [*extra, "--skip_evaluation"], work / "probe-long", probe_steps)
-    per_step = max(1e-3, (long - short) / (probe_steps - 3))
-    startup = max(0.0, short - 3 * per_step)
-    return max(10, int((budget_seconds - startup) / per_step))
+def pretrain(flags: list[str], extra: list[str], output_dir: Path, budget: str, seed: int) -> dict:
+    """`msn-pretrain --max_train_time budget`, no evaluation; returns what its train_results.json says."""
+    seconds = run([sys.executable, str(SCRIPT), *flags, *extra, "--max_train_time", budget, "--seed", str(seed),
+                   "--skip_evaluation", "--output_dir", str(output_dir), "--overwrite_output_dir"])  # fmt: skip
+    results = json.loads((output_dir / "train_results.json").read_text())
+    return dict(steps=results.get("completed_steps"), process_seconds=round(seconds, 1))
+
+
+def evaluate(flags: list[str], model: Path, output_file: Path) -> dict:
+    run([sys.executable, "-m", "msn_hf.evaluation", "--model_name_or_path", str(model), *flags, "--no_progress",
+         "--no_pictures", "--output_file", str(output_file)])  # fmt: skip
+    return json.loads(output_file.read_text())
+
+
+def summary(evaluation: dict) -> dict:
+    """`{encoder: {"1-shot": %, "5-shot": %, "10-shot": %, "knn": %}}`."""
+    table = {}
+    for encoder, values in evaluation["encoders"].items():
+        row = {f"{k}-shot": 100 * values["logistic"][f"{k}-shot"]["mean"] for k in SHOTS if f"{k}-shot" in values["logistic"]}
+        row["knn"] = 100 * values["knn"]
+        table[encoder] = row
+    return table
+
+
+def format_table(results: dict) -> str:
+    columns = [*(f"{k}-shot" for k in SHOTS), "knn"]
+    lines = ["| data | budget | run | steps | encoder | " + " | ".join(columns) + " |",
+             "|---|---|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+    for key, entry in results.items():
+        dataset, budget, name = key.split("/")
+        for encoder, row in entry["accuracy"].items():
+            cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
+            lines.append(f"| {dataset} | {budget} | {name} | {entry.get('steps', '-')} | {encoder} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Accuracy (1/5/10-shot, kNN) against budget, one panel per data set; MSN solid, pixels dashed, random dotted."""
+    from matplotlib.figure import Figure
+
+    datasets = sorted({key.split("/")[0] for key in results})
+    columns = [*(f"{k}-shot" for k in SHOTS), "knn"]
+    figure = Figure(figsize=(5 * len(datasets), 4))
+    axes = figure.subplots(1, len(datasets), squeeze=False)[0]
+    styles = {"msn": "-", "pixels": "--", "random": ":"}
+    for ax, dataset in zip(axes, datasets):
+        runs = sorted(((seconds_of(key.split("/")[1]), entry) for key, entry in results.items()
+                       if key.startswith(dataset + "/") and key.endswith("/auto")), key=lambda item: item[0])  # fmt: skip
+        for encoder, style in styles.items():
+            for column, colour in zip(columns, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+                points = [(budget / 60, entry["accuracy"][encoder][column]) for budget, entry in runs
+                          if encoder in entry["accuracy"] and column in entry["accuracy"][encoder]]  # fmt: skip
+                if points:
+                    ax.plot(*zip(*points), style, color=colour, marker="o",
+                            label=f"{encoder} {column}" if encoder == "msn" or column == "knn" else None)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("pretraining budget (minutes, 2 CPU cores)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def seconds_of(budget: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)([smhd]?)", budget).groups()
+    return float(value) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes"])
-    parser.add_argument("--budget_seconds", type=float, default=180.0, help="Pretraining wall-clock budget per run.")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--budgets", nargs="+", default=["1m", "3m", "10m", "30m"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Pretraining seeds (results averaged).")
     parser.add_argument("--variant", action="append", default=[], help="NAME=FLAGS: a run with extra flags.")
-    parser.add_argument("--max_train_steps", type=int, help="Skip the timing probe and run this many steps.")
+    parser.add_argument("--continued", help="SOURCE:TARGET data sets of a continued-pretraining comparison.")
     parser.add_argument("--output_dir", default="outputs/label_efficiency")
     args = parser.parse_args(argv)
     output = Path(args.output_dir)
-    variants = [tuple(v.split("=", 1)) for v in args.variant] or [("auto", "")]
-    data = {"digits": []}
-    if "shapes" in args.datasets:
-        shapes = make_shapes(output / "shapes-data")
-        data["shapes"] = ["--train_dir", str(shapes / "train"), "--test_dir", str(shapes / "test"),
-                          "--per_device_train_batch_size", "64", "--num_train_epochs", "20"]  # fmt: skip
-    results = {}
-    for dataset in args.datasets:
-        for name, flags in variants:
-            work = output / dataset / name
-            extra = shlex.split(flags)
-            steps = args.max_train_steps or steps_in_budget(data[dataset], extra, work, args.budget_seconds)
-            seconds = pretrain(data[dataset], [*extra, "--skip_evaluation"], work / "run", steps)
-            evaluate = [sys.executable, "-m", "msn_hf.evaluation", "--model_name_or_path", str(work / "run"),
-                        "--baselines", "random", "pixels", "--no_progress",
-                        "--output_file", str(work / "eval.json")]  # fmt: skip
-            if dataset == "shapes":
-                evaluate += ["--train_dir", str(output / "shapes-data" / "train"),
-                             "--test_dir", str(output / "shapes-data" / "test")]  # fmt: skip
-            subprocess.run(evaluate, check=True, capture_output=True, text=True)
-            evaluation = json.loads((work / "eval.json").read_text())
-            results[f"{dataset}/{name}"] = dict(steps=steps, pretrain_seconds=round(seconds, 1), flags=flags,
-                                                encoders=evaluation["encoders"], settings=evaluation["settings"])  # fmt: skip
-            print(f"{dataset}/{name}: {steps} steps in {seconds:.0f} s", flush=True)
-    (output / "results.json").write_text(json.dumps(results, indent=2))
-    print(format_results(results))
+    output.mkdir(parents=True, exist_ok=True)
+    variants = [("auto", "")] + [tuple(v.split("=", 1)) for v in args.variant]
+    results_file = output / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+
+    def record(key: str, entry: dict) -> None:
+        results[key] = entry
+        results_file.write_text(json.dumps(results, indent=2))
+        print(f"{key}: {entry.get('steps')} steps; MSN {entry['accuracy'].get('msn')}", flush=True)
+
+    if args.continued:
+        source, target = args.continued.split(":")
+        budget = args.budgets[0]
+        start = output / f"continued-{source}" / "run"
+        pretrain(data_flags(source, output), [], start, budget, args.seeds[0])
+        target_flags = data_flags(target, output)
+        for name, extra in (("from-" + source, ["--model_name_or_path", str(start)]), ("scratch", [])):
+            folder = output / f"continued-{target}" / name
+            facts = pretrain(target_flags, extra, folder, budget, args.seeds[0])
+            record(f"{target}/{budget}/{name}", dict(**facts, accuracy=summary(evaluate(target_flags, folder, folder / "eval.json"))))
+        record(f"{target}/0s/{source}-weights-as-they-are",
+               dict(accuracy=summary(evaluate(target_flags, start, output / f"continued-{target}" / "start-eval.json"))))
+    else:
+        for dataset in args.datasets:
+            flags = data_flags(dataset, output)
+            for budget in args.budgets:
+                for name, extra in variants:
+                    runs = []
+                    for seed in args.seeds:
+                        folder = output / dataset / budget / name / f"seed{seed}"
+                        facts = pretrain(flags, shlex.split(extra), folder, budget, seed)
+                        runs.append((facts, summary(evaluate(flags, folder, folder / "eval.json"))))
+                    accuracy = {encoder: {column: float(np.mean([r[1][encoder][column] for r in runs]))
+                                          for column in runs[0][1][encoder]} for encoder in runs[0][1]}  # fmt: skip
+                    record(f"{dataset}/{budget}/{name}", dict(steps=runs[0][0]["steps"], seeds=args.seeds,
+                                                              accuracy=accuracy, flags=extra))  # fmt: skip
+        plot(results, output / "label_efficiency.png")
+    print(format_table(results))
     return results
-
-
-def format_results(results: dict) -> str:
-    header = "| data / run | steps | pretrain s | encoder | 1-shot | 5-shot | 10-shot | kNN-20 |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    for key, run in results.items():
-        for encoder, values in run["encoders"].items():
-            shots = [values["logistic"].get(f"{k}-shot", {}).get("mean") for k in (1, 5, 10)]
-            cells = [f"{100 * v:.1f}" if v is not None else "-" for v in shots]
-            lines.append(f"| {key} | {run['steps']} | {run['pretrain_seconds']} | {encoder} | " + " | ".join(cells)
-                         + f" | {100 * values.get('knn', float('nan')):.1f} |")  # fmt: skip
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
