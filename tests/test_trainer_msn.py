@@ -15,6 +15,7 @@ from conftest import tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
 from msn_hf.data import load_digits_dataset
+from msn_hf.recipe import auto_recipe
 from msn_hf.trainer_msn import MSNTrainer, MSNTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +178,9 @@ def test_example_script_pretrains_evaluates_and_writes_a_card(tmp_path):
     assert "| MSN (this model) |" in card and "| raw pixels |" in card and "model-index" in card
     assert "ViT 2x64, patch 8" in card and "MSNTrainer" in card
     assert "5-shot top-1: MSN" in result.stdout
-    assert MSNModel.from_pretrained(out).config.num_prototypes == 64
+    # The model is the auto recipe of this run (64 images, batch 16, 3 steps), not of another run length.
+    recipe = auto_recipe(image_size=32, grey=True, num_images=64, global_batch=16, planned_steps=3)
+    assert MSNModel.from_pretrained(out).config.num_prototypes == recipe["config"]["num_prototypes"]
 
 
 def test_nonfinite_windows_take_no_step_then_stop_the_run(initial_folder, tmp_path, monkeypatch):
