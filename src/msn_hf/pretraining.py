@@ -70,6 +70,7 @@ from .training import (
     all_processes,
     apply_schedules,
     batch_decisions,
+    check_recipe_arguments,
     clipped_parameters,
     parameter_groups,
     seed_batch,
@@ -145,6 +146,10 @@ class PretrainingArguments:
         metadata={"help": "Warmup length; without epochs (streaming) the same fraction of --num_train_epochs."},
     )
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many bad steps in a row."})
+    max_skipped_batches: int = field(
+        default=100,
+        metadata={"help": "Stop when this many batches in a row (or a whole epoch) have no readable image on a process."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the initialisation, the data order and the views."})
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Default: the Accelerate config."}
@@ -189,9 +194,10 @@ class PretrainingArguments:
         def fail(flag: str, expected: str, value) -> None:
             raise ValueError(f"--{flag} must be {expected}, got {value!r}.")
 
-        for name in ("logging_steps", "gradient_accumulation_steps", "max_nonfinite_steps"):
+        for name in ("logging_steps", "gradient_accumulation_steps"):
             if getattr(self, name) <= 0:
                 fail(name, "a positive number of steps", getattr(self, name))
+        check_recipe_arguments(self)
         for name in ("max_train_steps", "per_device_train_batch_size", "num_train_epochs"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 fail(name, "a positive integer", getattr(self, name))

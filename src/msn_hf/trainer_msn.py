@@ -34,6 +34,7 @@ from .training import (
     all_processes,
     apply_schedules,
     batch_decisions,
+    check_recipe_arguments,
     clipped_parameters,
     parameter_groups,
     seed_batch,
@@ -71,6 +72,10 @@ class MSNTrainingArguments(TrainingArguments):
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "Stop after this many steps in a row with a non-finite loss (each is skipped)."}
     )
+    max_skipped_batches: int = field(
+        default=100,
+        metadata={"help": "Stop when this many batches in a row (or a whole epoch) have no readable image on a process."},
+    )
     num_train_epochs: float = field(default=800, metadata={"help": "Epochs (800 for ViT-S/16)."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per device and step."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (AdamW in the recipe)."})
@@ -84,11 +89,7 @@ class MSNTrainingArguments(TrainingArguments):
         if self.data_seed is None:
             # The Accelerate loop shuffles with the run's seed: the same order for the same seed.
             self.data_seed = self.seed
-        for name in ("warmup_start_learning_rate", "final_learning_rate", "final_weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
-        if self.schedule_stretch < 1:
-            raise ValueError(f"`schedule_stretch` must be >= 1, got {self.schedule_stretch!r}.")
+        check_recipe_arguments(self)
 
 
 class MSNScheduler(torch.optim.lr_scheduler.LRScheduler):

@@ -65,6 +65,31 @@ class MSNSchedules:
         return self.momentum + (self.final_momentum - self.momentum) * step / self.span
 
 
+def check_recipe_arguments(args) -> None:
+    """
+    The rules both loops' arguments follow (`PretrainingArguments` and `MSNTrainingArguments` call this from
+    `__post_init__`), so that a value one loop refuses the other refuses too, with the same line:
+    `ValueError("--<flag> must be <expected>, got <value>.")`. NaN is refused wherever a bound is.
+    """
+
+    def fail(name: str, expected: str) -> None:
+        raise ValueError(f"--{name} must be {expected}, got {getattr(args, name)!r}.")
+
+    for name in ("learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay",
+                 "final_weight_decay"):  # fmt: skip
+        if not getattr(args, name) >= 0:
+            fail(name, ">= 0")
+    # A negative norm would flip every clipped gradient (`clip_grad_norm_` scales by max_norm / norm): ascent.
+    if not args.max_grad_norm >= 0:
+        fail("max_grad_norm", ">= 0 (0: no clipping)")
+    # The schedules are laid over `stretch * steps`: below 1, training would run past their end.
+    if not args.schedule_stretch >= 1:
+        fail("schedule_stretch", ">= 1")
+    for name in ("max_nonfinite_steps", "max_skipped_batches"):
+        if getattr(args, name) <= 0:
+            fail(name, "a positive number of steps" if name == "max_nonfinite_steps" else "a positive number of batches")
+
+
 def parameter_groups(model: MSNModel) -> list[dict]:
     """AdamW groups: weight decay on matrices only; none on biases, norms, other 1-D tensors and the prototypes."""
     decay, no_decay = [], []
