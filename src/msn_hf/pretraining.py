@@ -574,7 +574,7 @@ def epoch_batches(
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
-        seed_batch(seed, state.epoch, state.batches_in_epoch)
+        seed_batch(seed, state.epoch, state.batches_in_epoch, accelerator.process_index)
         batch = send_to_device(batch, accelerator.device) if streaming else batch
         yield collator.render_views(batch, accelerator.device)
 

@@ -301,7 +301,7 @@ class MSNTrainer(Trainer):
             self._window_skipped_batch = True
             return torch.zeros((), device=self.args.device)
         # Masks depend only on the batch's place in the run, as in `msn-pretrain`.
-        seed_batch(self.args.seed, self._epoch, self._batches_in_epoch)
+        seed_batch(self.args.seed, self._epoch, self._batches_in_epoch, self.accelerator.process_index)
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():

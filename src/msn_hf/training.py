@@ -7,20 +7,19 @@ alike about a batch. Written once, so that the two loops run the same recipe by 
 
 import hashlib
 import math
+import random
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
 from .data import decode_image
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 
 INDEX_KEY = "__index__"
-# Offset between the mask seeds of consecutive epochs: a step's masks depend only on its place in the run.
-EPOCH_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -190,9 +189,25 @@ class MSNViewsCollator:
         return {**batch, **views}
 
 
-def seed_batch(seed: int, epoch: int, batch_in_epoch: int) -> None:
-    """Seed torch's generators by a batch's place in the run, so that its masks repeat exactly after a resume."""
-    set_seed(seed + EPOCH_SEED_STRIDE * epoch + batch_in_epoch, device_specific=True)
+def batch_seed(seed: int, epoch: int, batch_in_epoch: int, process_index: int) -> int:
+    """
+    The 63-bit seed of one batch of one process: a hash of `(seed, epoch, batch_in_epoch, process_index)`, so that
+    every process and every batch draws its own stream (a sum such as `seed + batch + process` would give process r
+    at batch b the stream of process 0 at batch b + r).
+    """
+    digest = hashlib.blake2b(repr((seed, epoch, batch_in_epoch, process_index)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_batch(seed: int, epoch: int, batch_in_epoch: int, process_index: int) -> None:
+    """
+    Seed torch's generators (every device), Python's and NumPy's by a batch's place in the run and the process: its
+    masks and dropout differ from every other process's and repeat exactly after a resume.
+    """
+    value = batch_seed(seed, epoch, batch_in_epoch, process_index)
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)  # NumPy's legacy seed has 32 bits
 
 
 def all_processes(accelerator: Accelerator, flag: torch.Tensor | bool) -> bool:
