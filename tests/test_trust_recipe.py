@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_MODEL_ARGS
+from conftest import TINY_MODEL_ARGS, tiny_config
+from msn_hf import MSNModel, training
 from msn_hf import pretraining as pt
-from msn_hf import training
 from msn_hf.trainer_msn import MSNTrainingArguments
 
 RUN_ARGS = [*TINY_MODEL_ARGS, "--skip_evaluation"]
@@ -122,3 +122,58 @@ def test_two_processes_draw_different_masks_at_the_same_step_and_at_consecutive_
     for step in range(2):
         assert not same(steps_1[step], steps_0[step + 1]), f"rank 1 at step {step} replays rank 0 at step {step + 1}"
         assert not same(steps_0[step], steps_0[step + 1])
+
+
+# --- Sinkhorn and me-max over the real global batch -----------------------------------------------------------------
+
+# Rows of each process: a process that skipped unreadable images has fewer.
+UNEQUAL_ROWS = (slice(0, 5), slice(5, 8))
+
+
+def random_views(batch_size: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        pixel_values=torch.randn(batch_size, 3, 32, 32, generator=generator),
+        anchor_pixel_values=torch.randn(batch_size, 1, 3, 32, 32, generator=generator),
+        focal_pixel_values=torch.randn(batch_size, 2, 3, 16, 16, generator=generator),
+    )
+
+
+def _unequal_batches_check(inputs: dict, reference: dict) -> None:
+    torch.set_num_threads(1)  # forked workers must not reuse the parent's OpenMP pool
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    model = MSNModel(tiny_config(mask_ratio=0.0, projection_batch_norm=False)).train()
+    rows = UNEQUAL_ROWS[rank]
+    output = model(**{name: value[rows] for name, value in inputs.items()})
+    output.loss.backward()
+    torch.testing.assert_close(output.target_probs, reference["target_probs"][rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.me_max_loss, reference["me_max_loss"], rtol=1e-5, atol=1e-6)
+    # What DDP does: the mean over processes of the losses and of the gradients.
+    loss = output.loss.detach().clone()
+    torch.distributed.all_reduce(loss)
+    torch.testing.assert_close(loss / 2, reference["loss"], rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            grad = param.grad.clone()
+            torch.distributed.all_reduce(grad)
+            torch.testing.assert_close(grad / 2, reference["grads"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_processes_with_unequal_batches_match_one_process_on_the_concatenated_batch():
+    from accelerate import debug_launcher
+
+    inputs = random_views(8)
+    torch.manual_seed(0)
+    model = MSNModel(tiny_config(mask_ratio=0.0, projection_batch_norm=False)).train()
+    output = model(**inputs)
+    output.loss.backward()
+    reference = dict(
+        loss=output.loss.detach(),
+        me_max_loss=output.me_max_loss.detach(),
+        target_probs=output.target_probs,
+        grads={name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+    )
+    debug_launcher(_unequal_batches_check, args=(inputs, reference), num_processes=2)
