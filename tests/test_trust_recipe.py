@@ -3,6 +3,7 @@ The recipe both loops run, held to the same rules: argument checks, batch seeds,
 short accumulation window, Sinkhorn's global batch, and no host sync on the hot path but the step's decision.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -10,11 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import TINY_MODEL_ARGS, tiny_config
-from msn_hf import MSNModel, training
+from msn_hf import MSNImageProcessor, MSNModel, checkpointing, training
 from msn_hf import pretraining as pt
-from msn_hf.trainer_msn import MSNTrainingArguments
+from msn_hf.data import load_digits_dataset
+from msn_hf.trainer_msn import MSNTrainer, MSNTrainingArguments
+from msn_hf.training import MSNViewsCollator
+from test_pretraining_loop import step_setup, tiny_views
 
 RUN_ARGS = [*TINY_MODEL_ARGS, "--skip_evaluation"]
 
@@ -177,3 +182,226 @@ def test_two_processes_with_unequal_batches_match_one_process_on_the_concatenate
         grads={name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
     )
     debug_launcher(_unequal_batches_check, args=(inputs, reference), num_processes=2)
+
+
+# --- data without a readable image ----------------------------------------------------------------------------------
+
+
+def garbage_folder(tmp_path: Path, count: int = 32) -> Path:
+    """A folder of `count` .png files that are not images."""
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"{i:03d}.png").write_bytes(b"not a png " + bytes([i]))
+    return folder
+
+
+@pytest.fixture
+def epochs_guard(monkeypatch):
+    """Fails a run that starts a 6th epoch: data that never gives a usable batch must stop the loop, not spin."""
+    calls, epoch_batches = {"epochs": 0}, pt.epoch_batches
+
+    def guarded(*args, **kwargs):
+        calls["epochs"] += 1
+        assert calls["epochs"] <= 5, "epochs of skipped batches start again and again: the loop never ends"
+        return epoch_batches(*args, **kwargs)
+
+    monkeypatch.setattr(pt, "epoch_batches", guarded)
+
+
+def test_the_accelerate_loop_stops_on_a_folder_without_a_readable_image(tmp_path, epochs_guard):
+    out = tmp_path / "run"
+    args = [*RUN_ARGS, "--train_dir", garbage_folder(tmp_path), "--per_device_train_batch_size", "8",
+            "--max_train_steps", "3", "--output_dir", out]  # fmt: skip
+    with pytest.raises(ValueError, match=r"readable image at least once in 4 batches in a row \(a whole epoch\)"):
+        pt.main(list(map(str, args)))
+    assert not (out / "model.safetensors").exists()
+
+
+def test_the_accelerate_loop_stops_on_a_stream_after_max_skipped_batches(tmp_path, epochs_guard):
+    import datasets
+
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b"not an image", "path": None}] * 64}, features=datasets.Features({"image": datasets.Image()})
+    )
+    rows.to_parquet(str(tmp_path / "train.parquet"))
+    out = tmp_path / "run"
+    args = [*RUN_ARGS, "--train_files", tmp_path / "train.parquet", "--streaming", "--max_train_steps", "3",
+            "--per_device_train_batch_size", "8", "--max_skipped_batches", "3", "--output_dir", out]  # fmt: skip
+    with pytest.raises(ValueError, match=r"at least once in 3 batches in a row \(--max_skipped_batches\)"):
+        pt.main(list(map(str, args)))
+    assert not (out / "model.safetensors").exists()
+
+
+def tiny_trainer(output_dir: Path, train_dataset, model: MSNModel | None = None, **overrides) -> MSNTrainer:
+    values = dict(output_dir=str(output_dir), max_steps=10, per_device_train_batch_size=8, warmup_steps=1,
+                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    processor = MSNImageProcessor(size={"shortest_edge": 32}, crop_size=32, focal_crop_size=16, num_focal_views=2)
+    model = model if model is not None else MSNModel(tiny_config())
+    return MSNTrainer(model, MSNTrainingArguments(**{**values, **overrides}), train_dataset, processor)
+
+
+def test_the_trainer_stops_on_a_folder_without_a_readable_image(tmp_path):
+    from msn_hf.data import load_image_dataset
+
+    trainer = tiny_trainer(tmp_path / "run", load_image_dataset(train_dir=str(garbage_folder(tmp_path))))
+    with pytest.raises(ValueError, match=r"readable image at least once in 4 batches in a row \(a whole epoch\)"):
+        trainer.train()
+    assert trainer.state.global_step < 10
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_trainer_counts_windows_without_a_readable_image_toward_its_nonfinite_stop(tmp_path, monkeypatch):
+    # Windows 2 and 4 have no readable image, window 3 a NaN loss: three windows in a row take no step.
+    trainer = tiny_trainer(tmp_path, load_digits_dataset("train").select(range(64)), max_nonfinite_steps=3)
+    collate, calls = MSNViewsCollator.__call__, {"collate": 0, "forward": 0}
+
+    def unreadable_batches_2_and_4(self, rows):
+        calls["collate"] += 1
+        return {"num_skipped": len(rows)} if calls["collate"] in (2, 4) else collate(self, rows)
+
+    forward = trainer.model.forward
+
+    def second_forward_nan(**kwargs):
+        output = forward(**kwargs)
+        calls["forward"] += 1
+        if calls["forward"] == 2:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MSNViewsCollator, "__call__", unreadable_batches_2_and_4)
+    monkeypatch.setattr(trainer.model, "forward", second_forward_nan)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row, 2 of them with no readable image at step 3"):
+        trainer.train()
+    assert calls["forward"] == 2  # windows 1 and 3 (Accelerate's DataLoader collates one batch ahead)
+    assert trainer.lr_scheduler.last_epoch == 1  # only window 1 took a step
+
+
+# --- a short last accumulation window: the mean of its micro-batches ------------------------------------------------
+
+
+def recording_steps(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[dict]:
+    """Before each optimiser step: the gradients it applies and the weights they were computed at."""
+    names, steps = {id(p): n for n, p in model.named_parameters()}, []
+
+    def record(optimizer, args, kwargs):
+        grads = {names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+        steps.append(dict(grads=grads, weights=copy.deepcopy(model.state_dict())))
+
+    optimizer.register_step_pre_hook(record)
+    return steps
+
+
+def assert_gradients_of_one_batch(step: dict, config: dict, batch: dict) -> None:
+    """The gradients `step` applied are those of `batch` alone, recomputed from the weights they were taken at."""
+    direct = MSNModel(tiny_config(**config)).train()
+    direct.load_state_dict(step["weights"])
+    direct(**batch).loss.backward()
+    expected = {name: p.grad for name, p in direct.named_parameters() if p.grad is not None}
+    assert expected.keys() == step["grads"].keys()
+    for name, grad in step["grads"].items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# No random masks: the recomputation must see the very same forward.
+NO_MASKS = dict(mask_ratio=0.0)
+
+
+def test_the_accelerate_loop_takes_the_mean_over_a_short_last_window():
+    accelerator, model, optimizer, schedules = step_setup(gradient_accumulation_steps=2, **NO_MASKS)
+    views = tiny_views(12)
+    # 3 batches of 4 with 2 micro-batches per window: the epoch's last window holds one micro-batch.
+    loader = accelerator.prepare(DataLoader([{k: v[i] for k, v in views.items()} for i in range(12)], batch_size=4))
+    steps, batches, state = recording_steps(optimizer.optimizer, model), [], checkpointing.TrainingState()
+    for batch in loader:
+        batches.append(batch)
+        pt.training_step(accelerator, model, optimizer, batch, state, schedules, max_grad_norm=0.0)
+    assert state.completed_steps == 2 and len(steps) == 2
+    assert_gradients_of_one_batch(steps[1], NO_MASKS, batches[2])
+
+
+def test_the_trainer_takes_the_mean_over_a_short_last_window(tmp_path, monkeypatch):
+    model = MSNModel(tiny_config(**NO_MASKS))
+    # 48 images in batches of 16, 2 per window: windows of 2 and 1 micro-batches.
+    trainer = tiny_trainer(tmp_path, load_digits_dataset("train").select(range(48)), model=model, max_steps=2,
+                           per_device_train_batch_size=16, gradient_accumulation_steps=2, max_grad_norm=0.0)  # fmt: skip
+    trainer.create_optimizer()
+    steps, batches = recording_steps(trainer.optimizer, model), []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **inputs: (batches.append(inputs), forward(**inputs))[1])
+    trainer.train()
+    assert len(steps) == 2 and len(batches) == 3
+    assert_gradients_of_one_batch(steps[1], NO_MASKS, batches[2])
+
+
+# --- no host sync on the hot path but the step's decision -----------------------------------------------------------
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+# Not counted: torch itself (AdamW reads its step counters, kept on the CPU on purpose, with `.item()`), and the
+# views, which are drawn on the CPU (their device path is checked on the meta device below).
+NOT_COUNTED = (f"{os.sep}torch{os.sep}", "views_msn.py", "image_processing_msn.py", f"msn_hf{os.sep}data.py")
+
+
+class HostReads:
+    """Counts, while `on`, the reads of a tensor's value by the host (each one waits for the device's queue)."""
+
+    def __init__(self, monkeypatch):
+        self.on, self.reads = False, []
+        for name in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name), name))
+
+    def _counted(self, read, name):
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if self.on and not any(part in caller.co_filename for part in NOT_COUNTED):
+                self.reads.append(f"{name} in {caller.co_name} ({caller.co_filename})")
+            return read(tensor, *args, **kwargs)
+
+        return counted
+
+
+def test_one_step_of_the_accelerate_loop_reads_the_device_once(tmp_path, monkeypatch):
+    host_reads, training_step, calls = HostReads(monkeypatch), pt.training_step, {"n": 0}
+
+    def counted_step(*args, **kwargs):
+        # From the start of step 2 to the start of step 3: a whole step, its batch decision and the loop's own work.
+        calls["n"] += 1
+        host_reads.on = calls["n"] == 2
+        return training_step(*args, **kwargs)
+
+    monkeypatch.setattr(pt, "training_step", counted_step)
+    # Logging only at the end (step 3), so that the counted step is not a logging step.
+    pt.main([*TINY_MODEL_ARGS[:-2], "--logging_steps", "100", "--skip_evaluation", "--per_device_train_batch_size", "8",
+             "--max_train_samples", "64", "--max_train_steps", "3", "--output_dir", str(tmp_path)])  # fmt: skip
+    assert calls["n"] == 3
+    assert len(host_reads.reads) <= 1, host_reads.reads
+
+
+def test_one_step_of_the_trainer_reads_the_device_once(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    host_reads = HostReads(monkeypatch)
+
+    class CountStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            host_reads.on = state.global_step == 1  # from the start of step 2 to the start of step 3
+
+    trainer = tiny_trainer(tmp_path, load_digits_dataset("train").select(range(64)), max_steps=4, logging_steps=100)
+    trainer.add_callback(CountStep2())
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert len(host_reads.reads) <= 1, host_reads.reads
+
+
+@pytest.mark.parametrize("probability", [0.0, 1.0])
+def test_views_drawn_on_the_device_never_read_the_device_back(probability):
+    # A meta tensor has no values: any read of one by the host raises, where on an accelerator it would wait.
+    processor = MSNImageProcessor(
+        size={"shortest_edge": 36}, crop_size=32, focal_crop_size=16, num_focal_views=2,
+        color_jitter_probability=probability, grayscale_probability=probability, blur_probability=probability,
+        horizontal_flip_probability=probability,
+    )  # fmt: skip
+    canvas = torch.zeros(4, 3, 36, 36, dtype=torch.uint8, device="meta")
+    generator = torch.Generator().manual_seed(0)
+    views = processor(canvas, return_views=True, generator=generator, device="meta", return_tensors="pt")
+    assert views["focal_pixel_values"].shape == (4, 2, 3, 16, 16) and views["pixel_values"].is_meta
