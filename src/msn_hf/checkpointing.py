@@ -32,7 +32,8 @@ class TrainingState:
         batches_in_epoch: batches of `epoch` consumed, skipped ones included (map-style resume skips them).
         skipped_images: unreadable images so far, all processes.
         consecutive_nonfinite: steps skipped in a row for a non-finite loss or gradient norm.
-        window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss.
+        window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss (a flag on the
+            device while the window is open, read with the step's decision).
     """
 
     completed_steps: int = 0

@@ -67,12 +67,15 @@ from .training import (
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
-    all_processes,
+    SkippedBatches,
     apply_schedules,
+    average_window_gradients,
     batch_decisions,
+    check_recipe_arguments,
     clipped_parameters,
     parameter_groups,
     seed_batch,
+    window_decision,
 )
 
 logger = get_logger(__name__)
@@ -145,6 +148,10 @@ class PretrainingArguments:
         metadata={"help": "Warmup length; without epochs (streaming) the same fraction of --num_train_epochs."},
     )
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many bad steps in a row."})
+    max_skipped_batches: int = field(
+        default=100,
+        metadata={"help": "Stop when this many batches in a row (or a whole epoch) have no readable image on a process."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the initialisation, the data order and the views."})
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Default: the Accelerate config."}
@@ -189,9 +196,10 @@ class PretrainingArguments:
         def fail(flag: str, expected: str, value) -> None:
             raise ValueError(f"--{flag} must be {expected}, got {value!r}.")
 
-        for name in ("logging_steps", "gradient_accumulation_steps", "max_nonfinite_steps"):
+        for name in ("logging_steps", "gradient_accumulation_steps"):
             if getattr(self, name) <= 0:
                 fail(name, "a positive number of steps", getattr(self, name))
+        check_recipe_arguments(self)
         for name in ("max_train_steps", "per_device_train_batch_size", "num_train_epochs"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 fail(name, "a positive integer", getattr(self, name))
@@ -542,12 +550,14 @@ def epoch_batches(
     streaming: bool,
     state: TrainingState,
     seed: int,
+    skipped_batches: SkippedBatches,
 ):
     """
     The batches left in `state.epoch`, on the device, counted in `state`. A batch in which any process has no
     readable image is skipped by every process (Sinkhorn and me-max all-reduce), and the epoch ends on every process
-    when one runs out of batches. Before each batch, torch's
-    generators are seeded by its position in the run, so masks repeat exactly after a resume.
+    when one runs out of batches. Skipped batches that fill a whole epoch, or `skipped_batches.max_skipped_batches`
+    in a row, stop the run (`ValueError`). Before each batch, torch's generators are seeded by its position in the
+    run and the process, so masks repeat exactly after a resume.
     """
     collator.epoch = state.epoch
     batches = dataloader
@@ -565,10 +575,11 @@ def epoch_batches(
             return
         state.batches_in_epoch += 1
         state.skipped_images += skipped
+        skipped_batches.update(any_unusable, None if streaming else len(dataloader), state.skipped_images)
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
-        seed_batch(seed, state.epoch, state.batches_in_epoch)
+        seed_batch(seed, state.epoch, state.batches_in_epoch, accelerator.process_index)
         batch = send_to_device(batch, accelerator.device) if streaming else batch
         yield collator.render_views(batch, accelerator.device)
 
@@ -584,42 +595,53 @@ def training_step(
 ):
     """
     One micro-batch: the schedules of step `state.completed_steps` into the optimiser, forward, backward and, at
-    the end of an accumulation window, clipping, the optimiser step and the EMA update of the target.
+    the end of an accumulation window, the mean over its micro-batches (`average_window_gradients`: a short last
+    window of an epoch counts its real number), clipping, the optimiser step and the EMA update of the target.
 
     A window with a non-finite loss, or a non-finite gradient norm, takes no step (every process alike) and counts in
     `state.consecutive_nonfinite`. A step that the fp16 grad scaler skips (it then lowers its scale) takes no EMA
     update and is not counted. `state.completed_steps` grows by one when the step was taken. Returns the output.
+
+    The host reads the device once per window, for that decision (`window_decision`): the loss's finiteness is kept
+    on the device until then (`state.window_nonfinite`), and its gradients are computed in any case (a non-finite
+    loss gives non-finite gradients, which no step applies).
     """
     unwrapped = accelerator.unwrap_model(model)
     apply_schedules(optimizer, schedules, state.completed_steps)
+    # The micro-batches of this window before this one, by Accelerate's own count (reset at the end of the data).
+    earlier_micro_batches = accelerator.step % accelerator.gradient_accumulation_steps
     with accelerator.accumulate(model):
         output = model(**batch)
-        if all_processes(accelerator, torch.isfinite(output.loss.detach())):
-            accelerator.backward(output.loss)
-        else:
-            state.window_nonfinite = True
+        state.window_nonfinite = ~torch.isfinite(output.loss.detach()) | state.window_nonfinite
+        accelerator.backward(output.loss)  # divides the loss by gradient_accumulation_steps
         if accelerator.sync_gradients:
-            finite, state.window_nonfinite = not state.window_nonfinite, False
+            average_window_gradients(
+                unwrapped.parameters(), accelerator.gradient_accumulation_steps, earlier_micro_batches + 1
+            )
+            grad_norm = accelerator.clip_grad_norm_(clipped_parameters(unwrapped), max_grad_norm or math.inf)
+            loss_nonfinite, grad_nonfinite = window_decision(accelerator, state.window_nonfinite, grad_norm)
+            state.window_nonfinite = False
+            # With fp16, the grad scaler itself skips a step with non-finite gradients, and lowers its scale.
+            skip = loss_nonfinite or (grad_nonfinite and accelerator.scaler is None)
             scaler_skipped = False
-            if finite:
-                grad_norm = accelerator.clip_grad_norm_(clipped_parameters(unwrapped), max_grad_norm or math.inf)
-                finite = all_processes(accelerator, torch.isfinite(grad_norm))
-                if finite or accelerator.scaler is not None:
-                    # The grad scaler itself skips a step with non-finite gradients, and lowers its scale.
-                    optimizer.step()
-                    scaler_skipped = accelerator.optimizer_step_was_skipped
-            if finite and not scaler_skipped:
-                unwrapped.update_target_encoder(schedules.ema_momentum(state.completed_steps))
-                state.completed_steps += 1
-                state.consecutive_nonfinite = 0
-            elif scaler_skipped:
-                logger.info(f"The fp16 grad scaler skipped step {state.completed_steps} (gradient overflow).")
-            else:
+            if not skip or accelerator.scaler is not None:
+                if skip:
+                    # The scaler has unscaled this window's gradients: its step must come, with nothing to apply.
+                    optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                scaler_skipped = accelerator.optimizer_step_was_skipped
+            if skip:
                 state.consecutive_nonfinite += 1
                 logger.warning(
                     f"Non-finite loss or gradient at step {state.completed_steps}: step skipped "
                     f"({state.consecutive_nonfinite} in a row)."
                 )
+            elif scaler_skipped:
+                logger.info(f"The fp16 grad scaler skipped step {state.completed_steps} (gradient overflow).")
+            else:
+                unwrapped.update_target_encoder(schedules.ema_momentum(state.completed_steps))
+                state.completed_steps += 1
+                state.consecutive_nonfinite = 0
         optimizer.zero_grad(set_to_none=True)
     return output
 
@@ -713,9 +735,11 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     progress = tqdm(total=schedules.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
 
     model.train()
+    skipped_batches = SkippedBatches(args.max_skipped_batches)
     while state.completed_steps < schedules.total_steps:
         resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
-        for batch in epoch_batches(accelerator, dataloader, collator, train_data.streaming, state, args.seed):
+        batches = epoch_batches(accelerator, dataloader, collator, train_data.streaming, state, args.seed, skipped_batches)
+        for batch in batches:
             steps_before = state.completed_steps
             output = training_step(accelerator, model, optimizer, batch, state, schedules, args.max_grad_norm)
             metrics.images += batch["pixel_values"].shape[0] * accelerator.num_processes

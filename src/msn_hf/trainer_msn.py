@@ -17,6 +17,7 @@ clipping, EMA and views) behind the `Trainer` API, so that callbacks, logging in
 """
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import datasets
@@ -31,12 +32,15 @@ from .training import (
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
-    all_processes,
+    SkippedBatches,
     apply_schedules,
+    average_window_gradients,
     batch_decisions,
+    check_recipe_arguments,
     clipped_parameters,
     parameter_groups,
     seed_batch,
+    window_decision,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,10 @@ class MSNTrainingArguments(TrainingArguments):
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "Stop after this many steps in a row with a non-finite loss (each is skipped)."}
     )
+    max_skipped_batches: int = field(
+        default=100,
+        metadata={"help": "Stop when this many batches in a row (or a whole epoch) have no readable image on a process."},
+    )
     num_train_epochs: float = field(default=800, metadata={"help": "Epochs (800 for ViT-S/16)."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per device and step."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (AdamW in the recipe)."})
@@ -78,17 +86,20 @@ class MSNTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Ignored: the views collator needs the image column."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Off: the filter reads every micro-batch's loss back from the device. A window with a non-finite "
+            "loss takes no step anyway (it shows in the logged mean loss)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.data_seed is None:
             # The Accelerate loop shuffles with the run's seed: the same order for the same seed.
             self.data_seed = self.seed
-        for name in ("warmup_start_learning_rate", "final_learning_rate", "final_weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
-        if self.schedule_stretch < 1:
-            raise ValueError(f"`schedule_stretch` must be >= 1, got {self.schedule_stretch!r}.")
+        check_recipe_arguments(self)
 
 
 class MSNScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -133,6 +144,7 @@ class _MSNStepHooks(TrainerCallback):
         epoch = state.global_step // steps_per_epoch
         self.trainer._epoch = epoch
         self.trainer._batches_in_epoch = (state.global_step - epoch * steps_per_epoch) * accumulation
+        self.trainer._batches_per_epoch = num_batches
         if isinstance(self.trainer.data_collator, MSNViewsCollator):
             self.trainer.data_collator.epoch = epoch
 
@@ -166,9 +178,14 @@ class MSNTrainer(Trainer):
       step), the EMA update of the target encoder and head;
     - views drawn by [`MSNViewsCollator`] from `(seed, epoch, row indices)` and masks from a seed reset before each
       batch from its place in the run, so the same seed gives the same run as `msn-pretrain`, resumed or not;
+    - the gradient of an accumulation window is the mean over its micro-batches, a short last window of an epoch
+      included ([`average_window_gradients`]);
     - an accumulation window with a non-finite loss or gradient norm on any process takes no step (no update, no
-      EMA, same schedule position); `max_nonfinite_steps` such windows in a row stop the run. So does a window in
-      which no process had a readable image. The Trainer still counts such windows in `global_step`.
+      EMA, same schedule position); so does a window with a batch skipped because some process had no readable
+      image in it. `max_nonfinite_steps` such windows in a row stop the run (`RuntimeError`), and so do skipped
+      batches that fill a whole epoch or `max_skipped_batches` in a row (`ValueError`, [`SkippedBatches`]). The
+      Trainer still counts such windows in `global_step`;
+    - the host reads the device once per optimiser step, for that decision ([`window_decision`]).
 
     Args:
         model ([`MSNModel`]): the model to pretrain.
@@ -220,11 +237,14 @@ class MSNTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=IndexedDataset(train_dataset), **kwargs)
         self.add_callback(_MSNStepHooks(self))
         self._epoch, self._batches_in_epoch = 0, 0
-        self._consecutive_nonfinite = 0
-        self._window_nonfinite, self._window_has_gradient, self._step_taken = False, False, False
+        self._consecutive_nonfinite, self._unreadable_in_a_row = 0, 0
+        # The window's losses' finiteness stays on the device until `_decide_step`.
+        self._window_nonfinite, self._window_micro_batches, self._step_taken = False, 0, False
         # A window with a skipped micro-batch may miss its gradient all-reduce (DDP syncs on the last one only).
         self._window_skipped_batch = False
-        self._skipped_images = 0
+        self._skipped_images, self._batches_per_epoch = 0, None
+        self._skipped_batches = SkippedBatches(args.max_skipped_batches)
+        self._grad_norm = None
         self._step_values, self._batch_losses = {}, {}
 
     def _msn_model(self) -> MSNModel:
@@ -258,61 +278,77 @@ class MSNTrainer(Trainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def _window_gradient_norm(self, max_norm: float) -> torch.Tensor:
+        """The window's mean gradient, then the encoder and projection head clipped to `max_norm`; their norm."""
+        model = self._msn_model()
+        if self._window_micro_batches:
+            # `training_step` divided each loss by the length of the window Transformers fetched: the mean already,
+            # unless a micro-batch was skipped (and then no step is taken).
+            average_window_gradients(
+                model.parameters(), self.current_gradient_accumulation_steps, self._window_micro_batches
+            )
+        self._grad_norm = self.accelerator.clip_grad_norm_(clipped_parameters(model), max_norm)
+        return self._grad_norm
+
     def _clip_grad_norm(self, model):
         """Clip the encoder and projection head only, as the recipe does; returns their norm before clipping."""
-        return self.accelerator.clip_grad_norm_(clipped_parameters(self._msn_model()), self.args.max_grad_norm)
+        return self._window_gradient_norm(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:  # `max_grad_norm=0`: no clipping, but the same norm for the step's decision
+            grad_norm = self._window_gradient_norm(math.inf)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _decide_step(self) -> None:
         """Before the optimiser step: take it only if the window's losses and gradients are finite everywhere."""
         accelerator = self.accelerator
-        gradients = [p.grad for p in clipped_parameters(self._msn_model()) if p.grad is not None]
-        finite_gradients = all(bool(torch.isfinite(g).all()) for g in gradients)
+        skipped_batch, loss_nonfinite, grad_nonfinite = self._window_skipped_batch, False, False
+        if not skipped_batch:  # every process knows of a skipped batch: no decision to share then
+            loss_nonfinite, grad_nonfinite = window_decision(accelerator, self._window_nonfinite, self._grad_norm)
         # With fp16, the grad scaler skips a step with non-finite gradients itself, and lowers its scale.
-        finite = not self._window_nonfinite and (finite_gradients or accelerator.scaler is not None)
-        finite = all_processes(accelerator, finite)
-        self._step_taken = finite and all_processes(
-            accelerator, self._window_has_gradient and not self._window_skipped_batch
-        )
-        self._window_nonfinite, self._window_has_gradient, self._window_skipped_batch = False, False, False
-        if not finite:
-            self._consecutive_nonfinite += 1
+        self._step_taken = not (skipped_batch or loss_nonfinite or (grad_nonfinite and accelerator.scaler is None))
+        self._window_nonfinite, self._window_micro_batches, self._window_skipped_batch = False, 0, False
+        self._grad_norm = None
+        if self._step_taken:
+            self._consecutive_nonfinite, self._unreadable_in_a_row = 0, 0
+            return
+        self.model.zero_grad(set_to_none=True)  # the optimiser step that follows changes nothing
+        self._consecutive_nonfinite += 1
+        self._unreadable_in_a_row += skipped_batch
+        if not skipped_batch:  # a skipped batch was reported when it was skipped
             logger.warning(
                 f"Non-finite loss or gradient at step {self.state.global_step}: step skipped "
                 f"({self._consecutive_nonfinite} in a row)."
             )
-            if self._consecutive_nonfinite >= self.args.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{self._consecutive_nonfinite} non-finite losses in a row at step {self.state.global_step}: "
-                    "stopping. Lower the learning rate or check the data."
-                )
-        elif self._step_taken:
-            self._consecutive_nonfinite = 0
-        if not self._step_taken:
-            self.model.zero_grad(set_to_none=True)  # the optimiser step that follows changes nothing
+        if self._consecutive_nonfinite >= self.args.max_nonfinite_steps:
+            unreadable = f", {self._unreadable_in_a_row} of them with no readable image" if self._unreadable_in_a_row else ""
+            raise RuntimeError(
+                f"{self._consecutive_nonfinite} non-finite losses in a row{unreadable} at step "
+                f"{self.state.global_step}: stopping. Lower the learning rate or check the data."
+            )
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         self._batches_in_epoch += 1
         inputs = dict(inputs)
         _, skipped, any_unusable = batch_decisions(self.accelerator, inputs)
         self._skipped_images += skipped
+        self._skipped_batches.update(any_unusable, self._batches_per_epoch, self._skipped_images)
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             self._window_skipped_batch = True
             return torch.zeros((), device=self.args.device)
-        # Masks depend only on the batch's place in the run, as in `msn-pretrain`.
-        seed_batch(self.args.seed, self._epoch, self._batches_in_epoch)
+        # Masks depend only on the batch's place in the run and the process, as in `msn-pretrain`.
+        seed_batch(self.args.seed, self._epoch, self._batches_in_epoch, self.accelerator.process_index)
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        self._batch_losses = dict(
-            prediction_loss=outputs.prediction_loss.item(), me_max_loss=outputs.me_max_loss.item()
-        )
-        # Every process must take the same decision, or the gradient all-reduce would hang.
-        if not all_processes(self.accelerator, torch.isfinite(loss.detach())):
-            self._window_nonfinite = True
-            return torch.zeros((), device=self.args.device)
-        self._window_has_gradient = True
+        # Read by `log` only: reading them here would wait for the forward.
+        self._batch_losses = dict(prediction_loss=outputs.prediction_loss.detach(), me_max_loss=outputs.me_max_loss.detach())
+        # Decided with the gradient norm at the end of the window (`_decide_step`); a non-finite loss gives non-finite
+        # gradients, which no step applies.
+        self._window_nonfinite = ~torch.isfinite(loss.detach()) | self._window_nonfinite
+        self._window_micro_batches += 1
         loss = loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
         return loss.detach()
@@ -320,7 +356,8 @@ class MSNTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             # The two parts of the loss are those of the last batch; `loss` is the mean since the last log.
-            logs = {**logs, **self._batch_losses, **self._step_values, "skipped_images": self._skipped_images}
+            batch_losses = {name: value.item() for name, value in self._batch_losses.items()}
+            logs = {**logs, **batch_losses, **self._step_values, "skipped_images": self._skipped_images}
         super().log(logs, start_time)
 
 

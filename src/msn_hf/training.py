@@ -1,26 +1,28 @@
 """
 The MSN training recipe that both loops run (the Accelerate loop of `pretraining.py` and `MSNTrainer` of
-`trainer_msn.py`): the per-step schedules and the AdamW parameter groups, the parameters that are clipped, the
-views collator and the indexed dataset that seeds it, the per-batch seed, and the decisions every process takes
-alike about a batch. Written once, so that the two loops run the same recipe by construction.
+`trainer_msn.py`): the checks of their arguments, the per-step schedules and the AdamW parameter groups, the
+parameters that are clipped, the views collator and the indexed dataset that seeds it, the per-batch seed, the
+decisions every process takes alike about a batch and about a step, the mean over an accumulation window, and the
+stop for data without a readable image. Written once, so that the two loops run the same recipe by construction.
 """
 
 import hashlib
 import math
+import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
 from .data import decode_image
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 
 INDEX_KEY = "__index__"
-# Offset between the mask seeds of consecutive epochs: a step's masks depend only on its place in the run.
-EPOCH_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -63,6 +65,31 @@ class MSNSchedules:
 
     def ema_momentum(self, step: int) -> float:
         return self.momentum + (self.final_momentum - self.momentum) * step / self.span
+
+
+def check_recipe_arguments(args) -> None:
+    """
+    The rules both loops' arguments follow (`PretrainingArguments` and `MSNTrainingArguments` call this from
+    `__post_init__`), so that a value one loop refuses the other refuses too, with the same line:
+    `ValueError("--<flag> must be <expected>, got <value>.")`. NaN is refused wherever a bound is.
+    """
+
+    def fail(name: str, expected: str) -> None:
+        raise ValueError(f"--{name} must be {expected}, got {getattr(args, name)!r}.")
+
+    for name in ("learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay",
+                 "final_weight_decay"):  # fmt: skip
+        if not getattr(args, name) >= 0:
+            fail(name, ">= 0")
+    # A negative norm would flip every clipped gradient (`clip_grad_norm_` scales by max_norm / norm): ascent.
+    if not args.max_grad_norm >= 0:
+        fail("max_grad_norm", ">= 0 (0: no clipping)")
+    # The schedules are laid over `stretch * steps`: below 1, training would run past their end.
+    if not args.schedule_stretch >= 1:
+        fail("schedule_stretch", ">= 1")
+    for name in ("max_nonfinite_steps", "max_skipped_batches"):
+        if getattr(args, name) <= 0:
+            fail(name, "a positive number of steps" if name == "max_nonfinite_steps" else "a positive number of batches")
 
 
 def parameter_groups(model: MSNModel) -> list[dict]:
@@ -165,16 +192,43 @@ class MSNViewsCollator:
         return {**batch, **views}
 
 
-def seed_batch(seed: int, epoch: int, batch_in_epoch: int) -> None:
-    """Seed torch's generators by a batch's place in the run, so that its masks repeat exactly after a resume."""
-    set_seed(seed + EPOCH_SEED_STRIDE * epoch + batch_in_epoch, device_specific=True)
+def batch_seed(seed: int, epoch: int, batch_in_epoch: int, process_index: int) -> int:
+    """
+    The 63-bit seed of one batch of one process: a hash of `(seed, epoch, batch_in_epoch, process_index)`, so that
+    every process and every batch draws its own stream (a sum such as `seed + batch + process` would give process r
+    at batch b the stream of process 0 at batch b + r).
+    """
+    digest = hashlib.blake2b(repr((seed, epoch, batch_in_epoch, process_index)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
-def all_processes(accelerator: Accelerator, flag: torch.Tensor | bool) -> bool:
-    """Whether `flag` holds on every process: a decision every process takes alike, as collectives need."""
-    flag = torch.as_tensor(flag, device=accelerator.device)
-    # A sum of failures: `reduce(..., "min")` sums as well on some backends.
-    return accelerator.reduce((~flag.bool()).float().reshape(1), "sum").item() == 0
+def seed_batch(seed: int, epoch: int, batch_in_epoch: int, process_index: int) -> None:
+    """
+    Seed torch's generators (every device), Python's and NumPy's by a batch's place in the run and the process: its
+    masks and dropout differ from every other process's and repeat exactly after a resume.
+    """
+    value = batch_seed(seed, epoch, batch_in_epoch, process_index)
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)  # NumPy's legacy seed has 32 bits
+
+
+# The gloo group of each default process group whose backend cannot reduce CPU tensors (NCCL), made once.
+_CPU_GROUPS: dict = {}
+
+
+def _cpu_group() -> "dist.ProcessGroup | None":
+    """
+    The process group that reduces CPU tensors: the default one when its backend can (gloo, mpi), else a gloo group
+    over the same processes, made once (every process makes it at its first batch decision, as `new_group` needs).
+    """
+    backend = dist.get_backend()
+    if "gloo" in backend or backend == "mpi":
+        return None
+    default = dist.group.WORLD
+    if default not in _CPU_GROUPS:
+        _CPU_GROUPS[default] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[default]
 
 
 def batch_decisions(accelerator: Accelerator, batch: dict | None) -> tuple[bool, int, bool]:
@@ -182,11 +236,80 @@ def batch_decisions(accelerator: Accelerator, batch: dict | None) -> tuple[bool,
     What every process decides alike about its next batch (`None`: it ran out), in one reduce: whether any process
     ran out, how many unreadable images all processes skipped (`num_skipped`, popped from `batch`), and whether any
     process's batch has no readable image left.
+
+    The facts are the host's, so they are reduced on the CPU (over gloo when the accelerators use NCCL): reading a
+    reduce back from an accelerator would wait for all the work queued on it, once per batch.
     """
     ran_out = batch is None
     skipped = 0 if ran_out else batch.pop("num_skipped", 0)
     unusable = not ran_out and "pixel_values" not in batch and "canvas" not in batch
-    flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float32, device=accelerator.device)
-    any_ran_out, skipped, any_unusable = accelerator.reduce(flags, "sum").tolist()
-    return any_ran_out > 0, int(skipped), any_unusable > 0
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, group=_cpu_group())
+        else:  # processes joined by their accelerators' own runtime (TPU): through the device
+            flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
+        ran_out, skipped, unusable = flags.tolist()
+    return ran_out > 0, int(skipped), unusable > 0
 
+
+def average_window_gradients(parameters: Iterable[torch.nn.Parameter], divided_by: int, micro_batches: int) -> None:
+    """
+    The gradient of an accumulation window is the mean over its micro-batches, in both loops. Each micro-batch's
+    loss was divided by `divided_by` before its backward (Accelerate divides by `gradient_accumulation_steps`); a
+    window of `micro_batches` != `divided_by` (the last of an epoch whose batches are not a multiple of it) has its
+    summed gradients rescaled by `divided_by / micro_batches`. Call before clipping.
+    """
+    if micro_batches in (0, divided_by):
+        return
+    gradients = [p.grad for p in parameters if p.grad is not None]
+    if gradients:
+        torch._foreach_mul_(gradients, divided_by / micro_batches)
+
+
+def window_decision(
+    accelerator: Accelerator, loss_nonfinite: torch.Tensor | bool, grad_norm: torch.Tensor | float
+) -> tuple[bool, bool]:
+    """
+    The step's decision, taken alike by every process: whether any process had a non-finite loss in the window
+    (`loss_nonfinite`, gathered on the device over its micro-batches) and whether any has a non-finite gradient norm.
+    One reduce and the step's only read of the device by the host.
+    """
+    device = accelerator.device
+    if not isinstance(loss_nonfinite, torch.Tensor):
+        # Filled on the device: a tensor copied from the host would wait for the device's queue.
+        loss_nonfinite = torch.full((), bool(loss_nonfinite), device=device)
+    if not isinstance(grad_norm, torch.Tensor):
+        grad_norm = torch.full((), float(grad_norm), device=device)
+    flags = torch.stack([loss_nonfinite.to(device), ~torch.isfinite(grad_norm.to(device))]).float()
+    # A sum of failures: `reduce(..., "min")` sums as well on some backends.
+    any_loss_nonfinite, any_grad_nonfinite = (accelerator.reduce(flags, "sum") > 0).tolist()
+    return any_loss_nonfinite, any_grad_nonfinite
+
+
+class SkippedBatches:
+    """
+    The stop for data that gives no usable batch, in both loops: counts the batches skipped in a row (some process
+    had no readable image in them) and raises a `ValueError` once they fill a whole epoch, or `max_skipped_batches`
+    (a stream, whose epochs have no known length, or a long run of bad data). Every process counts the same batches.
+    """
+
+    def __init__(self, max_skipped_batches: int):
+        self.max_skipped_batches = max_skipped_batches
+        self.in_a_row = 0
+
+    def update(self, unusable: bool, batches_per_epoch: int | None, skipped_images: int) -> None:
+        """After each batch decision: `batches_per_epoch` is None for a stream; `skipped_images` so far, all processes."""
+        if not unusable:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        window, reason = self.max_skipped_batches, "--max_skipped_batches"
+        if batches_per_epoch is not None and batches_per_epoch <= window:
+            window, reason = batches_per_epoch, "a whole epoch"
+        if self.in_a_row >= window:
+            raise ValueError(
+                f"The training data must give every process a readable image at least once in {window} batches in a "
+                f"row ({reason}), got {self.in_a_row} batches without one ({skipped_images} unreadable images "
+                "skipped): check the data."
+            )

@@ -331,21 +331,25 @@ def adjust_brightness_(views: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
 def adjust_contrast_(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """In place, per view: blend with the mean of the view's luma, as torchvision's `adjust_contrast`."""
+    # Read where the factors were drawn (the CPU), before they move: reading them on the views' device would wait
+    # for it. A convex blend (factor <= 1) stays in [0, 1].
+    needs_clamp = bool((factor > 1).any())
     weights = views.new_tensor(GRAYSCALE_WEIGHTS)
     mean_luma = (views.mean(dim=(2, 3)) @ weights).view(-1, 1, 1, 1)
     factor = _per_view(factor, views)
     views.mul_(factor).add_(mean_luma * (1 - factor))
-    if bool((factor > 1).any()):  # a convex blend (factor <= 1) stays in [0, 1]
+    if needs_clamp:
         views.clamp_(0.0, 1.0)
     return views
 
 
 def adjust_saturation_(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """In place, per view: blend with the view's luma image, as torchvision's `adjust_saturation`."""
+    needs_clamp = bool((factor > 1).any())  # on the factors' own device, as in `adjust_contrast_`
     factor = _per_view(factor, views)
     luma = rgb_to_grayscale(views).mul_(1 - factor)
     views.mul_(factor).add_(luma)
-    if bool((factor > 1).any()):
+    if needs_clamp:
         views.clamp_(0.0, 1.0)
     return views
 
