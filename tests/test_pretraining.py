@@ -204,6 +204,9 @@ def test_push_to_hub_uploads_the_final_folder_without_checkpoints(tmp_path, monk
         def __init__(self, token=None):
             calls["token"] = token
 
+        def whoami(self):  # the check before the first step
+            return {"name": "user"}
+
         def create_repo(self, repo_id, private=False, exist_ok=False):
             calls["create_repo"] = dict(repo_id=repo_id, private=private, exist_ok=exist_ok)
             return type("RepoUrl", (), {"repo_id": f"user/{repo_id}"})()
@@ -214,6 +217,7 @@ def test_push_to_hub_uploads_the_final_folder_without_checkpoints(tmp_path, monk
             calls["repo_id"] = repo_id
 
     monkeypatch.setattr(run_outputs, "HfApi", FakeApi)
+    monkeypatch.setattr(run_outputs.huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a reachable Hub
     out = tmp_path / "run"
     pt.main([*TINY_ARGS, "--skip_evaluation", "--max_train_steps", "2", "--checkpointing_steps", "1",
              "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "msn-tiny", "--hub_token", "hf_x",
