@@ -217,7 +217,6 @@ def test_push_to_hub_uploads_the_final_folder_without_checkpoints(tmp_path, monk
             calls["repo_id"] = repo_id
 
     monkeypatch.setattr(run_outputs, "HfApi", FakeApi)
-    monkeypatch.setattr(run_outputs.huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a reachable Hub
     out = tmp_path / "run"
     pt.main([*TINY_ARGS, "--skip_evaluation", "--max_train_steps", "2", "--checkpointing_steps", "1",
              "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "msn-tiny", "--hub_token", "hf_x",
