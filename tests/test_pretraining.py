@@ -204,6 +204,9 @@ def test_push_to_hub_uploads_the_final_folder_without_checkpoints(tmp_path, monk
         def __init__(self, token=None):
             calls["token"] = token
 
+        def whoami(self):  # the check before the first step
+            return {"name": "user"}
+
         def create_repo(self, repo_id, private=False, exist_ok=False):
             calls["create_repo"] = dict(repo_id=repo_id, private=private, exist_ok=exist_ok)
             return type("RepoUrl", (), {"repo_id": f"user/{repo_id}"})()

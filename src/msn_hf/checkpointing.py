@@ -1,15 +1,21 @@
 """
 The checkpoint store of the Accelerate loop: where a run stands (`TrainingState`), checkpoints written atomically
-on every process, the latest complete one, and resuming from it.
+on every process, the latest complete one, resuming from it, and stopping at one on SIGINT or SIGTERM
+(`StopSignals`, `stop_at_checkpoint`).
 """
 
 import json
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
+import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -19,6 +25,8 @@ logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILE = "training_state.json"
 DATALOADER_STATE_FILE = "dataloader_state_{rank}.json"
+# Ctrl-C, and the signal a cluster sends before it pre-empts a job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -141,3 +149,82 @@ def resume(
         dataloader.load_state_dict(json.loads(path.read_text()))
     return TrainingState(**json.loads((checkpoint / TRAINING_STATE_FILE).read_text()))
 
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """
+    A run stopped by SIGINT or SIGTERM once its checkpoint was written. A `KeyboardInterrupt`, as a Ctrl-C is, so
+    that code catching one catches it; `exit_code` is the shell's for the signal (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+class StopSignals:
+    """
+    While active (a context manager around the training loop), the first SIGINT or SIGTERM is recorded instead of
+    acted on, and the handlers in place before are put back at once: a second Ctrl-C interrupts at once. The loop
+    asks `requested` once per optimiser step, and stops there (see `stop_at_checkpoint`). On leaving, the handlers
+    in place before are restored, so that library use leaves none behind. Outside the main thread, where Python
+    cannot set handlers, it does nothing.
+
+    DataLoader workers forked during the loop inherit the handler, so that a Ctrl-C sent to the whole process group
+    does not end them before the step and its checkpoint are done.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _record(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            # None: a handler set outside Python, which Python cannot put back; the default is the nearest.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def requested(self, accelerator: Accelerator) -> int:
+        """
+        The stop signal any process received (0: none), the same on every process: signals reach processes at
+        different times, and all of them must stop after the same step. One all-gather of one number per call.
+        """
+        if accelerator.num_processes == 1:
+            return self.signum
+        received = torch.tensor([self.signum], device=accelerator.device)
+        return int(accelerator.gather(received).max().item())
+
+
+def stop_at_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    state: TrainingState,
+    dataloader,
+    total_limit: int | None,
+    signum: int,
+    last_checkpoint: Path | None = None,
+) -> NoReturn:
+    """
+    End a run that `StopSignals` asked to stop, on every process: write the checkpoint of `state` (unless
+    `last_checkpoint` is that of this step already), end the trackers, say on the main process where the run stopped
+    and how to resume it, and raise `TrainingInterrupted`.
+    """
+    checkpoint = output_dir / f"checkpoint-{state.completed_steps}"
+    if last_checkpoint != checkpoint:
+        checkpoint = save_checkpoint(accelerator, output_dir, state, dataloader, total_limit)
+    accelerator.end_training()
+    message = f"stopped at step {state.completed_steps}: resume with --resume_from_checkpoint latest"
+    if accelerator.is_main_process:
+        print(f"\n{signal.Signals(signum).name}: {message} (checkpoint: {checkpoint}).", file=sys.stderr, flush=True)
+    raise TrainingInterrupted(message, signum)

@@ -24,6 +24,10 @@ IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "jpg"
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "cls")
 # `datasets` builders for shards, by file extension.
 SHARD_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+# Which images a pretraining run trained on (see `data_record`), written next to its model.
+DATA_RECORD_FILE = "msn_data.json"
+# How the split of a stratified hold-out begins (see `hold_out`).
+HELD_OUT = "held-out"
 
 
 @dataclass
@@ -95,11 +99,16 @@ class DataArguments:
 
 @dataclass
 class ImageDataset:
-    """A dataset with the name of its image column and, when it has one, of its label column."""
+    """
+    A dataset with the name of its image column and, when it has one, of its label column. `split` names its rows
+    within their source, as a model card states it: a split (`"test"`), its first rows (`"train[:64]"`), a hold-out
+    (`"held-out 20 % of train (seed 0)"`) or a folder (`"test_dir ./images/test"`); None when unknown.
+    """
 
     dataset: datasets.Dataset | datasets.IterableDataset
     image_column: str
     label_column: str | None = None
+    split: str | None = None
 
     @property
     def num_labels(self) -> int | None:
@@ -241,8 +250,10 @@ def load_image_dataset(
             builder, data_files={"train": files}, split="train", streaming=streaming, cache_dir=cache_dir
         )
     elif train_dir is not None:
+        if not os.path.exists(train_dir):
+            raise ValueError(f"--train_dir {train_dir!r} does not exist (looked at {os.path.abspath(train_dir)}).")
         if not os.path.isdir(train_dir):
-            raise ValueError(f"`train_dir` must be a folder of images, got {train_dir!r}.")
+            raise ValueError(f"--train_dir must be a folder of images, got the file {train_dir!r}.")
         dataset = datasets.load_dataset("imagefolder", data_dir=train_dir, split="train", streaming=streaming)
     elif dataset_name is not None and os.path.isdir(dataset_name):
         dataset = datasets.load_from_disk(dataset_name)
@@ -279,7 +290,12 @@ def load_image_dataset(
         dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
     if names is not None:
         dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
-    return ImageDataset(dataset=dataset, image_column=image_column, label_column=label_column)
+    return ImageDataset(dataset, image_column, label_column, split_name(split, max_samples))
+
+
+def split_name(split: str, max_samples: int | None = None) -> str:
+    """How `split` truncated to its first `max_samples` rows is named: `"train[:64]"` (datasets' slice syntax)."""
+    return split if max_samples is None else f"{split}[:{max_samples}]"
 
 
 # The largest value of PIL's 16-bit integer modes ("I;16", "I;16B", "I;16L", "I;16N"): 65535 / 257 = 255 exactly.
@@ -390,7 +406,7 @@ def match_labels(train: ImageDataset, test: ImageDataset) -> ImageDataset:
         return {column: np.where(labels >= 0, new_ids[np.clip(labels, 0, None)], labels).tolist()}
 
     dataset = test.dataset.map(renumber, input_columns=column, batched=True, features=features)
-    return ImageDataset(dataset, test.image_column, column)
+    return ImageDataset(dataset, test.image_column, column, test.split)
 
 
 def load_labelled_split(
@@ -417,7 +433,10 @@ def load_labelled_split(
 
 
 def hold_out(data: ImageDataset, test_size: float = DEFAULT_TEST_SIZE, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
-    """A stratified (train, held-out) split of a labelled map-style dataset that has no evaluation split."""
+    """
+    A stratified (train, held-out) split of a labelled map-style dataset that has no evaluation split; the held-out
+    part's `split` names the fraction, the split it came from and the seed, which determine its images.
+    """
     if not 0 < test_size < 1:
         raise ValueError(f"`test_size` must be in (0, 1), got {test_size!r}.")
     dataset = data.dataset
@@ -427,7 +446,64 @@ def hold_out(data: ImageDataset, test_size: float = DEFAULT_TEST_SIZE, seed: int
         # Stratification needs a ClassLabel column.
         dataset = dataset.class_encode_column(data.label_column)
     splits = dataset.train_test_split(test_size=test_size, stratify_by_column=data.label_column, seed=seed)
+    source = data.split or "the images"
+    held_out = f"{HELD_OUT} {test_size * 100:g} % of {source} (seed {seed})"
     return (
-        ImageDataset(splits["train"], data.image_column, data.label_column),
-        ImageDataset(splits["test"], data.image_column, data.label_column),
+        ImageDataset(splits["train"], data.image_column, data.label_column, f"{source} less the {held_out}"),
+        ImageDataset(splits["test"], data.image_column, data.label_column, held_out),
     )
+
+
+# --- which images a model was pretrained on ------------------------------------------------------------------------
+
+
+def data_source(data_args: DataArguments) -> dict:
+    """
+    The flags that name a data source and its training split, local paths made absolute, so that two command lines
+    (`msn-pretrain`'s and `msn-evaluate`'s, from different folders) compare equal when they read the same images.
+    """
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path and "://" not in path and os.path.exists(path) else path
+
+    return dict(
+        dataset_name=absolute(data_args.dataset_name),
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=absolute(data_args.train_dir),
+        train_files=sorted(p if "://" in p else os.path.abspath(p) for p in data_args.train_files),
+        train_split=data_args.train_split,
+    )
+
+
+def data_record(data_args: DataArguments, test: ImageDataset | None) -> dict:
+    """
+    What a pretraining run trained on, for its `DATA_RECORD_FILE`: the data source (`data_source`), the rows of the
+    training split it read (`split`, e.g. `"train[:64]"`), the part of them it held out for its evaluation
+    (`held_out`, None when it trained on all of them) and its evaluation split (`eval_split`, `test`'s; None
+    without evaluation).
+    """
+    held_out = test.split if test is not None and (test.split or "").startswith(HELD_OUT) else None
+    return dict(
+        source=data_source(data_args),
+        split=split_name(data_args.train_split, data_args.max_train_samples),
+        streaming=data_args.streaming,
+        held_out=held_out,
+        eval_split=test.split if test is not None else None,
+    )
+
+
+def seen_in_pretraining(record: dict | None, data_args: DataArguments, test: ImageDataset) -> str | None:
+    """
+    Why the test images `test` (loaded from the flags `data_args`) include images that the run of `record` (its
+    `data_record`) pretrained on, in words; None when the flags give images it did not pretrain on: another data
+    source, another split, another folder, or the very hold-out the run made.
+    """
+    if record is None or record["source"] != data_source(data_args) or test.split == record["held_out"]:
+        return None
+    trained_on = record["split"] + (f" less the {record['held_out']}" if record["held_out"] else "")
+    if data_args.test_dir is not None:
+        same_folder = os.path.abspath(data_args.test_dir) == record["source"]["train_dir"]
+        return f"--test_dir is the folder it pretrained on ({trained_on})" if same_folder else None
+    if (test.split or "").startswith(HELD_OUT) or test.split == record["source"]["train_split"]:
+        return f"the test images, {test.split}, overlap the images it pretrained on, {trained_on}"
+    return None

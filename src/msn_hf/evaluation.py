@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .data import (
+    DATA_RECORD_FILE,
     DEFAULT_TEST_SIZE,
     DataArguments,
     ImageDataset,
@@ -46,6 +47,7 @@ from .data import (
     load_image_dataset,
     load_labelled_split,
     match_labels,
+    seen_in_pretraining,
 )
 from .files import write_text_atomically
 from .modelcard import format_table, update_model_card
@@ -627,6 +629,7 @@ def load_evaluation_datasets(
         )
     if test_dir is not None:
         test = load_image_dataset(train_dir=test_dir, **common)
+        test.split = f"test_dir {test_dir}"
     elif train_dir is not None or train_files:
         test = None
     else:
@@ -692,6 +695,13 @@ class EvaluationArguments:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Load code shipped with the checkpoint."})
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
+    allow_seen_images: bool = field(
+        default=False,
+        metadata={
+            "help": f"Score on test images the model was pretrained on (its {DATA_RECORD_FILE} tells); refused "
+            "otherwise. The card then says so."
+        },
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[EvaluationArguments, DataArguments]:
@@ -705,6 +715,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_model_source(args.model_name_or_path)
     train, test = load_evaluation_data(data_args)
+    eval_split = test.split
+    # A run of msn-pretrain records which images it pretrained on; a Hub id or another model records none.
+    record, record_file = None, os.path.join(args.model_name_or_path, DATA_RECORD_FILE)
+    if os.path.isfile(record_file):
+        with open(record_file) as handle:
+            record = json.load(handle)
+    seen = seen_in_pretraining(record, data_args, test)
+    if seen and not args.allow_seen_images:
+        raise ValueError(
+            f"--model_name_or_path {args.model_name_or_path!r} was pretrained on these images ({record_file}): "
+            f"{seen}. Give the data its run held out (the same --test_size and --max_train_samples) or another "
+            "split, or pass --allow_seen_images to score on them knowingly."
+        )
+    if seen:
+        logger.warning(f"Scoring on images the model was pretrained on (--allow_seen_images): {seen}.")
+        eval_split = f"{eval_split} (includes images seen in pretraining)"
     image_processor = None
     if args.image_processor_name is not None:
         from transformers import AutoImageProcessor
@@ -745,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in results.get("pictures", {}).get("files", []):
         print(f"Picture: {os.path.join(os.path.dirname(os.path.abspath(output_file)), name)}")
     if os.path.isdir(args.model_name_or_path):
-        card = update_model_card(args.model_name_or_path, results)
+        evaluated_on = dict(eval_dataset=data_args.test_dir or data_args.source_name, eval_split=eval_split)
+        card = update_model_card(args.model_name_or_path, results, evaluated_on)
         if card is not None:
             print(f"Model card updated: {card}")
     return results

@@ -203,8 +203,9 @@ def render_model_card(facts: dict, results: dict | None = None, output_dir: str 
     settings = (results or {}).get("settings", {})
     num_labels = settings.get("num_labels")
     if results:
+        split = f", {facts['eval_split']}" if facts.get("eval_split") else ""
         results_section = (
-            f"Low-shot evaluation of the frozen target encoder on {dataset_title(facts.get('eval_dataset')) or dataset} "
+            f"Low-shot evaluation of the frozen target encoder on {dataset_title(facts.get('eval_dataset')) or dataset}{split} "
             f"({settings.get('num_train', '?')} training / {settings.get('num_test', '?')} test images, "
             f"{settings.get('num_labels', '?')} classes). Top-1 accuracy in %, logistic regression on the class "
             f"token with k images per class or a fraction of the labels, mean ± std over seeds "
@@ -306,13 +307,20 @@ def write_model_card(
     return _save_card(render_model_card(facts, results, output_dir), output_dir)
 
 
-def update_model_card(output_dir: str | os.PathLike, results: dict) -> Path | None:
-    """Re-render the card of an `msn_hf` run folder with new `results`; None when the folder has no card facts."""
+def update_model_card(output_dir: str | os.PathLike, results: dict, evaluated_on: dict | None = None) -> Path | None:
+    """
+    Re-render the card of an `msn_hf` run folder with new `results`; None when the folder has no card facts.
+    `evaluated_on` (`eval_dataset`, `eval_split`, ...) replaces the facts of the run's own evaluation, in the card and
+    in its facts file.
+    """
     output_dir = Path(output_dir)
     facts_file = output_dir / CARD_FACTS_FILE
     if not facts_file.is_file():
         return None
     facts = json.loads(facts_file.read_text())
+    if evaluated_on:
+        facts.update(evaluated_on)
+        write_text_atomically(facts_file, json.dumps(facts, indent=2, default=str))
     return _save_card(render_model_card(facts, results, output_dir), output_dir)
 
 

@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -32,15 +31,19 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .checkpointing import (
+    StopSignals,
     TrainingState,
     find_latest_checkpoint,
     resume,
     save_checkpoint,
+    stop_at_checkpoint,
 )
 from .configuration_msn import MSNConfig
 from .data import (
+    DATA_RECORD_FILE,
     DataArguments,
     ImageDataset,
+    data_record,
     decode_image,
     has_labels,
     hold_out,
@@ -48,6 +51,7 @@ from .data import (
     load_labelled_split,
     match_labels,
 )
+from .files import write_text_atomically
 from .image_processing_msn import MSNImageProcessor
 from .modelcard import headline, write_model_card
 from .modeling_msn import MSNModel
@@ -61,7 +65,17 @@ from .recipe import (
     parse_overrides,
     save_recipe,
 )
-from .run_outputs import card_run_info, export_final, plot_loss_curve, push_to_hub
+from .run_outputs import (
+    METRICS_FILE,
+    UploadError,
+    card_run_info,
+    check_hub_access,
+    export_final,
+    plot_loss_curve,
+    push_to_hub,
+    remove_run_files,
+    run_files,
+)
 from .sources import check_model_source
 from .training import (
     IndexedDataset,
@@ -80,8 +94,9 @@ from .training import (
 
 logger = get_logger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 RECIPE_SAMPLE_SIZE = 32
+# Arguments that never reach a tracker, a log, a file or a checkpoint.
+SECRET_ARGUMENTS = ("hub_token",)
 
 # The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images
 # (1,540 steps, benchmarks/RESULTS.md); the auto rule picks their model and views from that run length.
@@ -170,7 +185,7 @@ class PretrainingArguments:
     output_dir: str = field(default="outputs/msn", metadata={"help": "Where the model, checkpoints and logs go."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start again in an --output_dir that holds a run: its checkpoints and metrics are removed."},
+        metadata={"help": "Start again in an --output_dir that holds a run: the files a run writes are removed first."},
     )
     checkpointing_steps: str | None = field(
         default=None, metadata={"help": "Save the training state every N steps, or 'epoch'."}
@@ -317,6 +332,7 @@ def _evaluation_sets(
     test = None
     if data_args.test_dir is not None:
         test = load_image_dataset(train_dir=data_args.test_dir, **common)
+        test.split = f"test_dir {data_args.test_dir}"
     elif not (data_args.train_dir or data_args.train_files):
         test = load_labelled_split(data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split, **common)
     if test is not None:
@@ -485,8 +501,19 @@ def effective_recipe(name: str, args: PretrainingArguments, model: MSNModel, pro
 # --- the loop ------------------------------------------------------------------------------------------------------
 
 
+def _resumes(args: PretrainingArguments) -> bool:
+    """Whether the run continues a checkpoint: a folder given, or `latest` when `--output_dir` holds a complete one."""
+    if args.resume_from_checkpoint == "latest":
+        return find_latest_checkpoint(args.output_dir) is not None
+    return args.resume_from_checkpoint is not None
+
+
 def setup_run(args: PretrainingArguments) -> Accelerator:
-    """The Accelerator, logging and seed of a run, and an `--output_dir` that holds no other run."""
+    """
+    The Accelerator, logging and seed of a run, and the check that `--output_dir` holds no other run, unless the run
+    resumes it (see `_resumes`) or replaces it (`--overwrite_output_dir`). A refused folder is left as it was, and
+    nothing is created here: `prepare_output_dir` does that once every input has been checked.
+    """
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -501,20 +528,54 @@ def setup_run(args: PretrainingArguments) -> Accelerator:
     datasets.utils.logging.set_verbosity_warning() if accelerator.is_main_process else datasets.disable_progress_bars()
     set_seed(args.seed)
     # Every process checks, so that all of them stop on a bad folder rather than wait for the main one.
-    previous = [p for p in output_dir.glob("*") if p.name.startswith("checkpoint-") or p.name == METRICS_FILE]
-    finished = (output_dir / "model.safetensors").exists()
-    if (previous or finished) and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+    previous = [path.name for path in run_files(output_dir)]
+    if previous and not _resumes(args) and not args.overwrite_output_dir:
+        # What tells a run apart first (its checkpoints, model and metrics), then a few of its other files.
+        telling = [n for n in previous if n.startswith("checkpoint-") or n in ("model.safetensors", METRICS_FILE)]
+        others = [n for n in previous if n not in telling]
+        found = ", ".join(telling + others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        latest = find_latest_checkpoint(output_dir)
+        if latest is not None:
+            advice = f"pass --resume_from_checkpoint latest to continue it from {latest.name}, or"
+        else:
+            advice = "it has no complete checkpoint for --resume_from_checkpoint latest to continue: pass"
         raise ValueError(
-            f"--output_dir {str(output_dir)!r} already holds a run: pass --resume_from_checkpoint latest to continue "
-            "it, or --overwrite_output_dir to start again."
+            f"--output_dir {str(output_dir)!r} already holds a run ({found}); {advice} --overwrite_output_dir to "
+            "start again (the files a run writes are removed, others kept), or choose another --output_dir."
         )
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and args.resume_from_checkpoint is None:
-            for path in previous:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
     return accelerator
+
+
+def prepare_output_dir(
+    args: PretrainingArguments, data_args: DataArguments, accelerator: Accelerator, train_data: "TrainData"
+) -> str | None:
+    """
+    Once every input has been checked (data, model, batches): the Hub access of `--push_to_hub` checked, the files
+    of an earlier run removed (`--overwrite_output_dir`, unless the run resumes), `--output_dir` created, and which
+    images the run trains on recorded in it (`DATA_RECORD_FILE`, which `msn-evaluate` reads). Returns the full Hub
+    repository id of `--push_to_hub`, or None without it.
+    """
+    output_dir = Path(args.output_dir)
+    repo_id = None
+    if args.push_to_hub:
+        # The main process asks the Hub; every process learns the answer, so that all stop alike on a refusal.
+        answer = [None, None]
+        if accelerator.is_main_process:
+            try:
+                answer[0] = check_hub_access(args.hub_model_id, args.hub_token, args.hub_private_repo)
+            except ValueError as error:
+                answer[1] = str(error)
+        repo_id, refusal = broadcast_object_list(answer)
+        if refusal:
+            raise ValueError(refusal)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and not _resumes(args):
+            remove_run_files(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        test = train_data.evaluation[1] if train_data.evaluation else None
+        write_text_atomically(output_dir / DATA_RECORD_FILE, json.dumps(data_record(data_args, test), indent=2))
+    accelerator.wait_for_everyone()
+    return repo_id
 
 
 def build_schedules(args: PretrainingArguments, config: MSNConfig, steps_per_epoch: int | None) -> MSNSchedules:
@@ -689,7 +750,7 @@ class MetricsLog:
 
 def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     """Run MSN pretraining (see `PretrainingArguments` and `DataArguments`); returns the final metrics."""
-    # User errors surface before `setup_run` creates the output folder.
+    # User errors surface before `prepare_output_dir` creates the output folder.
     parse_model_overrides(args)
     if args.model_name_or_path:
         check_model_source(args.model_name_or_path)
@@ -703,6 +764,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
         if args.num_warmup_steps is None and args.num_warmup_epochs is None:
             args.num_warmup_steps = recipe["training"].get("num_warmup_steps")
     model, processor = build_model_and_processor(args, data_args, recipe)
+    repo_id = prepare_output_dir(args, data_args, accelerator, train_data)
     if recipe is not None:
         used = effective_recipe(recipe["name"], args, model, processor)
         accelerator.print(
@@ -729,50 +791,66 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
     if args.report_to != "none":
-        accelerator.init_trackers("msn_pretraining", config={k: str(v) for k, v in {**vars(data_args), **vars(args)}.items()})
+        config = {k: str(v) for k, v in {**vars(data_args), **vars(args)}.items() if k not in SECRET_ARGUMENTS}
+        accelerator.init_trackers("msn_pretraining", config=config)
     state = resume(args.resume_from_checkpoint, accelerator, dataloader, output_dir)
     metrics = MetricsLog(accelerator, output_dir / METRICS_FILE, state.completed_steps, args.report_to != "none")
     progress = tqdm(total=schedules.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
 
-    model.train()
+    # Ctrl-C or SIGTERM: the step in progress ends, every process writes the checkpoint of the same step, and the
+    # run stops (TrainingInterrupted). The handlers are those of the loop only.
+    last_checkpoint = None
     skipped_batches = SkippedBatches(args.max_skipped_batches)
-    while state.completed_steps < schedules.total_steps:
-        resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
-        batches = epoch_batches(accelerator, dataloader, collator, train_data.streaming, state, args.seed, skipped_batches)
-        for batch in batches:
-            steps_before = state.completed_steps
-            output = training_step(accelerator, model, optimizer, batch, state, schedules, args.max_grad_norm)
-            metrics.images += batch["pixel_values"].shape[0] * accelerator.num_processes
-            if state.consecutive_nonfinite >= args.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{state.consecutive_nonfinite} non-finite losses in a row at step {state.completed_steps}: "
-                    f"stopping. Last good checkpoint: {find_latest_checkpoint(output_dir) or 'none'}. Lower "
-                    "--learning_rate or check the data."
-                )
-            if state.completed_steps == steps_before:
-                continue
-            progress.update(1)
-            if state.completed_steps % args.logging_steps == 0 or state.completed_steps == schedules.total_steps:
-                record = metrics.log_step(output, state, schedules)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                     img_s=f"{record['images_per_second']:.0f}")  # fmt: skip
-            if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
-            if state.completed_steps >= schedules.total_steps:
-                epoch_done = not train_data.streaming and state.batches_in_epoch == len(dataloader)
-                break
-        if epoch_done:
-            if state.batches_in_epoch == 0 and not resumed_mid_epoch:
-                raise ValueError(
-                    f"--per_device_train_batch_size {args.per_device_train_batch_size} must not exceed the images "
-                    f"of each process, but a pass over the data gave no full batch."
-                )
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
+    with StopSignals() as stop:
+        model.train()
+        while state.completed_steps < schedules.total_steps:
+            resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
+            batches = epoch_batches(
+                accelerator, dataloader, collator, train_data.streaming, state, args.seed, skipped_batches
+            )
+            for batch in batches:
+                steps_before = state.completed_steps
+                output = training_step(accelerator, model, optimizer, batch, state, schedules, args.max_grad_norm)
+                metrics.images += batch["pixel_values"].shape[0] * accelerator.num_processes
+                if state.consecutive_nonfinite >= args.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{state.consecutive_nonfinite} non-finite losses in a row at step {state.completed_steps}: "
+                        f"stopping. Last good checkpoint: {find_latest_checkpoint(output_dir) or 'none'}. Lower "
+                        "--learning_rate or check the data."
+                    )
+                if state.completed_steps == steps_before:
+                    continue
+                progress.update(1)
+                if state.completed_steps % args.logging_steps == 0 or state.completed_steps == schedules.total_steps:
+                    record = metrics.log_step(output, state, schedules)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                         img_s=f"{record['images_per_second']:.0f}")  # fmt: skip
+                if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
+                    last_checkpoint = save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
+                if signum := stop.requested(accelerator):
+                    stop_at_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit, signum,
+                                       last_checkpoint)  # fmt: skip
+                if state.completed_steps >= schedules.total_steps:
+                    epoch_done = not train_data.streaming and state.batches_in_epoch == len(dataloader)
+                    break
+            if epoch_done:
+                if state.batches_in_epoch == 0 and not resumed_mid_epoch:
+                    raise ValueError(
+                        f"--per_device_train_batch_size {args.per_device_train_batch_size} must not exceed the images "
+                        f"of each process, but a pass over the data gave no full batch."
+                    )
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if args.checkpointing_steps == "epoch":
+                    last_checkpoint = save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
+        # A signal that came after the last step (during an epoch's checkpoint) still stops the run.
+        if signum := stop.requested(accelerator):
+            stop_at_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit, signum,
+                               last_checkpoint)  # fmt: skip
     progress.close()
+    test = train_data.evaluation[1] if train_data.evaluation else None
     run_info = card_run_info(
-        args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"] if recipe else None
+        args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"] if recipe else None, test,
+        repo_id,
     )
     return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, run_info)
 
@@ -792,7 +870,8 @@ def finish(
     Export the final model at once (main process), then evaluate it: after the last barrier, so that a long
     evaluation cannot time out the other processes, which are done, and a failed one cannot lose the model.
     The model card (`run_info`: see `card_run_info`) is written with the export and rewritten with the results; a
-    summary line ends the run.
+    summary line ends the run. A failed upload (`--push_to_hub`) comes after the summary, as an `UploadError` that
+    says where the model is and the command that uploads it.
     """
     output_dir = Path(args.output_dir)
     if state.skipped_images:
@@ -817,12 +896,18 @@ def finish(
         results["eval"] = evaluation
         write_model_card(output_dir, model, processor, run_info, evaluation)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
+    upload_failure = None
     if args.push_to_hub:
-        push_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        try:
+            push_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        except UploadError as error:  # the run's folder is complete: the summary still comes, then the failure
+            upload_failure = error
     print(f"\nmsn-pretrain: model, processor and card in {output_dir} ({state.completed_steps} steps).")
     if evaluation:
         print(f"  {headline(evaluation)} (all settings in {output_dir / 'README.md'}).")
     print(f"  Next: msn-evaluate --model_name_or_path {output_dir} --baselines random pixels")
+    if upload_failure is not None:
+        raise upload_failure
     return results
 
 

@@ -1,21 +1,40 @@
 """
-What a finished run leaves: the exported model and processor, the loss plot, the facts its model card states,
-and the upload to the Hub.
+What a run leaves in its `--output_dir` (`RUN_FILES`): the exported model and processor, the loss plot, the facts
+its model card states, and the upload to the Hub, checked before the first step (`check_hub_access`).
 """
 
+import fnmatch
 import os
+import shlex
 import shutil
 from pathlib import Path
 
+import huggingface_hub.constants
 from accelerate import Accelerator
 from huggingface_hub import HfApi
+from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from .checkpointing import TrainingState
-from .data import DataArguments
+from .data import DATA_RECORD_FILE, DataArguments, ImageDataset
 from .files import move_files_into
 from .image_processing_msn import MSNImageProcessor
+from .modelcard import CARD_FACTS_FILE, LOSS_CURVE_FILE
 from .modeling_msn import MSNModel
 from .recipe import RECIPE_FILE
+
+METRICS_FILE = "metrics.jsonl"
+# Every entry a run writes into its --output_dir (names and glob patterns), and nothing else: --overwrite_output_dir
+# removes exactly these, so that no result of an earlier run reaches the new card or the Hub, and a file the user put
+# there stays. A new output adds its name here (tests/test_trust_loop.py checks that a run writes nothing else).
+RUN_FILES = (
+    "checkpoint-*",  # checkpoints, complete or `.tmp`
+    METRICS_FILE, "train_results.json", "eval_results.json", "lowshot_results.json",  # pretraining, msn-evaluate
+    "README.md", CARD_FACTS_FILE, RECIPE_FILE, DATA_RECORD_FILE, LOSS_CURVE_FILE,
+    "neighbours.png", "lowshot.png", "prototypes.png",  # the pictures of what was learnt
+    "config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json", "*_msn.py",
+    "msn_pretraining",  # the trackers' logs (Accelerate names the folder after the project)
+    ".final", ".*.tmp",  # an interrupted export or atomic write
+)  # fmt: skip
 
 
 def plot_loss_curve(metrics: list[dict], path: Path) -> None:
@@ -41,6 +60,20 @@ def plot_loss_curve(metrics: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
+def run_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The entries of `output_dir` that a run writes (see `RUN_FILES`), sorted; none when it does not exist."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if any(fnmatch.fnmatch(p.name, pattern) for pattern in RUN_FILES))
+
+
+def remove_run_files(output_dir: str | os.PathLike) -> None:
+    """Remove what a run wrote into `output_dir` (see `RUN_FILES`); whatever else is there stays."""
+    for path in run_files(output_dir):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def card_run_info(
     args,
     data_args: DataArguments,
@@ -48,12 +81,20 @@ def card_run_info(
     state: TrainingState,
     seconds: float,
     recipe_name: str | None,
+    test: ImageDataset | None = None,
+    repo_id: str | None = None,
 ) -> dict:
-    """The facts of this run (`args`: its `PretrainingArguments`) that its model card states (see `msn_hf.modelcard.write_model_card`)."""
+    """
+    The facts of this run (`args`: its `PretrainingArguments`) that its model card states (see
+    `msn_hf.modelcard.write_model_card`); `test`: the labelled images of its final evaluation, whose split it names;
+    `repo_id`: the full Hub id of `--hub_model_id` (see `check_hub_access`).
+    """
     hub_dataset = data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
     return dict(
         dataset=data_args.source_name,
         dataset_id=hub_dataset,
+        eval_dataset=data_args.test_dir if test is not None else None,
+        eval_split=test.split if test is not None else None,
         steps=state.completed_steps,
         batch_size=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         learning_rate_schedule=(
@@ -64,20 +105,88 @@ def card_run_info(
         wall_time_seconds=seconds,
         hardware=f"{accelerator.num_processes} x {accelerator.device.type}",
         trainer="msn-pretrain" + (f", recipe {recipe_name!r} ({RECIPE_FILE} reproduces it)" if recipe_name else ""),
-        repo_id=args.hub_model_id,
+        repo_id=repo_id or args.hub_model_id,
     )
+
+
+class UploadError(RuntimeError):
+    """The upload at the end of a run failed, after the run's folder was written whole; the console scripts exit 1."""
+
+    exit_code = 1
+
+
+# What an upload leaves out of a run's folder: the training state, and the temporary files of an interrupted write.
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "*.tmp", "runs/*", ".final/*"]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_hub_access(repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """
+    Check, before a run trains, that `--push_to_hub` can upload at its end: the Hub is reachable, the token (`token`,
+    else the one saved by `hf auth login`) is valid, and the repository `repo_id` exists or can be created (it is
+    created, as the upload would). Returns the full repository id (`user/name`); raises a one-line ValueError naming
+    the flag to change otherwise. The token appears in no message.
+    """
+    offline = ValueError(
+        "--push_to_hub needs the Hub, but it is offline (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE, or train without "
+        "--push_to_hub and upload the folder afterwards with `hf upload`."
+    )
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+    except OfflineModeIsEnabled as error:
+        raise offline from error
+    except LocalTokenNotFoundError as error:
+        if huggingface_hub.constants.HF_HUB_OFFLINE:  # the first thing to change: a token would not be used
+            raise offline from error
+        raise ValueError(
+            "--push_to_hub needs a Hub token with write access, got no token: pass --hub_token, or log in with "
+            "`hf auth login`."
+        ) from error
+    except Exception as error:  # an invalid token (401), no network: the run could not upload at its end either
+        raise ValueError(
+            f"--push_to_hub could not check --hub_token with the Hub ({_first_line(error)}): pass a valid token with "
+            "write access, or train without --push_to_hub and upload the folder afterwards with `hf upload`."
+        ) from error
+    try:
+        return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    except Exception as error:
+        raise ValueError(
+            f"--hub_model_id {repo_id!r} cannot be created or written by {user!r} ({_first_line(error)}): choose a "
+            "repository in a namespace this token can write to."
+        ) from error
+
+
+def _upload_command(repo_id: str, output_dir: str | os.PathLike) -> str:
+    """The `hf upload` command that uploads a run's folder as `push_to_hub` does, for after a failed upload."""
+    excluded = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in UPLOAD_IGNORE_PATTERNS)
+    return f"hf upload {repo_id} {shlex.quote(str(output_dir))} . {excluded}"
 
 
 def push_to_hub(output_dir: Path, repo_id: str, token: str | None = None, private: bool = False) -> None:
-    """Upload the final folder of a run (no checkpoints, no temporary folders) to the Hub repository `repo_id`."""
+    """
+    Upload the final folder of a run (no checkpoints, no temporary folders) to the Hub repository `repo_id`, created
+    if needed (`check_hub_access` has created it at the start of a run). A failure raises an `UploadError` that says
+    where the folder is and the `hf upload` command that uploads it later.
+    """
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(output_dir),
-        commit_message="MSN pretraining",
-        ignore_patterns=["checkpoint-*", "*.tmp", "runs/*", ".final/*"],
-    )
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(output_dir),
+            commit_message="MSN pretraining",
+            ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        )
+    except Exception as error:
+        raise UploadError(
+            f"the upload to {repo_id} failed ({_first_line(error)}); the model is saved in {output_dir}: upload it "
+            f"with `{_upload_command(repo_id, output_dir)}`"
+        ) from error
 
 
 def export_final(model: MSNModel, processor: MSNImageProcessor, output_dir: Path) -> None:
