@@ -238,8 +238,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
     training = {}
     if args.recipe_file is not None:
-        # The file's optimisation settings, below the flags given on the command line.
-        given = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")}
+        # The file's optimisation settings, below the flags given on the command line, typed `--learning_rate`,
+        # `--learning-rate` or `--learning-rate=...` alike (HfArgumentParser accepts all three).
+        given = {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
         training = load_recipe(args.recipe_file)["training"]
         unknown = sorted(set(training) - set(RECIPE_TRAINING_FIELDS))
         if unknown:

@@ -348,9 +348,17 @@ def load_recipe(path: str | os.PathLike) -> dict:
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            recipe = yaml.safe_load(handle)
+            try:
+                recipe = yaml.safe_load(handle)
+            except yaml.YAMLError as error:
+                raise ValueError(f"--recipe_file {path!r} is not valid YAML: {_yaml_error_line(error)}.") from None
         else:
-            recipe = json.load(handle)
+            try:
+                recipe = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"--recipe_file {path!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+                ) from None
     if not isinstance(recipe, dict):
         raise ValueError(f"`recipe_file` {path!r} must hold a mapping, got {type(recipe).__name__}.")
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
@@ -362,6 +370,18 @@ def load_recipe(path: str | os.PathLike) -> dict:
             raise ValueError(f"`recipe_file` {path!r}: section `{section}` must be a mapping, got {value!r}.")
     recipe.setdefault("name", os.path.basename(path))
     return recipe
+
+
+def _yaml_error_line(error) -> str:
+    """A YAML error in one line: the problem and where it is (1-based), and where the construct it is in began."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(error).split())
+    text = f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context_mark = getattr(error, "context_mark", None)
+    if error.context and context_mark is not None:
+        text += f" ({error.context} from line {context_mark.line + 1})"
+    return text
 
 
 def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
