@@ -16,6 +16,7 @@ from .files import move_files_into
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 from .recipe import RECIPE_FILE
+from .sources import source_name
 
 
 def plot_loss_curve(metrics: list[dict], path: Path) -> None:
@@ -61,6 +62,7 @@ def card_run_info(
         hardware=f"{accelerator.num_processes} x {accelerator.device.type}",
         trainer="msn-pretrain" + (f", recipe {recipe_name!r} ({RECIPE_FILE} reproduces it)" if recipe_name else ""),
         repo_id=args.hub_model_id,
+        base_model=source_name(args.model_name_or_path or args.backbone_pretrained),
     )
 
 
