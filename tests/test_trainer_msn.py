@@ -64,10 +64,17 @@ def assert_same_weights(model_a, model_b, atol):
 def test_trainer_and_accelerate_loop_run_the_same_steps(initial_folder, tmp_path):
     steps, seed = 6, 3  # crosses an epoch boundary: views, data order and mask seeds of epoch 1 are compared too
     loop_dir = tmp_path / "loop"
+    # The Trainer runs the folder's model and views as they are, at its default learning rates: the loop is told the
+    # same, over the choices of its continue recipe (a lower learning rate, a slow EMA, the auto rule's views).
+    views = MSNImageProcessor.from_pretrained(initial_folder)
+    kept_views = ",".join(f"{name}={json.dumps(getattr(views, name))}"
+                          for name in ("num_focal_views", "blur_sigma", "color_jitter_probability"))  # fmt: skip
     pt.main([
         "--model_name_or_path", str(initial_folder), "--max_train_samples", str(NUM_SAMPLES),
         "--per_device_train_batch_size", str(BATCH_SIZE), "--num_warmup_steps", "2", "--max_train_steps", str(steps),
         "--seed", str(seed), "--logging_steps", "1", "--skip_evaluation", "--output_dir", str(loop_dir),
+        "--learning_rate", "1e-3", "--warmup_start_learning_rate", "2e-4", "--config_overrides", "ema_momentum=0.9",
+        "--processor_overrides", kept_views,
     ])  # fmt: skip
     loop_log = [json.loads(line) for line in (loop_dir / pt.METRICS_FILE).read_text().splitlines()]
     loop_schedule = [(m["step"], m["lr"], m["weight_decay"], m["momentum"]) for m in loop_log]

@@ -143,6 +143,8 @@ def recipe_table(facts: dict) -> str:
         ("wall time", f"{_duration(facts.get('wall_time_seconds'))}" + (f" on {facts['hardware']}" if facts.get("hardware") else "")),
         ("trained with", facts.get("trainer", "msn-pretrain")),
     ]  # fmt: skip
+    if facts.get("base_model"):
+        rows.insert(0, ("started from", f"`{facts['base_model']}`"))
     return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
@@ -189,7 +191,10 @@ def render_model_card(facts: dict, results: dict | None = None, output_dir: str 
     dataset = dataset_title(facts.get("dataset"))
     model_name = facts.get("model_name") or f"msn-{backbone_name(arch).lower().replace(' ', '-').replace('/', '')}"
     model_name = re.sub(r"[^a-z0-9.]+", "-", model_name.lower()).strip("-")
+    # The Hub's `base_model` names a model on the Hub: a local folder or file (an absolute path) stays in the table.
+    base_model = facts.get("base_model")
     card_data = ModelCardData(
+        base_model=base_model if base_model and not os.path.isabs(base_model) else None,
         model_name=model_name,
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
@@ -292,7 +297,8 @@ def write_model_card(
         run_info (`dict`): facts of the run, all optional: `dataset` (words), `dataset_id` (Hub id, for the
             metadata), `eval_dataset`, `eval_dataset_id`, `eval_split`, `steps`, `batch_size` (global),
             `learning_rate_schedule` (words), `precision`, `wall_time_seconds`, `hardware`, `trainer`, `repo_id`,
-            `model_name`, `license`, `limitations`.
+            `model_name`, `license`, `limitations`, `base_model` (the weights the run started from: a Hub id, in
+            the metadata and the recipe table, or an absolute local path, in the table only).
         results (`dict`, *optional*): the output of [`~msn_hf.evaluation.evaluate_lowshot`].
 
     Returns: the path of the card.

@@ -28,7 +28,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
 from .checkpointing import (
     StopSignals,
@@ -39,6 +39,7 @@ from .checkpointing import (
     stop_at_checkpoint,
 )
 from .configuration_msn import MSNConfig
+from .convert import classifier_folder_error, model_folder_kind, msn_model_from_vit
 from .data import (
     DATA_RECORD_FILE,
     DataArguments,
@@ -56,10 +57,14 @@ from .image_processing_msn import MSNImageProcessor
 from .modelcard import headline, write_model_card
 from .modeling_msn import MSNModel
 from .recipe import (
+    CONTINUE_TRAINING,
     IMAGENET_TRAINING,
     RECIPE_FILE,
     auto_recipe,
+    backbone_geometry,
+    continue_recipe,
     describe_images,
+    fit_views,
     imagenet_recipe,
     load_recipe,
     parse_overrides,
@@ -101,6 +106,10 @@ SECRET_ARGUMENTS = ("hub_token",)
 # The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images
 # (1,540 steps, benchmarks/RESULTS.md); the auto rule picks their model and views from that run length.
 DIGITS_TRAINING_DEFAULTS = dict(num_train_epochs=70, per_device_train_batch_size=64)
+# The learning rates of a run from scratch (the paper's); the continue recipe starts lower (`CONTINUE_TRAINING`).
+FROM_SCRATCH_TRAINING = dict(learning_rate=1e-3, warmup_start_learning_rate=2e-4)
+# The recipe of `build_model_and_processor` without one: MSNConfig's and MSNImageProcessor's defaults.
+NO_RECIPE = dict(name="none", backbone=None, backbone_kwargs={}, config={}, processor={}, training={})
 # The optimisation settings a recipe file carries (its `training` section) and a run writes into its own.
 RECIPE_TRAINING_FIELDS = (
     "learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay", "final_weight_decay",
@@ -116,7 +125,14 @@ class PretrainingArguments:
     _argument_group_name = "model, optimisation and outputs"
 
     # model
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from an MSN folder or Hub id."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights to continue pretraining from (folder or Hub id): an msn_hf MSNModel (everything, heads "
+            "and prototypes included), or a Transformers ViTModel / ViTMSNModel, imported as both encoders with a "
+            "new projection head and prototypes. Default recipe: 'continue'."
+        },
+    )
     backbone: str | None = field(
         default=None, metadata={"help": "timm ViT name (default: vit_small_patch16_224, or a small ViT for digits)."}
     )
@@ -126,11 +142,13 @@ class PretrainingArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma-separated MSNConfig fields, e.g. mask_ratio=0.3,temperature=0.1."}
     )
-    recipe: Literal["auto", "imagenet"] | None = field(
+    recipe: Literal["auto", "imagenet", "continue"] | None = field(
         default=None,
         metadata={
             "help": "Built-in recipe of model, views and warmup: 'auto' (from the data and the run; the default "
-            "without --backbone, --model_name_or_path or --recipe_file) or 'imagenet' (the ViT-S/16 release)."
+            "without --backbone, weights or --recipe_file), 'imagenet' (the ViT-S/16 release) or 'continue' (the "
+            "default with --model_name_or_path or --backbone_pretrained: the weights' patch and resolution, the "
+            "auto rule's views, a quarter of the learning rate, a 2 %% warmup, EMA from 0.999)."
         },
     )
     recipe_file: str | None = field(
@@ -141,13 +159,18 @@ class PretrainingArguments:
         default=None, metadata={"help": "Comma-separated MSNImageProcessor settings, e.g. blur_sigma=[0.1,1.0]."}
     )
     backbone_pretrained: str | None = field(
-        default=None, metadata={"help": "timm weights to start from: a local file, or a Hub id (downloaded)."}
+        default=None,
+        metadata={"help": "timm weights to start from: a local file, or a Hub id (downloaded). Default recipe: 'continue'."},
     )
     num_anchor_views: int | None = field(default=None, metadata={"help": "Random anchor views per image."})
     num_focal_views: int | None = field(default=None, metadata={"help": "Focal anchor views per image."})
     # optimisation
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate after warmup."})
-    warmup_start_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the first step."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate after warmup (default: 1e-3; 'continue' recipe: 2.5e-4)."}
+    )
+    warmup_start_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the first step (default: 2e-4; 'continue' recipe: 5e-5)."}
+    )
     final_learning_rate: float = field(default=1e-6, metadata={"help": "End of the cosine learning-rate schedule."})
     weight_decay: float = field(default=0.04, metadata={"help": "Start of the cosine weight-decay schedule."})
     final_weight_decay: float = field(default=0.4, metadata={"help": "End of the cosine weight-decay schedule."})
@@ -236,17 +259,32 @@ class PretrainingArguments:
             fail("backbone_kwargs", "a JSON object", self.backbone_kwargs)
         if self.recipe is not None and self.recipe_file is not None:
             fail("recipe", "unset when --recipe_file is given", self.recipe)
-        if self.model_name_or_path and (self.recipe or self.recipe_file or self.backbone_pretrained):
-            fail("model_name_or_path", "given without --recipe, --recipe_file or --backbone_pretrained", self.model_name_or_path)
+        if self.model_name_or_path and (self.recipe not in (None, "continue") or self.recipe_file or self.backbone_pretrained):
+            fail(
+                "model_name_or_path",
+                "given without --recipe auto/imagenet, --recipe_file or --backbone_pretrained (its weights are the model)",
+                self.model_name_or_path,
+            )
+        if self.recipe == "continue" and not (self.model_name_or_path or self.backbone_pretrained):
+            fail("recipe", "'continue' only with weights to start from (--model_name_or_path or --backbone_pretrained)", self.recipe)
+        # Unset learning rates are the recipe's: a quarter of the from-scratch ones when continuing from weights.
+        for name, value in (CONTINUE_TRAINING if self.recipe_name == "continue" else FROM_SCRATCH_TRAINING).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     @property
     def recipe_name(self) -> str | None:
-        """The built-in recipe in force: `--recipe`, else 'auto' unless the user chose a model or a recipe file."""
+        """
+        The built-in recipe in force: `--recipe`; else none with `--recipe_file`; else 'continue' with weights to
+        start from (`--model_name_or_path`, `--backbone_pretrained`); else none with `--backbone`; else 'auto'.
+        """
         if self.recipe is not None:
             return self.recipe
-        if self.backbone or self.model_name_or_path or self.recipe_file:
+        if self.recipe_file:
             return None
-        return "auto"
+        if self.model_name_or_path or self.backbone_pretrained:
+            return "continue"
+        return None if self.backbone else "auto"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, DataArguments]:
@@ -261,8 +299,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
     training = {}
     if args.recipe_file is not None:
-        # The file's optimisation settings, below the flags given on the command line.
-        given = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")}
+        # The file's optimisation settings, below the flags given on the command line, typed `--learning_rate`,
+        # `--learning-rate` or `--learning-rate=...` alike (HfArgumentParser accepts all three).
+        given = {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
         training = load_recipe(args.recipe_file)["training"]
         unknown = sorted(set(training) - set(RECIPE_TRAINING_FIELDS))
         if unknown:
@@ -280,8 +319,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
         defaults = dict(DIGITS_TRAINING_DEFAULTS, num_warmup_epochs=1)
     else:
         defaults = dict(IMAGENET_TRAINING)
-    if args.recipe_name == "auto":
-        del defaults["num_warmup_epochs"]  # the auto recipe sets the warmup from the planned steps
+    if args.recipe_name in ("auto", "continue"):
+        del defaults["num_warmup_epochs"]  # these recipes set the warmup from the planned steps
     for name, value in defaults.items():
         if getattr(args, name) is None and name not in training:  # a recipe file's None stays None
             setattr(args, name, value)
@@ -414,8 +453,9 @@ def choose_recipe(
     args: PretrainingArguments, data_args: DataArguments, train_data: "TrainData", num_processes: int = 1
 ) -> dict:
     """
-    The recipe of a new model: `--recipe_file`, the ImageNet recipe, the auto rule applied to a sample of the
-    training images and to the planned run, or (with `--backbone` alone) no recipe: MSNConfig's defaults.
+    The recipe of the run: `--recipe_file`, the ImageNet recipe, the auto rule or the continue rule (from the
+    weights' patch and resolution, `starting_geometry`) applied to a sample of the training images and to the
+    planned run, or (with `--backbone` alone) no recipe: MSNConfig's defaults.
     """
     if args.recipe_file is not None:
         return load_recipe(args.recipe_file)
@@ -423,20 +463,52 @@ def choose_recipe(
     if name == "imagenet":
         return imagenet_recipe()
     if name is None:
-        return dict(name="none", backbone=MSNConfig.backbone, backbone_kwargs={}, config={}, processor={}, training={})
+        return dict(NO_RECIPE, backbone=MSNConfig.backbone)
     rows = train_data.dataset
     image_size, grey = describe_images(image for image in map(decode_image, train_data.sample) if image is not None)
     global_batch = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
     num_images = len(rows) if not train_data.streaming else args.max_train_steps * global_batch
     planned_steps = args.max_train_steps or args.num_train_epochs * max(1, num_images // global_batch)
+    if name == "continue":
+        return continue_recipe(*starting_geometry(args), image_size, grey, num_images, global_batch, planned_steps)
     return auto_recipe(image_size, grey, num_images, global_batch, planned_steps)
 
 
+def starting_geometry(args: PretrainingArguments) -> tuple[int, int]:
+    """
+    `(native side, patch side)` in pixels of the weights a run starts from, read from configs alone: the views of an
+    msn_hf folder, the `image_size` and `patch_size` of a Transformers ViT, or the timm backbone of
+    `--backbone_pretrained` (its default resolution unless `--backbone_kwargs` give `img_size`).
+    """
+    source = args.model_name_or_path
+    if not source:
+        return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})
+    kind = model_folder_kind(source)
+    if kind == "msn_classifier":
+        raise classifier_folder_error(source)
+    if kind == "msn":
+        config = MSNConfig.from_pretrained(source)
+        return config.image_size, backbone_geometry(config.backbone, {"img_size": config.image_size, **config.backbone_kwargs})[1]
+    config = AutoConfig.from_pretrained(source)
+    side, patch = config.image_size, config.patch_size
+    return (side if isinstance(side, int) else side[0]), (patch if isinstance(patch, int) else patch[0])
+
+
 def parse_model_overrides(args: PretrainingArguments) -> tuple[dict, dict]:
-    """`--config_overrides` and `--processor_overrides` as dicts, checked against MSNConfig / MSNImageProcessor."""
+    """
+    `--config_overrides` and `--processor_overrides` as dicts, checked against MSNConfig / MSNImageProcessor, and
+    against `--backbone_kwargs`: `img_size` there and `image_size` here both set the view side, so they must agree.
+    """
     config_keys = [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
+    overrides = parse_overrides(args.config_overrides, config_keys, "--config_overrides", "MSNConfig fields")
+    img_size = (args.backbone_kwargs or {}).get("img_size")
+    if img_size is not None and "image_size" in overrides and overrides["image_size"] != img_size:
+        raise ValueError(
+            f"--config_overrides image_size={overrides['image_size']} must equal --backbone_kwargs img_size "
+            f"{img_size} (both set the side of the views), got two sides; give one of them."
+        )
     return (
-        parse_overrides(args.config_overrides, config_keys, "--config_overrides", "MSNConfig fields"),
+        overrides,
         parse_overrides(
             args.processor_overrides,
             MSNImageProcessor.valid_kwargs.__annotations__,
@@ -450,34 +522,67 @@ def build_model_and_processor(
     args: PretrainingArguments, data_args: DataArguments, recipe: dict | None = None
 ) -> tuple[MSNModel, MSNImageProcessor]:
     """
-    A new model and its views processor from `recipe` (see `choose_recipe`; None: MSNConfig's defaults), under the
-    command line's
-`--backbone`, `--backbone_kwargs`, `--config_overrides`, `--backbone_pretrained` and `--processor_overrides`;
-    or the model (and processor) of `--model_name_or_path`. Crop sizes follow the config unless overridden.
+    The model and its views processor of a run, from `recipe` (see `choose_recipe`; None: MSNConfig's and
+    MSNImageProcessor's defaults) under the command line's overrides, which win.
+
+    - `--model_name_or_path`: an msn_hf `MSNModel` folder is loaded whole (heads and prototypes included; the
+      processor it holds is the base of the views); a Transformers `ViTModel` / `ViTMSNModel` is imported as both
+      encoders with a new head and prototypes (`msn_model_from_vit`; its normalisation is kept); a fine-tuned
+      `MSNForImageClassification` folder is refused (`classifier_folder_error`).
+    - otherwise a new model: `--backbone` (or the recipe's), `--backbone_kwargs` merged into the recipe's,
+      `--backbone_pretrained`. An `img_size` in `--backbone_kwargs` (or `image_size` in `--config_overrides`) is the
+      side of the views, and a patch that does not divide the recipe's side snaps it down to a multiple; the focal
+      side, the evaluation resize and the blur follow (`fit_views`).
+
+    The views are the recipe's processor settings at the config's crop sizes, then `--processor_overrides`,
+    `--num_anchor_views` and `--num_focal_views`.
     """
     overrides, processor_overrides = parse_model_overrides(args)
-    processor = None
+    recipe = recipe or NO_RECIPE
+    source_processor = None
     if args.model_name_or_path:
-        model = MSNModel.from_pretrained(args.model_name_or_path, **overrides)
-        try:
-            processor = MSNImageProcessor.from_pretrained(args.model_name_or_path, **processor_overrides)
-        except OSError:
-            pass
-        processor_kwargs = {}
+        source = args.model_name_or_path
+        kind = model_folder_kind(source)
+        if kind == "msn_classifier":
+            raise classifier_folder_error(source)
+        config_kwargs = {**recipe["config"], **overrides}
+        if kind == "msn":
+            model = MSNModel.from_pretrained(source, **config_kwargs)
+            try:
+                source_processor = MSNImageProcessor.from_pretrained(source).to_dict()
+            except OSError:
+                pass
+        else:
+            model, source_processor = msn_model_from_vit(source, **config_kwargs)
     else:
-        recipe = recipe or dict(backbone_kwargs={}, config={}, processor={})  # MSNConfig's defaults
+        backbone = args.backbone or recipe.get("backbone") or MSNConfig.backbone
+        given_kwargs = args.backbone_kwargs or {}
+        backbone_kwargs = {**recipe["backbone_kwargs"], **given_kwargs}
+        patch = backbone_kwargs.get("patch_size") or backbone_geometry(backbone, backbone_kwargs)[1]
+        patch = patch if isinstance(patch, int) else patch[0]
+        side = given_kwargs.get("img_size", overrides.get("image_size"))
+        if side is None:
+            side = recipe["config"].get("image_size", MSNConfig.image_size)
+            side = max(patch, side - side % patch)  # a patch that no longer divides the recipe's side
+        elif not isinstance(side, int) or side % patch:
+            raise ValueError(
+                f"--backbone_kwargs img_size (or --config_overrides image_size) must be a multiple of the patch size "
+                f"{patch}, got {side!r}."
+            )
+        recipe = fit_views(recipe, side, patch, overrides.get("focal_image_size"))
         config_kwargs = {**recipe["config"], **overrides}
         if args.backbone_pretrained is not None:
             config_kwargs["backbone_pretrained"] = args.backbone_pretrained
-        backbone = args.backbone or recipe.get("backbone") or MSNConfig.backbone
-        backbone_kwargs = args.backbone_kwargs if args.backbone_kwargs is not None else recipe["backbone_kwargs"]
-        model = MSNModel(MSNConfig(backbone=backbone, backbone_kwargs=backbone_kwargs, **config_kwargs))
-        processor_kwargs = dict(recipe["processor"])
-    if processor is None:
-        config = model.config
-        processor_kwargs.update(crop_size=config.image_size, focal_crop_size=config.focal_image_size)
-        processor_kwargs.setdefault("size", {"shortest_edge": round(config.image_size * 256 / 224)})
-        processor = MSNImageProcessor(**{**processor_kwargs, **processor_overrides})
+        model = MSNModel(
+            MSNConfig(backbone=backbone, backbone_kwargs={**recipe["backbone_kwargs"], **given_kwargs}, **config_kwargs)
+        )
+    config = model.config
+    valid = MSNImageProcessor.valid_kwargs.__annotations__
+    settings = {k: v for k, v in (source_processor or {}).items() if k in valid}
+    if source_processor is None or recipe is not NO_RECIPE:
+        settings.update(recipe["processor"], crop_size=config.image_size, focal_crop_size=config.focal_image_size)
+        settings.setdefault("size", {"shortest_edge": round(config.image_size * 256 / 224)})
+    processor = MSNImageProcessor(**{**settings, **processor_overrides})
     for name in ("num_anchor_views", "num_focal_views"):
         if getattr(args, name) is not None:
             setattr(processor, name, getattr(args, name))
@@ -495,6 +600,31 @@ def effective_recipe(name: str, args: PretrainingArguments, model: MSNModel, pro
         config={k: getattr(config, k) for k in MSNConfig.__annotations__ if k not in ("backbone", "backbone_kwargs")},
         processor={k: v for k, v in processor_settings.items() if k in MSNImageProcessor.valid_kwargs.__annotations__},
         training={k: getattr(args, k) for k in RECIPE_TRAINING_FIELDS},
+    )
+
+
+def recipe_summary(recipe: dict, used: dict, args: PretrainingArguments) -> str:
+    """
+    One line of what the run uses (`used`: see `effective_recipe`): the backbone, then the config fields and view
+    settings that the recipe or the command line chose, with the values in force, and the warmup.
+    """
+    config_overrides, processor_overrides = parse_model_overrides(args)
+    view_flags = [name for name in ("num_anchor_views", "num_focal_views") if getattr(args, name) is not None]
+    config = {k: used["config"][k] for k in dict.fromkeys([*recipe["config"], *config_overrides]) if k in used["config"]}
+    views = {
+        k: used["processor"][k]
+        for k in dict.fromkeys([*recipe["processor"], *processor_overrides, *view_flags])
+        if k in used["processor"]
+    }
+    training = used["training"]
+    warmup = (
+        f"{training['num_warmup_steps']} steps" if training["num_warmup_steps"] is not None
+        else f"{training['num_warmup_epochs']} epochs"
+    )
+    source = args.model_name_or_path or args.backbone_pretrained
+    return (
+        f"Recipe {used['name']!r}{f' from {source}' if source else ''}: {used['backbone']} {used['backbone_kwargs']}, "
+        f"config {config}, views {views}, learning rate {training['learning_rate']:g}, warmup {warmup}"
     )
 
 
@@ -754,26 +884,21 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     parse_model_overrides(args)
     if args.model_name_or_path:
         check_model_source(args.model_name_or_path)
+        if model_folder_kind(args.model_name_or_path) == "msn_classifier":
+            raise classifier_folder_error(args.model_name_or_path)
     accelerator = setup_run(args)
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     train_data = build_train_data(data_args, args, accelerator)
-    recipe = None
-    if not args.model_name_or_path:
-        recipe = choose_recipe(args, data_args, train_data, accelerator.num_processes)
-        if args.num_warmup_steps is None and args.num_warmup_epochs is None:
-            args.num_warmup_steps = recipe["training"].get("num_warmup_steps")
+    recipe = choose_recipe(args, data_args, train_data, accelerator.num_processes)
+    if args.num_warmup_steps is None and args.num_warmup_epochs is None:
+        args.num_warmup_steps = recipe["training"].get("num_warmup_steps")
     model, processor = build_model_and_processor(args, data_args, recipe)
     repo_id = prepare_output_dir(args, data_args, accelerator, train_data)
-    if recipe is not None:
-        used = effective_recipe(recipe["name"], args, model, processor)
-        accelerator.print(
-            f"Recipe {used['name']!r}: {used['backbone']} {used['backbone_kwargs']}, config {recipe['config']}, "
-            f"views {recipe['processor']}, warmup {args.num_warmup_steps or args.num_warmup_epochs}"
-            f"{' steps' if args.num_warmup_steps else ' epochs'}; written to {output_dir / RECIPE_FILE}"
-        )
-        if accelerator.is_main_process:
-            save_recipe(used, output_dir / RECIPE_FILE)
+    used = effective_recipe(recipe["name"], args, model, processor)
+    accelerator.print(f"{recipe_summary(recipe, used, args)}; written to {output_dir / RECIPE_FILE}")
+    if accelerator.is_main_process:
+        save_recipe(used, output_dir / RECIPE_FILE)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     collator = MSNViewsCollator(
@@ -849,8 +974,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     progress.close()
     test = train_data.evaluation[1] if train_data.evaluation else None
     run_info = card_run_info(
-        args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"] if recipe else None, test,
-        repo_id,
+        args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"], test, repo_id
     )
     return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, run_info)
 

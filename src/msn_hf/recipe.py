@@ -12,6 +12,10 @@ Pretraining recipes: what model, views and schedule a run gets when the user doe
   gets the target grid (`view_geometry`). Focal views scale with the image, blur with the view side, no colour
   jitter on grey data, about one prototype per batch image, a faster EMA and MAE-style initialisation with fixed
   sine-cosine position embeddings (the sweeps that chose these rules are in benchmarks/RESULTS.md).
+- `continue_recipe(...)`: continued pretraining from weights (a Transformers ViT, an msn_hf folder, timm weights):
+  the backbone's own patch and resolution, the auto rule's views for the data, a lower learning rate, a short
+  warmup and a slow EMA start, so that the target does not forget where it started.
+- `fit_views(...)`: a recipe moved to another view side or patch (`--backbone_kwargs '{"img_size": ...}'`).
 
 A recipe is a plain dict `{"name", "backbone", "backbone_kwargs", "config", "processor", "training"}` that
 `save_recipe` writes as JSON and `load_recipe` reads back (JSON or YAML), so that a run can be reproduced from
@@ -58,6 +62,11 @@ _PROJECTION_BY_WIDTH = ((192, (512, 128)), (384, (1024, 256)), (math.inf, (2048,
 _MIN_PATCH = 4
 # The paper's geometry at 224 px.
 _PAPER_SIDE, _PAPER_FOCAL_SIDE, _PAPER_BLUR = 224, 96, (0.1, 2.0)
+# Continued pretraining (`continue_recipe`): a quarter of the from-scratch peak and warmup-start learning rates
+# (1e-3 and 2e-4, `PretrainingArguments`), a 2 % warmup and an EMA that starts slow, so that the start is kept.
+CONTINUE_TRAINING = dict(learning_rate=2.5e-4, warmup_start_learning_rate=5e-5)
+_CONTINUE_WARMUP = 0.02
+_CONTINUE_EMA_START = 0.999
 
 
 def imagenet_recipe() -> dict:
@@ -229,6 +238,96 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
     )
 
 
+def continue_recipe(
+    native_size: int, patch_size: int, image_size: int, grey: bool, num_images: int, global_batch: int,
+    planned_steps: int,
+) -> dict:
+    """
+    The recipe of continued pretraining from weights (`--recipe continue`, the default of `--model_name_or_path` and
+    `--backbone_pretrained`): the same dict as `auto_recipe`, for a backbone that already learnt something.
+
+    Args:
+        native_size: side the starting backbone was trained at (its position embeddings), in pixels.
+        patch_size: its patch side, in pixels.
+        image_size, grey, num_images, global_batch, planned_steps: the data and the run, as for `auto_recipe`.
+
+    Rules:
+        - the backbone keeps its patch and native resolution: the target and anchor views are `native_size` px
+          (the model, heads and prototypes are the source's; `backbone` is None and `backbone_kwargs` empty);
+        - the views follow `auto_recipe` for the data: its focal / view side ratio (at least one patch, as a
+          multiple of the patch), its number of focal views, its blur relative to the view side, no colour jitter
+          on grey data;
+        - optimisation (`CONTINUE_TRAINING`): a quarter of the from-scratch peak and warmup-start learning rates, a
+          warmup of 2 % of the planned steps, and an EMA momentum starting at 0.999 (a time constant of 1,000
+          steps), so that neither the anchor's first, largest steps nor a fast-moving target undo the start.
+    """
+    _check_positive_int("native_size", native_size, "continue_recipe")
+    _check_positive_int("patch_size", patch_size, "continue_recipe")
+    if native_size % patch_size:
+        raise ValueError(
+            f"continue_recipe: `native_size` must be a multiple of `patch_size` {patch_size}, got {native_size}."
+        )
+    auto = auto_recipe(image_size, grey, num_images, global_batch, planned_steps)
+    side, focal, processor = auto["config"]["image_size"], auto["config"]["focal_image_size"], auto["processor"]
+    focal_side = max(1, round(native_size / patch_size * focal / side)) * patch_size
+    scale = native_size / side
+    views = dict(
+        size={"shortest_edge": native_size if native_size < _PAPER_SIDE else round(native_size * 256 / 224)},
+        crop_size=native_size,
+        focal_crop_size=focal_side,
+        num_focal_views=processor["num_focal_views"],
+        blur_sigma=tuple(round(sigma * scale, 4) for sigma in processor["blur_sigma"]),
+    )
+    if grey:
+        views["color_jitter_probability"] = 0.0
+    return dict(
+        name="continue",
+        backbone=None,
+        backbone_kwargs={},
+        config=dict(image_size=native_size, focal_image_size=focal_side, ema_momentum=_CONTINUE_EMA_START),
+        processor=views,
+        training=dict(CONTINUE_TRAINING, num_warmup_steps=max(1, round(_CONTINUE_WARMUP * planned_steps))),
+    )
+
+
+def backbone_geometry(backbone: str, backbone_kwargs: dict) -> tuple[int, int]:
+    """
+    `(image side, patch side)` in pixels of the timm ViT `backbone` built with `backbone_kwargs` (its own default
+    resolution unless `img_size` is given), read from a model built on the meta device (no weight is allocated).
+    """
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        vit = timm.create_model(backbone, pretrained=False, num_classes=0, **backbone_kwargs)
+    return int(vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0])
+
+
+def fit_views(recipe: dict, image_size: int, patch_size: int, focal_image_size: int | None = None) -> dict:
+    """
+    `recipe` with views of `image_size` px for a backbone of `patch_size` px patches: its config's `image_size` and
+    `focal_image_size` (the recipe's focal / view ratio, as a multiple of the patch, unless `focal_image_size` is
+    given), its processor's evaluation resize and blur scaled alike, and its `backbone_kwargs["img_size"]`, when it
+    sets one. The recipe's sides default to MSNConfig's (224 and 96 px); the processor's crop sizes are left to
+    follow the config (`build_model_and_processor` sets them). Returns a new dict; `recipe` is not changed.
+    """
+    config, processor = dict(recipe["config"]), dict(recipe["processor"])
+    side, focal = config.get("image_size", _PAPER_SIDE), config.get("focal_image_size", _PAPER_FOCAL_SIDE)
+    if focal_image_size is None and (image_size != side or focal % patch_size):
+        focal_image_size = max(1, round(image_size / patch_size * focal / side)) * patch_size
+    scale = image_size / side
+    if image_size != side:
+        if isinstance(processor.get("size"), dict) and "shortest_edge" in processor["size"]:
+            processor["size"] = {"shortest_edge": round(processor["size"]["shortest_edge"] * scale)}
+        if "blur_sigma" in processor:
+            processor["blur_sigma"] = tuple(round(sigma * scale, 4) for sigma in processor["blur_sigma"])
+    config.update(image_size=image_size, focal_image_size=focal_image_size or focal)
+    backbone_kwargs = dict(recipe["backbone_kwargs"])
+    if "img_size" in backbone_kwargs:
+        backbone_kwargs["img_size"] = image_size
+    return dict(recipe, backbone_kwargs=backbone_kwargs, config=config, processor=processor)
+
+
 def _ema_start(planned_steps: int) -> float:
     """
     EMA momentum at step 0: the paper's 0.996 (a time constant 1 / (1 - m) of 250 steps), or, for shorter runs, a
@@ -348,9 +447,17 @@ def load_recipe(path: str | os.PathLike) -> dict:
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            recipe = yaml.safe_load(handle)
+            try:
+                recipe = yaml.safe_load(handle)
+            except yaml.YAMLError as error:
+                raise ValueError(f"--recipe_file {path!r} is not valid YAML: {_yaml_error_line(error)}.") from None
         else:
-            recipe = json.load(handle)
+            try:
+                recipe = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"--recipe_file {path!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+                ) from None
     if not isinstance(recipe, dict):
         raise ValueError(f"`recipe_file` {path!r} must hold a mapping, got {type(recipe).__name__}.")
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
@@ -364,12 +471,25 @@ def load_recipe(path: str | os.PathLike) -> dict:
     return recipe
 
 
+def _yaml_error_line(error) -> str:
+    """A YAML error in one line: the problem and where it is (1-based), and where the construct it is in began."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(error).split())
+    text = f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context_mark = getattr(error, "context_mark", None)
+    if error.context and context_mark is not None:
+        text += f" ({error.context} from line {context_mark.line + 1})"
+    return text
+
+
 def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
     """Write `recipe` as JSON, through a temporary file renamed into place."""
     write_text_atomically(path, json.dumps(recipe, indent=2, sort_keys=True, default=list) + "\n")
 
 
 __all__ = [
-    "auto_recipe", "describe_images", "imagenet_recipe", "load_recipe", "parse_overrides", "recipe_table", "save_recipe",
-    "GROWTH", "step_cost", "target_grid", "view_geometry",
+    "auto_recipe", "backbone_geometry", "continue_recipe", "describe_images", "fit_views", "imagenet_recipe",
+    "load_recipe", "parse_overrides", "recipe_table", "save_recipe", "GROWTH", "step_cost", "target_grid",
+    "view_geometry", "CONTINUE_TRAINING",
 ]

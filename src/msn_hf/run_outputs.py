@@ -21,6 +21,7 @@ from .image_processing_msn import MSNImageProcessor
 from .modelcard import CARD_FACTS_FILE, LOSS_CURVE_FILE
 from .modeling_msn import MSNModel
 from .recipe import RECIPE_FILE
+from .sources import source_name
 
 METRICS_FILE = "metrics.jsonl"
 # Every entry a run writes into its --output_dir (names and glob patterns), and nothing else: --overwrite_output_dir
@@ -106,6 +107,7 @@ def card_run_info(
         hardware=f"{accelerator.num_processes} x {accelerator.device.type}",
         trainer="msn-pretrain" + (f", recipe {recipe_name!r} ({RECIPE_FILE} reproduces it)" if recipe_name else ""),
         repo_id=repo_id or args.hub_model_id,
+        base_model=source_name(args.model_name_or_path or args.backbone_pretrained),
     )
 
 

@@ -4,6 +4,17 @@ import os
 from pathlib import Path
 
 
+def source_name(value: str | None) -> str | None:
+    """
+    How weights a run started from are named where the name must keep its meaning elsewhere (a model card): a Hub
+    id as given, a local folder or file by its absolute path. None stays None.
+    """
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
 def check_model_source(value: str, flag: str = "--model_name_or_path") -> None:
     """
     Raise a `ValueError` naming `value` and how it was read when it is neither a model folder here nor a Hub model

@@ -1,0 +1,150 @@
+"""
+The command line says what the run does: flags typed either way win over a recipe file, a broken recipe file or a
+fine-tuned classifier folder is refused in one line before anything is created, `--backbone_kwargs` reach the
+views, the printed recipe is the one used, and a stream resumes exactly with the default flags.
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_MODEL_ARGS, tiny_config
+from msn_hf import MSNForImageClassification
+from msn_hf import pretraining as pt
+from msn_hf.recipe import RECIPE_FILE, auto_recipe, imagenet_recipe, save_recipe
+
+TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--skip_evaluation"]
+
+
+# --- flags typed with dashes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [["--learning-rate", "0.01"], ["--learning-rate=0.01"], ["--learning_rate=0.01"], ["--learning_rate", "0.01"]],
+)
+def test_a_flag_typed_with_dashes_or_an_equals_sign_wins_over_the_recipe_file(tmp_path, typed):
+    save_recipe(dict(imagenet_recipe(), training=dict(learning_rate=5e-4, max_train_steps=7)), tmp_path / "r.json")
+    args, _ = pt.parse_args(["--recipe_file", str(tmp_path / "r.json"), *typed])
+    assert (args.learning_rate, args.max_train_steps) == (0.01, 7)
+
+
+# --- a broken recipe file ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("r.yaml", "training:\n  learning_rate: 0.001: 2\n", "line 2"),
+        ("r.yaml", "training:\n  seed: [1, 2\n", "line 2"),
+        ("r.json", '{"training":\n {,}}', "line 2"),
+    ],
+)
+def test_a_recipe_file_that_does_not_parse_is_one_line_naming_flag_file_and_line(tmp_path, name, text, where):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError) as error:
+        pt.parse_args(["--recipe_file", str(tmp_path / name)])
+    message = str(error.value)
+    assert message.startswith("--recipe_file") and str(tmp_path / name) in message and where in message
+    assert "\n" not in message
+
+
+# --- a fine-tuned classifier folder -----------------------------------------------------------------------------
+
+
+def test_a_classifier_folder_is_refused_naming_its_class_before_anything_is_created(tmp_path):
+    folder = tmp_path / "classifier"
+    MSNForImageClassification(tiny_config(num_labels=3)).save_pretrained(folder)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"MSNForImageClassification folder .*msn-convert to-vit-msn") as error:
+        pt.main(["--model_name_or_path", str(folder), "--output_dir", str(out), *TINY_RUN[-5:], "--max_train_steps", "1"])
+    assert "\n" not in str(error.value)
+    assert not out.exists()
+    args, data_args = pt.parse_args(["--model_name_or_path", str(folder)])
+    with pytest.raises(ValueError, match="MSNForImageClassification"):
+        pt.build_model_and_processor(args, data_args)
+
+
+# --- --backbone_kwargs reach the views --------------------------------------------------------------------------
+
+
+def built(argv: list[str], recipe: dict | None = None):
+    args, data_args = pt.parse_args(argv)
+    return pt.build_model_and_processor(args, data_args, recipe or pt.choose_recipe(args, data_args, None))
+
+
+def assert_views_fit(model, processor):
+    """Crops at the config's sides, both multiples of the backbone's patch, and the model runs on the views."""
+    config, patch = model.config, model.encoder.patch_embed.patch_size[0]
+    assert (processor.crop_size["height"], processor.focal_crop_size["height"]) == (config.image_size, config.focal_image_size)
+    assert config.image_size % patch == 0 and config.focal_image_size % patch == 0
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)) for i in range(2)]
+    views = processor(images, return_views=True, seed=0, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model.train()(**views).loss)
+
+
+def test_img_size_and_patch_size_of_backbone_kwargs_set_the_views():
+    # The flag's own help example, without a recipe: MSNConfig's 224 / 96 px views become 32 px and 96 / 224 of it.
+    model, processor = built(["--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", '{"img_size": 32, "patch_size": 4, "depth": 1}'])
+    assert model.config.image_size == 32 and model.encoder.patch_embed.patch_size == (4, 4)
+    assert model.config.focal_image_size == 4 * round(32 * 96 / 224 / 4)
+    assert processor.size["shortest_edge"] == round(32 * 256 / 224)
+    assert_views_fit(model, processor)
+
+
+def test_a_partial_backbone_kwargs_merges_into_the_auto_recipe():
+    recipe = auto_recipe(32, False, 1000, 16, 100)
+    model, processor = built(["--backbone_kwargs", '{"depth": 2}'], recipe)
+    assert model.config.backbone_kwargs == {**recipe["backbone_kwargs"], "depth": 2}
+    assert model.config.image_size == recipe["config"]["image_size"] and len(model.encoder.blocks) == 2
+    assert model.config.focal_image_size == recipe["config"]["focal_image_size"]
+
+
+def test_a_patch_that_does_not_divide_the_recipe_side_moves_the_views_to_a_multiple():
+    recipe = auto_recipe(32, False, 1000, 16, 100)  # 32 px views of 8 px patches, 16 px focal views
+    model, processor = built(["--backbone_kwargs", '{"patch_size": 6, "depth": 1}'], recipe)
+    side = model.config.image_size
+    assert side % 6 == 0 and 32 - 6 < side <= 32 and model.config.backbone_kwargs["img_size"] == side
+    assert abs(model.config.focal_image_size / side - 16 / 32) <= 6 / side  # the recipe's ratio, to a patch
+    assert processor.size["shortest_edge"] == side and processor.blur_sigma[1] < recipe["processor"]["blur_sigma"][1]
+    assert_views_fit(model, processor)
+
+
+def test_img_size_and_a_different_image_size_override_are_refused_before_anything_is_created(tmp_path):
+    argv = ["--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", '{"img_size": 32, "patch_size": 4}',
+            "--config_overrides", "image_size=64"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--config_overrides image_size=64 must equal --backbone_kwargs img_size 32"):
+        pt.main([*argv, *TINY_RUN[-5:], "--max_train_steps", "1", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    model, _ = built([*argv[:4], "--config_overrides", "image_size=32"])  # the same side twice is fine
+    assert model.config.image_size == 32
+
+
+# --- the printed recipe is the one used -------------------------------------------------------------------------
+
+
+def test_the_printed_and_saved_recipe_are_what_the_run_uses(tmp_path, capsys):
+    out = tmp_path / "run"
+    pt.main([
+        "--max_train_samples", "64", "--per_device_train_batch_size", "16", "--max_train_steps", "1",
+        "--skip_evaluation", "--num_focal_views", "3", "--config_overrides", "mask_ratio=0.3",
+        "--processor_overrides", "blur_sigma=[0.1,1.0]", "--num_warmup_steps", "2", "--output_dir", str(out),
+    ])  # fmt: skip
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Recipe 'auto'"))
+    saved = json.loads((out / RECIPE_FILE).read_text())
+    config = json.loads((out / "config.json").read_text())
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["config"] == {k: config[k] for k in saved["config"]}
+    assert {k: saved["processor"][k] for k in ("num_focal_views", "blur_sigma", "crop_size", "focal_crop_size")} == {
+        k: processor[k] for k in ("num_focal_views", "blur_sigma", "crop_size", "focal_crop_size")
+    }
+    assert processor["num_focal_views"] == 3 and saved["training"]["num_warmup_steps"] == 2
+    for key in ("mask_ratio", "image_size", "focal_image_size", "ema_momentum"):
+        assert f"'{key}': {config[key]!r}" in line, key
+    assert f"'num_focal_views': {processor['num_focal_views']}" in line
+    assert re.search(r"'blur_sigma': [\[(]0\.1, 1\.0[\])]", line) and "warmup 2 steps" in line
