@@ -48,6 +48,8 @@ WARMUP_STEPS, TIMED_STEPS = 2, 3
 MAX_TIMINGS = 4
 # Fewer steps than this leave no room for a warmup and a cosine: such a budget is refused.
 MIN_PLANNED_STEPS = 10
+# Steps seen after the first (which pays for a new model's first pass) before a run's pace is judged.
+MIN_PACE_STEPS = 3
 # An unbounded run estimated to last longer than this is told which flag bounds it.
 LONG_RUN_SECONDS = 3600.0
 
@@ -137,8 +139,15 @@ def geometry_key(recipe: dict | None) -> str | None:
 
 
 def recipe_cost(recipe: dict | None) -> float:
-    """The compute proxy of one step of `recipe` (`recipe.step_cost`; 1 for None), to predict an untimed one."""
-    return 1.0 if recipe is None else step_cost(recipe)
+    """
+    The compute proxy of one step of `recipe` (`recipe.step_cost`), to predict the seconds of an untimed geometry;
+    1 for a recipe that leaves the model to its defaults or to a folder: its geometry does not grow with the run, so
+    there is nothing to predict.
+    """
+    try:
+        return step_cost(recipe)
+    except (KeyError, TypeError):
+        return 1.0
 
 
 def describe_geometry(model: MSNModel) -> str:
@@ -242,6 +251,11 @@ class BudgetPlan:
         names = {item.name for item in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
 
+    def planning_record(self) -> dict:
+        """What planning found, for `msn_recipe.json`: budget, planned steps, seconds per step measured."""
+        return dict(budget_seconds=self.budget_seconds, planned_steps=self.planned_steps,
+                    seconds_per_step=self.seconds_per_step, timings=self.timings)  # fmt: skip
+
     @property
     def plan_completed(self) -> float:
         """The fraction of the first plan's steps that the plan now runs."""
@@ -330,9 +344,10 @@ class BudgetKeeper:
     `state.plan` after every step, and, with a budget, the overshoot check.
 
     Every `check_every` steps (about one second of steps, at most 1 % of the plan), every process alike takes the
-    largest elapsed time and recent seconds per step (the median of the last steps: a checkpoint's pause does not
-    count as a trend) over all processes; when `elapsed + remaining steps x that` exceeds the budget, the total
-    shrinks to the steps that fit (`shrink_schedules`), so that the schedules end when the budget does.
+    largest elapsed time and recent seconds per step (the median of the last steps: neither the first step, which
+    pays for the model's first pass, nor a checkpoint's pause count as a trend; `MIN_PACE_STEPS` are needed) over all
+    processes; when `elapsed + remaining steps x that` exceeds the budget, the total shrinks to the steps that fit
+    (`shrink_schedules`), so that the schedules end when the budget does.
 
     Args:
         accelerator: the run's Accelerator (one reduce per check).
@@ -369,12 +384,14 @@ class BudgetKeeper:
     def after_step(self, state) -> bool:
         """Count a step that was taken; returns whether the plan shrank (the schedules then have a new total)."""
         now = time.perf_counter()
-        self.durations.append(now - self.last)
+        if state.completed_steps > self.steps_before + 1:
+            self.durations.append(now - self.last)
         self.last = now
         plan, completed = self.plan, state.completed_steps
         plan.training_seconds = self.elapsed
         shrunk = False
-        if plan.budget_seconds is not None and completed % self.check_every == 0 and completed < plan.total_steps:
+        paced = len(self.durations) >= MIN_PACE_STEPS
+        if plan.budget_seconds is not None and paced and completed % self.check_every == 0 and completed < plan.total_steps:
             shrunk = self._check(completed)
         state.plan = plan.to_dict()
         return shrunk
