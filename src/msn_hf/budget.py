@@ -16,6 +16,7 @@ Wall-clock budgets: a run sized to the time it is given (`msn-pretrain --max_tra
 - `MSNTimeBudgetCallback`: the clock of `MSNTrainer`: it stops training before a step would end past the budget.
 """
 
+import copy
 import datetime
 import json
 import logging
@@ -24,19 +25,20 @@ import re
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .checkpointing import TRAINING_STATE_FILE, find_latest_checkpoint
 from .modeling_msn import MSNModel
 from .recipe import step_cost
-from .training import MSNSchedules
+from .training import MSNSchedules, batch_decisions, parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,50 @@ def time_steps(
     synchronize(accelerator)
     seconds = (time.perf_counter() - start) / timed_steps
     return accelerator.reduce(torch.tensor([seconds], device=accelerator.device), "max").item()
+
+
+def time_model_steps(
+    accelerator: Accelerator,
+    model: MSNModel,
+    batches: Iterable[dict],
+    seed: int,
+    gradient_accumulation_steps: int = 1,
+    prepare: Callable[[dict], dict] = lambda batch: batch,
+) -> float:
+    """
+    Seconds per optimiser step of `model` as it is (`time_steps`), on a copy: plain MSN steps (forward, backward,
+    AdamW step, EMA update) through `accelerator` (its processes and precision) on `batches` (a DataLoader of views,
+    passed again when it runs out; `prepare` puts a batch on the device). Batches without a readable image on some
+    process are skipped by all. Leaves nothing behind: the model is untouched, the Accelerator lets go of the copy,
+    and torch's generators are seeded with `seed` again.
+    """
+    timed = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(parameter_groups(timed))
+    timed, optimizer = accelerator.prepare(timed, optimizer)
+    target = accelerator.unwrap_model(timed)
+
+    def endless():
+        while True:
+            for batch in batches:
+                batch = dict(batch)
+                if not batch_decisions(accelerator, batch)[2]:
+                    yield prepare(batch)
+
+    views = endless()
+
+    def step() -> None:
+        for _ in range(gradient_accumulation_steps):
+            accelerator.backward(timed(**next(views)).loss / gradient_accumulation_steps)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        target.update_target_encoder(target.config.ema_momentum)
+
+    try:
+        return time_steps(accelerator, step)
+    finally:
+        views.close()
+        accelerator.free_memory()
+        set_seed(seed)
 
 
 def geometry_key(recipe: dict | None) -> str | None:
@@ -488,5 +534,5 @@ class MSNTimeBudgetCallback(TrainerCallback, ExportableState):
 
 __all__ = [
     "BudgetKeeper", "BudgetPlan", "MSNTimeBudgetCallback", "estimate_line", "format_duration", "parse_duration",
-    "plan_steps", "saved_plan", "time_steps",
+    "plan_steps", "saved_plan", "time_model_steps", "time_steps",
 ]
