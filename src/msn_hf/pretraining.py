@@ -604,7 +604,7 @@ def plan_run_length(
         return timings[steps]
 
     if args.max_train_time is None:
-        if getattr(args, "length_defaulted", False) and saved is None and not train_data.streaming:
+        if getattr(args, "length_defaulted", False) and not args.resume_from_checkpoint and not train_data.streaming:
             steps = args.num_train_epochs * max(1, len(train_data.dataset) // global_batch)
             accelerator.print(estimate_line(steps, measure(None), global_batch, args.num_train_epochs))
         return None
