@@ -13,9 +13,8 @@ import yaml
 from PIL import Image
 
 from conftest import TINY_MODEL_ARGS, tiny_config
-from msn_hf import MSNModel
+from msn_hf import MSNModel, pictures
 from msn_hf import evaluation as ev
-from msn_hf import pictures
 from msn_hf import pretraining as pt
 
 CLASSES = ("circle", "square", "stripes")
@@ -24,7 +23,7 @@ CLASSES = ("circle", "square", "stripes")
 def shapes_folder(root, per_class: int = 12, side: int = 40):
     """An imagefolder of three visually distinct classes, slightly varied per image."""
     rng = np.random.default_rng(0)
-    for label, name in enumerate(CLASSES):
+    for name in CLASSES:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             canvas = np.full((side, side, 3), 30 + rng.integers(0, 20), dtype=np.uint8)

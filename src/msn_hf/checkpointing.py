@@ -42,6 +42,7 @@ class TrainingState:
         consecutive_nonfinite: steps skipped in a row for a non-finite loss or gradient norm.
         window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss (a flag on the
             device while the window is open, read with the step's decision).
+        plan: the run's length and clock (`budget.BudgetPlan.to_dict()`): a budget run resumes its plan.
     """
 
     completed_steps: int = 0
@@ -50,6 +51,7 @@ class TrainingState:
     skipped_images: int = 0
     consecutive_nonfinite: int = 0
     window_nonfinite: bool = False
+    plan: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in vars(self).items() if k != "window_nonfinite"})

@@ -9,6 +9,8 @@ examples of Transformers: `setup_run`, `build_train_data`, `resume`, then `train
 lives in `training.py`, the checkpoint store in `checkpointing.py`, the run's outputs in `run_outputs.py`.
 """
 
+import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -30,6 +32,20 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, HfArgumentParser
 
+from .budget import (
+    MIN_PLANNED_STEPS,
+    BudgetKeeper,
+    BudgetPlan,
+    describe_geometry,
+    estimate_line,
+    format_duration,
+    geometry_key,
+    parse_duration,
+    plan_steps,
+    recipe_cost,
+    saved_plan,
+    time_steps,
+)
 from .checkpointing import (
     StopSignals,
     TrainingState,
@@ -178,6 +194,13 @@ class PretrainingArguments:
     max_grad_norm: float = field(default=3.0, metadata={"help": "Clipping of encoder and head gradients (0: none)."})
     num_train_epochs: int | None = field(default=None, metadata={"help": "Passes over map-style data."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Optimiser steps; overrides the epochs."})
+    max_train_time: str | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of training from its first step (90s, 15m, 2h, 1d or seconds): a few steps are "
+            "timed and the run is sized to fit (with the auto recipe, its model too); overrides the epochs."
+        },
+    )
     per_device_train_batch_size: int | None = field(default=None, metadata={"help": "Images per process and step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     num_warmup_steps: int | None = field(default=None, metadata={"help": "Overrides --num_warmup_epochs."})
@@ -241,6 +264,9 @@ class PretrainingArguments:
         for name in ("max_train_steps", "per_device_train_batch_size", "num_train_epochs"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 fail(name, "a positive integer", getattr(self, name))
+        parse_duration(self.max_train_time, "--max_train_time")
+        if self.max_train_time is not None and self.max_train_steps is not None:
+            fail("max_train_time", "given without --max_train_steps (one run length)", self.max_train_time)
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
             if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) <= 0:
                 fail("checkpointing_steps", "a positive number of steps or 'epoch'", self.checkpointing_steps)
@@ -302,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
         # The file's optimisation settings, below the flags given on the command line, typed `--learning_rate`,
         # `--learning-rate` or `--learning-rate=...` alike (HfArgumentParser accepts all three).
         given = {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
+        if "max_train_time" in given:  # the budget typed replaces the file's run length
+            given |= {"max_train_steps", "num_train_epochs"}
         training = load_recipe(args.recipe_file)["training"]
         unknown = sorted(set(training) - set(RECIPE_TRAINING_FIELDS))
         if unknown:
@@ -313,8 +341,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
             if name not in given:
                 setattr(args, name, value)
         args.__post_init__()
-    if data_args.streaming and args.max_train_steps is None:
-        raise ValueError("--streaming needs --max_train_steps (an iterable dataset has no length), got none.")
+    if data_args.streaming and args.max_train_steps is None and args.max_train_time is None:
+        raise ValueError(
+            "--streaming needs --max_train_steps or --max_train_time (an iterable dataset has no length), got none."
+        )
+    # A new run on the user's data with no length at all gets its duration estimated before its first step.
+    args.length_defaulted = not data_args.uses_builtin_data and all(
+        getattr(args, name) is None for name in ("num_train_epochs", "max_train_steps", "max_train_time")
+    )
     if data_args.uses_builtin_data:
         defaults = dict(DIGITS_TRAINING_DEFAULTS, num_warmup_epochs=1)
     else:
@@ -628,6 +662,124 @@ def recipe_summary(recipe: dict, used: dict, args: PretrainingArguments) -> str:
     )
 
 
+# --- run length ----------------------------------------------------------------------------------------------------
+
+
+def measure_seconds_per_step(
+    args: PretrainingArguments,
+    data_args: DataArguments,
+    train_data: TrainData,
+    accelerator: Accelerator,
+    recipe: dict | None,
+) -> float:
+    """
+    Seconds per optimiser step of a new model of `recipe` (see `build_model_and_processor`) on this machine: warm-up
+    steps, then timed ones (`budget.time_steps`) of `training_step` on real batches of the run's data, through its
+    collator, DataLoader, processes and precision; the slowest process's figure, the same on every process. Leaves
+    nothing behind: the Accelerator lets go of the model, optimiser and DataLoader, and the seed is set again, so
+    that the run starts as it would have without the timing.
+    """
+    model, processor = build_model_and_processor(args, data_args, recipe)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    collator = MSNViewsCollator(processor, train_data.image_column, seed=args.seed, views_on_device=args.views_on_device)
+    dataloader = build_dataloader(train_data, collator, args)
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
+    if train_data.streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    schedules = MSNSchedules(total_steps=1_000, warmup_steps=10)  # any: their values do not change a step's time
+    state = TrainingState()
+
+    def endless_batches():
+        while True:
+            before = state.batches_in_epoch
+            yield from epoch_batches(
+                accelerator, dataloader, collator, train_data.streaming, state, args.seed, skipped_batches
+            )
+            if state.batches_in_epoch == before:
+                raise ValueError("--max_train_time: a pass over the data gave no batch to time.")
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+    batches = endless_batches()
+    skipped_batches = SkippedBatches(args.max_skipped_batches)
+
+    def step() -> None:
+        for _ in range(args.gradient_accumulation_steps):
+            training_step(accelerator, model, optimizer, next(batches), state, schedules, args.max_grad_norm)
+
+    try:
+        return time_steps(accelerator, step)
+    finally:
+        batches.close()
+        if hasattr(dataloader, "end"):  # an iteration left unfinished stays registered with Accelerate's state
+            dataloader.end()
+        accelerator.free_memory()
+        set_seed(args.seed)
+
+
+def plan_run_length(
+    args: PretrainingArguments, data_args: DataArguments, train_data: TrainData, accelerator: Accelerator
+) -> BudgetPlan | None:
+    """
+    The length of the run, settled before its model is built. With `--max_train_time`: the plan saved with the
+    checkpoint a resumed run starts from (nothing is timed again), or a new plan: the longest run whose steps fit the
+    budget (`budget.plan_steps`), each candidate geometry of the recipe (the auto rule's model grows with the run)
+    timed by `measure_seconds_per_step`. The plan's steps become `--max_train_steps`. Without any length flag, a new
+    run on the user's data has its duration estimated and printed. Returns the budget plan, or None.
+    """
+    saved = saved_plan(args.resume_from_checkpoint, args.output_dir)
+    if saved is not None and saved.budget_seconds is not None and args.max_train_steps is None:
+        if args.max_train_time is not None and parse_duration(args.max_train_time) != saved.budget_seconds:
+            logger.warning(
+                f"--max_train_time {args.max_train_time}: the resumed run keeps its plan's budget, "
+                f"{format_duration(saved.budget_seconds)}."
+            )
+        args.max_train_steps = saved.planned_steps
+        return saved
+    if saved is not None and args.max_train_time is not None:
+        raise ValueError(
+            f"--max_train_time must not be added when resuming a run of fixed length "
+            f"({args.resume_from_checkpoint!r}), got {args.max_train_time!r}."
+        )
+    # The sample decoded once: the auto rule reads it for every candidate length.
+    decoded = [image for image in map(decode_image, train_data.sample) if image is not None]
+    described = dataclasses.replace(train_data, sample=decoded)
+    num_processes = accelerator.num_processes
+    global_batch = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
+
+    def recipe_for(steps: int | None) -> dict | None:
+        candidate = copy.copy(args)
+        candidate.max_train_steps = steps
+        return choose_recipe(candidate, data_args, described, num_processes)
+
+    timings = {}
+
+    def measure(steps: int | None) -> float:
+        timings[steps] = measure_seconds_per_step(args, data_args, train_data, accelerator, recipe_for(steps))
+        return timings[steps]
+
+    if args.max_train_time is None:
+        if getattr(args, "length_defaulted", False) and not args.resume_from_checkpoint and not train_data.streaming:
+            steps = args.num_train_epochs * max(1, len(train_data.dataset) // global_batch)
+            accelerator.print(estimate_line(steps, measure(None), global_batch, args.num_train_epochs))
+        return None
+    budget_seconds = parse_duration(args.max_train_time)
+    steps, seconds, _ = plan_steps(
+        budget_seconds, measure, lambda n: geometry_key(recipe_for(n)), lambda n: recipe_cost(recipe_for(n))
+    )
+    if steps < MIN_PLANNED_STEPS:
+        raise ValueError(
+            f"--max_train_time {args.max_train_time} fits {steps} steps of {seconds:.3g} s on this machine; the "
+            f"schedules need at least {MIN_PLANNED_STEPS}: give a longer budget, got {args.max_train_time!r}."
+        )
+    args.max_train_steps = steps
+    # Timings by the run length whose geometry was timed.
+    return BudgetPlan(steps, steps, budget_seconds=budget_seconds, seconds_per_step=seconds,
+                      timings={str(key): value for key, value in timings.items()})  # fmt: skip
+
+
 # --- the loop ------------------------------------------------------------------------------------------------------
 
 
@@ -867,7 +1019,10 @@ class MetricsLog:
             momentum=schedules.ema_momentum(step),
             images_per_second=self.images / max(time.perf_counter() - self.start, 1e-9),
             skipped_images=state.skipped_images,
+            planned_steps=schedules.total_steps,
         )
+        if state.plan and state.plan["budget_seconds"] is not None:  # how much of the first plan has run
+            record["plan_completed"] = state.completed_steps / state.plan["planned_steps"]
         self.images, self.start = 0, time.perf_counter()
         if accelerator.is_main_process:
             self.history.append(record)
@@ -890,12 +1045,15 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     train_data = build_train_data(data_args, args, accelerator)
+    plan = plan_run_length(args, data_args, train_data, accelerator)
     recipe = choose_recipe(args, data_args, train_data, accelerator.num_processes)
     if args.num_warmup_steps is None and args.num_warmup_epochs is None:
         args.num_warmup_steps = recipe["training"].get("num_warmup_steps")
     model, processor = build_model_and_processor(args, data_args, recipe)
     repo_id = prepare_output_dir(args, data_args, accelerator, train_data)
     used = effective_recipe(recipe["name"], args, model, processor)
+    if plan is not None:
+        used["plan"] = plan.planning_record()
     accelerator.print(f"{recipe_summary(recipe, used, args)}; written to {output_dir / RECIPE_FILE}")
     if accelerator.is_main_process:
         save_recipe(used, output_dir / RECIPE_FILE)
@@ -914,11 +1072,17 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
         # Accelerate also ends an accumulation window at the end of the data: a short last window is a step.
         steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     unwrapped = accelerator.unwrap_model(model)
-    schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
+    # A budget's warmup is a fraction of its planned steps, not epochs that could outlast it.
+    schedules = build_schedules(args, unwrapped.config, None if plan is not None else steps_per_epoch)
     if args.report_to != "none":
         config = {k: str(v) for k, v in {**vars(data_args), **vars(args)}.items() if k not in SECRET_ARGUMENTS}
         accelerator.init_trackers("msn_pretraining", config=config)
     state = resume(args.resume_from_checkpoint, accelerator, dataloader, output_dir)
+    keeper = BudgetKeeper(accelerator, schedules, plan, state)  # lays the plan's length over the schedules
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if plan is not None:
+        num_images = None if train_data.streaming else len(train_data.dataset)
+        accelerator.print(plan.describe(state.completed_steps, global_batch, num_images, describe_geometry(unwrapped)))
     metrics = MetricsLog(accelerator, output_dir / METRICS_FILE, state.completed_steps, args.report_to != "none")
     progress = tqdm(total=schedules.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
 
@@ -928,6 +1092,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     skipped_batches = SkippedBatches(args.max_skipped_batches)
     with StopSignals() as stop:
         model.train()
+        keeper.start_clock()
         while state.completed_steps < schedules.total_steps:
             resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
             batches = epoch_batches(
@@ -946,6 +1111,8 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
                 if state.completed_steps == steps_before:
                     continue
                 progress.update(1)
+                if keeper.after_step(state):  # an overshoot shrank the plan
+                    progress.total = schedules.total_steps
                 if state.completed_steps % args.logging_steps == 0 or state.completed_steps == schedules.total_steps:
                     record = metrics.log_step(output, state, schedules)
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
@@ -972,6 +1139,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             stop_at_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit, signum,
                                last_checkpoint)  # fmt: skip
     progress.close()
+    accelerator.print(keeper.finish(state, global_batch))
     test = train_data.evaluation[1] if train_data.evaluation else None
     run_info = card_run_info(
         args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"], test, repo_id
@@ -1001,6 +1169,8 @@ def finish(
     if state.skipped_images:
         logger.warning(f"{state.skipped_images} unreadable images were skipped.")
     results = dict(completed_steps=state.completed_steps, skipped_images=state.skipped_images)
+    if state.plan:
+        results.update(BudgetPlan.from_dict(state.plan).results(state.completed_steps))
     if history:
         results["final_loss"] = history[-1]["loss"]
     accelerator.wait_for_everyone()

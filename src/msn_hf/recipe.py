@@ -29,7 +29,8 @@ from collections.abc import Iterable
 
 from .files import write_text_atomically
 
-RECIPE_KEYS = ("name", "backbone", "backbone_kwargs", "config", "processor", "training")
+# `plan`: what a run of a time budget planned (budget, steps, seconds per step), for the record only.
+RECIPE_KEYS = ("name", "backbone", "backbone_kwargs", "config", "processor", "training", "plan")
 RECIPE_FILE = "msn_recipe.json"
 
 # The ViT-S/16 release (MSN_REFERENCE.md): these are also the defaults of MSNConfig, MSNImageProcessor and the

@@ -18,13 +18,17 @@ clipping, EMA and views) behind the `Trainer` API, so that callbacks, logging in
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
+from .budget import MIN_PLANNED_STEPS, MSNTimeBudgetCallback, format_duration, parse_duration, time_model_steps
 from .data import IMAGE_COLUMN_NAMES, ImageDataset, find_column
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
@@ -80,6 +84,13 @@ class MSNTrainingArguments(TrainingArguments):
         metadata={"help": "Stop when this many batches in a row (or a whole epoch) have no readable image on a process."},
     )
     num_train_epochs: float = field(default=800, metadata={"help": "Epochs (800 for ViT-S/16)."})
+    max_train_time: str | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of training (90s, 15m, 2h, 1d or seconds): a few steps of the model are timed, "
+            "`max_steps` is set to fit, and training stops at the budget (`MSNTimeBudgetCallback`)."
+        },
+    )
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per device and step."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (AdamW in the recipe)."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Sinkhorn needs full batches."})
@@ -100,6 +111,12 @@ class MSNTrainingArguments(TrainingArguments):
             # The Accelerate loop shuffles with the run's seed: the same order for the same seed.
             self.data_seed = self.seed
         check_recipe_arguments(self)
+        parse_duration(self.max_train_time, "`max_train_time`")
+        if self.max_train_time is not None and self.max_steps > 0:
+            raise ValueError(
+                f"`max_train_time` sets the run's length: give it without `max_steps`, got max_train_time="
+                f"{self.max_train_time!r} and max_steps={self.max_steps}."
+            )
 
 
 class MSNScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -246,6 +263,42 @@ class MSNTrainer(Trainer):
         self._skipped_batches = SkippedBatches(args.max_skipped_batches)
         self._grad_norm = None
         self._step_values, self._batch_losses = {}, {}
+        self._budget = None
+        if args.max_train_time is not None:
+            self._budget = MSNTimeBudgetCallback(parse_duration(args.max_train_time, "`max_train_time`"))
+            self.add_callback(self._budget)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """[`Trainer.train`]; with `max_train_time`, `max_steps` is first set to the steps that fit the budget."""
+        if self._budget is not None:
+            self.args.max_steps = self._steps_in_budget(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _steps_in_budget(self, resume_from_checkpoint: str | bool | None) -> int:
+        """The steps of the run's plan: a resumed run's as saved, or as many as fit when a few of them are timed."""
+        if resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if resume_from_checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is not None:  # else the Trainer says there is none
+                return TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).max_steps
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=self._train_batch_size, shuffle=True, drop_last=True,
+            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
+        )  # fmt: skip
+        seconds = time_model_steps(self.accelerator, self.model, loader, self.args.seed,
+                                   self.args.gradient_accumulation_steps, self._prepare_inputs)  # fmt: skip
+        budget = self._budget.budget_seconds
+        steps = int(budget // seconds)
+        if steps < MIN_PLANNED_STEPS:
+            raise ValueError(
+                f"`max_train_time` {self.args.max_train_time} fits {steps} steps of {seconds:.3g} s on this machine; "
+                f"the schedules need at least {MIN_PLANNED_STEPS}: give a longer budget, got "
+                f"{self.args.max_train_time!r}."
+            )
+        self._budget.check_every = max(1, min(round(1.0 / seconds), steps // 100))
+        logger.info(f"Time budget {format_duration(budget)}: {steps} steps at {seconds:.3g} s/step.")
+        return steps
 
     def _msn_model(self) -> MSNModel:
         return self.accelerator.unwrap_model(self.model_wrapped)
