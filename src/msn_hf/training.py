@@ -79,7 +79,8 @@ def check_recipe_arguments(args) -> None:
 
     for name in ("learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay",
                  "final_weight_decay"):  # fmt: skip
-        if not getattr(args, name) >= 0:
+        # None: not given, the recipe of the run chooses (e.g. the continue recipe's lower learning rate).
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
             fail(name, ">= 0")
     # A negative norm would flip every clipped gradient (`clip_grad_norm_` scales by max_norm / norm): ascent.
     if not args.max_grad_norm >= 0:
