@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from .collectives import host_sum
 
 logger = get_logger(__name__)
 
@@ -200,12 +201,11 @@ class StopSignals:
     def requested(self, accelerator: Accelerator) -> int:
         """
         The stop signal any process received (0: none), the same on every process: signals reach processes at
-        different times, and all of them must stop after the same step. One all-gather of one number per call.
+        different times, and all of them must stop after the same step. One reduce on the host per call, no read from the accelerator.
         """
-        if accelerator.num_processes == 1:
-            return self.signum
-        received = torch.tensor([self.signum], device=accelerator.device)
-        return int(accelerator.gather(received).max().item())
+        # The largest signal number received: a sum of one-hot flags per signal, reduced on the host.
+        received = host_sum(accelerator, [float(self.signum == signum) for signum in STOP_SIGNALS])
+        return max((signum for signum, count in zip(STOP_SIGNALS, received) if count > 0), default=0)
 
 
 def stop_at_checkpoint(

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 
+from .collectives import host_sum
 from .data import decode_image
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
@@ -214,24 +214,6 @@ def seed_batch(seed: int, epoch: int, batch_in_epoch: int, process_index: int) -
     np.random.seed(value % 2**32)  # NumPy's legacy seed has 32 bits
 
 
-# The gloo group of each default process group whose backend cannot reduce CPU tensors (NCCL), made once.
-_CPU_GROUPS: dict = {}
-
-
-def _cpu_group() -> "dist.ProcessGroup | None":
-    """
-    The process group that reduces CPU tensors: the default one when its backend can (gloo, mpi), else a gloo group
-    over the same processes, made once (every process makes it at its first batch decision, as `new_group` needs).
-    """
-    backend = dist.get_backend()
-    if "gloo" in backend or backend == "mpi":
-        return None
-    default = dist.group.WORLD
-    if default not in _CPU_GROUPS:
-        _CPU_GROUPS[default] = dist.new_group(backend="gloo")
-    return _CPU_GROUPS[default]
-
-
 def batch_decisions(accelerator: Accelerator, batch: dict | None) -> tuple[bool, int, bool]:
     """
     What every process decides alike about its next batch (`None`: it ran out), in one reduce: whether any process
@@ -244,13 +226,7 @@ def batch_decisions(accelerator: Accelerator, batch: dict | None) -> tuple[bool,
     ran_out = batch is None
     skipped = 0 if ran_out else batch.pop("num_skipped", 0)
     unusable = not ran_out and "pixel_values" not in batch and "canvas" not in batch
-    if accelerator.num_processes > 1:
-        flags = torch.tensor([ran_out, skipped, unusable], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flags, group=_cpu_group())
-        else:  # processes joined by their accelerators' own runtime (TPU): through the device
-            flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
-        ran_out, skipped, unusable = flags.tolist()
+    ran_out, skipped, unusable = host_sum(accelerator, [ran_out, skipped, unusable])
     return ran_out > 0, int(skipped), unusable > 0
 
 
