@@ -93,7 +93,7 @@ def test_find_cycle_finds_cycles_and_only_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     # an import inside a function counts like one at the top; the `__main__` block's does not
-    assert ("evaluation", ["evaluate_lowshot"], 1) in package_imports("pretraining")
+    assert any(target == "evaluation" and "evaluate_lowshot" in names for target, names, _ in package_imports("pretraining"))
     assert "cli" not in {target for target, _, _ in package_imports("pretraining")}
     assert "cli" in ast.dump(ast.parse((PACKAGE / "pretraining.py").read_text()))
 
