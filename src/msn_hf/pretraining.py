@@ -4,8 +4,9 @@ original schedules.
 
 `examples/pretrain_msn.py` and the `msn-pretrain` console script run `main()`. This module holds the command line
 (`PretrainingArguments`, `parse_args`), the choice of model and views, and the loop, which reads as the `no_trainer`
-examples of Transformers: `setup_run`, `build_train_data`, `resume`, then `training_step`, `log_step` and
-`save_checkpoint` per step, and `finish` (export first, evaluation after). The recipe it shares with `MSNTrainer`
+examples of Transformers: `setup_run`, `build_train_data`, `prepare_output_dir`, `resume`, then `training_step`,
+`log_step` and `save_checkpoint` per step (a stop at a checkpoint on Ctrl-C or SIGTERM), and `finish` (export
+first, evaluation after). The recipe it shares with `MSNTrainer`
 lives in `training.py`, the checkpoint store in `checkpointing.py`, the run's outputs in `run_outputs.py`.
 """
 
