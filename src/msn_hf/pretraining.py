@@ -522,7 +522,10 @@ def setup_run(args: PretrainingArguments) -> Accelerator:
     set_seed(args.seed)
     # Every process checks, so that all of them stop on a bad folder rather than wait for the main one.
     previous = [path.name for path in run_files(output_dir)]
-    if previous and not _resumes(args) and not args.overwrite_output_dir:
+    # `latest` in the folder of a run stopped before its first checkpoint starts it again, as a job script relaunched
+    # after an early pre-emption expects; a finished run (its model exported) is never retrained by it.
+    starts_again = args.resume_from_checkpoint == "latest" and not any(output_dir.glob("model*.safetensors"))
+    if previous and not _resumes(args) and not starts_again and not args.overwrite_output_dir:
         # What tells a run apart first (its checkpoints, model and metrics), then a few of its other files.
         telling = [n for n in previous if n.startswith("checkpoint-") or n in ("model.safetensors", METRICS_FILE)]
         others = [n for n in previous if n not in telling]
