@@ -82,11 +82,15 @@ def test_latest_on_a_finished_run_without_checkpoint_is_refused_and_changes_noth
     with pytest.raises(ValueError, match="pass --resume_from_checkpoint latest to continue it from checkpoint-1"):
         pt.main([*TINY_RUN, "--max_train_steps", "2", "--output_dir", str(checkpointed)])
 
-    # `latest` on a new folder starts from scratch, as job scripts that pass it on every launch expect.
-    fresh = tmp_path / "fresh"
-    results = pt.main([*TINY_RUN, "--max_train_steps", "1", "--output_dir", str(fresh), "--resume_from_checkpoint",
-                       "latest"])  # fmt: skip
-    assert results["completed_steps"] == 1 and (fresh / "model.safetensors").is_file()
+    # `latest` on a new folder starts from scratch, as job scripts that pass it on every launch expect; so it does in
+    # the folder of a run pre-empted before its first checkpoint was complete.
+    fresh, early = tmp_path / "fresh", tmp_path / "early"
+    (early / "checkpoint-2.tmp").mkdir(parents=True)
+    (early / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    for folder in (fresh, early):
+        results = pt.main([*TINY_RUN, "--max_train_steps", "1", "--output_dir", str(folder),
+                           "--resume_from_checkpoint", "latest"])  # fmt: skip
+        assert results["completed_steps"] == 1 and (folder / "model.safetensors").is_file()
 
 
 # --- 3. --overwrite_output_dir removes every file a run writes, and only those -------------------------------------

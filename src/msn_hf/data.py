@@ -505,5 +505,5 @@ def seen_in_pretraining(record: dict | None, data_args: DataArguments, test: Ima
         same_folder = os.path.abspath(data_args.test_dir) == record["source"]["train_dir"]
         return f"--test_dir is the folder it pretrained on ({trained_on})" if same_folder else None
     if (test.split or "").startswith(HELD_OUT) or test.split == record["source"]["train_split"]:
-        return f"the test images, {test.split}, overlap the images it pretrained on, {trained_on}"
+        return f"the test images ({test.split}) overlap the images it pretrained on ({trained_on})"
     return None

@@ -723,10 +723,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             record = json.load(handle)
     seen = seen_in_pretraining(record, data_args, test)
     if seen and not args.allow_seen_images:
+        own = record["held_out"]
+        advice = f"evaluate on the run's own {own} (its --test_size and --max_train_samples) or " if own else ""
         raise ValueError(
-            f"--model_name_or_path {args.model_name_or_path!r} was pretrained on these images ({record_file}): "
-            f"{seen}. Give the data its run held out (the same --test_size and --max_train_samples) or another "
-            "split, or pass --allow_seen_images to score on them knowingly."
+            f"--model_name_or_path {args.model_name_or_path!r} was pretrained on some of these test images, as its "
+            f"{DATA_RECORD_FILE} tells: {seen}. To score on unseen images, {advice}give another split (--eval_split, "
+            "--test_dir), or pass --allow_seen_images to score on these knowingly."
         )
     if seen:
         logger.warning(f"Scoring on images the model was pretrained on (--allow_seen_images): {seen}.")

@@ -4,8 +4,9 @@ original schedules.
 
 `examples/pretrain_msn.py` and the `msn-pretrain` console script run `main()`. This module holds the command line
 (`PretrainingArguments`, `parse_args`), the choice of model and views, and the loop, which reads as the `no_trainer`
-examples of Transformers: `setup_run`, `build_train_data`, `resume`, then `training_step`, `log_step` and
-`save_checkpoint` per step, and `finish` (export first, evaluation after). The recipe it shares with `MSNTrainer`
+examples of Transformers: `setup_run`, `build_train_data`, `prepare_output_dir`, `resume`, then `training_step`,
+`log_step` and `save_checkpoint` per step (a stop at a checkpoint on Ctrl-C or SIGTERM), and `finish` (export
+first, evaluation after). The recipe it shares with `MSNTrainer`
 lives in `training.py`, the checkpoint store in `checkpointing.py`, the run's outputs in `run_outputs.py`.
 """
 
@@ -811,7 +812,10 @@ def setup_run(args: PretrainingArguments) -> Accelerator:
     set_seed(args.seed)
     # Every process checks, so that all of them stop on a bad folder rather than wait for the main one.
     previous = [path.name for path in run_files(output_dir)]
-    if previous and not _resumes(args) and not args.overwrite_output_dir:
+    # `latest` in the folder of a run stopped before its first checkpoint starts it again, as a job script relaunched
+    # after an early pre-emption expects; a finished run (its model exported) is never retrained by it.
+    starts_again = args.resume_from_checkpoint == "latest" and not any(output_dir.glob("model*.safetensors"))
+    if previous and not _resumes(args) and not starts_again and not args.overwrite_output_dir:
         # What tells a run apart first (its checkpoints, model and metrics), then a few of its other files.
         telling = [n for n in previous if n.startswith("checkpoint-") or n in ("model.safetensors", METRICS_FILE)]
         others = [n for n in previous if n not in telling]
