@@ -4,9 +4,11 @@ fine-tuned classifier folder is refused in one line before anything is created, 
 views, the printed recipe is the one used, and a stream resumes exactly with the default flags.
 """
 
+import io
 import json
 import re
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNForImageClassification
 from msn_hf import pretraining as pt
 from msn_hf.recipe import RECIPE_FILE, auto_recipe, imagenet_recipe, save_recipe
+from test_pretraining_loop import launch, logged_rows
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--skip_evaluation"]
 
@@ -148,3 +151,49 @@ def test_the_printed_and_saved_recipe_are_what_the_run_uses(tmp_path, capsys):
         assert f"'{key}': {config[key]!r}" in line, key
     assert f"'num_focal_views': {processor['num_focal_views']}" in line
     assert re.search(r"'blur_sigma': [\[(]0\.1, 1\.0[\])]", line) and "warmup 2 steps" in line
+
+
+# --- a stream resumes exactly with the default flags ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many_row_shards(tmp_path_factory):
+    """Four parquet shards of 2,600 tiny 8 px images each, rows r00000 ... r10399: more rows than the old default
+    shuffle buffer (10,000) held, so that a buffer at the default would sit full at a checkpoint."""
+    folder = tmp_path_factory.mktemp("many_rows")
+    rng = np.random.default_rng(0)
+    for shard in range(4):
+        images = []
+        for _ in range(2600):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buffer, "PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        ids = [f"r{2600 * shard + i:05d}" for i in range(2600)]
+        features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("string")})
+        datasets.Dataset.from_dict({"image": images, "id": ids}, features=features).to_parquet(
+            str(folder / f"train-{shard}.parquet")
+        )
+    return folder
+
+
+def test_a_stream_resumes_exactly_with_the_default_flags(tmp_path, many_row_shards):
+    # A checkpoint after 47 steps of 128 rows: past the first half of a 10,000-row buffer, which datasets would
+    # have lost at the resume.
+    steps, saved_at, batch = 49, 47, 128
+    common = [*TINY_MODEL_ARGS, "--skip_evaluation", "--train_files", str(many_row_shards / "*.parquet"), "--streaming",
+              "--per_device_train_batch_size", str(batch), "--seed", "2", "--logging_steps", "10"]  # fmt: skip
+    straight_log, split_log = tmp_path / "straight_log", tmp_path / "split_log"
+    result = launch(tmp_path, [*common, "--max_train_steps", steps, "--output_dir", tmp_path / "straight"],
+                    log=straight_log)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(tmp_path, [*common, "--max_train_steps", saved_at, "--checkpointing_steps", saved_at,
+                               "--output_dir", tmp_path / "split"], log=split_log)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (split_log / "rows_0.txt").unlink()
+    result = launch(tmp_path, [*common, "--max_train_steps", steps, "--output_dir", tmp_path / "split",
+                               "--resume_from_checkpoint", tmp_path / "split" / f"checkpoint-{saved_at}"],
+                    log=split_log)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = logged_rows(straight_log, 0)
+    assert len(straight) == steps * batch == len(set(straight))
+    assert logged_rows(split_log, 0) == straight[saved_at * batch :]  # nothing repeated, nothing skipped

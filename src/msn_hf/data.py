@@ -71,8 +71,13 @@ class DataArguments:
         default=False, metadata={"help": "Iterate over the data without downloading it first (needs a step count)."}
     )
     shuffle_buffer_size: int = field(
-        default=10_000,
-        metadata={"help": "Streaming: rows in the shuffle buffer (0: shuffle the shard order only)."},
+        default=0,
+        metadata={
+            "help": "Streaming: rows mixed in a shuffle buffer. 0 (default): none; rows come shard by shard, in the "
+            "order of the data (recent `datasets` reorder the shards every pass after the first), and a resumed run "
+            "continues exactly. N > 0: rows mixed N at a time, but a resume loses the rows that sat in the buffer "
+            "at the checkpoint (up to N per process). Use N when the shards are sorted (e.g. by class)."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub datasets."})
 

@@ -427,9 +427,10 @@ def _evaluation_sets(
 def build_train_data(data_args: DataArguments, args: PretrainingArguments, accelerator: Accelerator) -> TrainData:
     """
     Load the pretraining rows (images stay undecoded: the collator decodes, so that an unreadable file is skipped
-    rather than raised inside `datasets`). Map-style rows are indexed; a stream is shuffled with a fixed seed
-    (shard order and a `--shuffle_buffer_size` buffer, reseeded per epoch by `set_epoch`) and split across processes
-    with `split_dataset_by_node`, so that each process reads and decodes only its own rows.
+    rather than raised inside `datasets`). Map-style rows are indexed; a stream is read in shard order (by default,
+    which resumes exactly) or, with `--shuffle_buffer_size N`, shuffled with a fixed seed (shard order and an N-row
+    buffer, reseeded per epoch by `set_epoch`), and split across processes with `split_dataset_by_node`, so that
+    each process reads and decodes only its own rows.
     """
     data = load_image_dataset(
         dataset_name=data_args.dataset_name,
