@@ -911,7 +911,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
     progress.close()
-    accelerator.print(keeper.finish(state, global_batch))
+    keeper.finish(state)
     run_info = card_run_info(
         args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"] if recipe else None
     )
@@ -963,6 +963,9 @@ def finish(
     if args.push_to_hub:
         push_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
     print(f"\nmsn-pretrain: model, processor and card in {output_dir} ({state.completed_steps} steps).")
+    if state.plan:
+        global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        print(f"  {BudgetPlan.from_dict(state.plan).summary(state.completed_steps, global_batch)}")
     if evaluation:
         print(f"  {headline(evaluation)} (all settings in {output_dir / 'README.md'}).")
     print(f"  Next: msn-evaluate --model_name_or_path {output_dir} --baselines random pixels")
