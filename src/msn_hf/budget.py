@@ -118,18 +118,20 @@ def time_steps(
 ) -> float:
     """
     Seconds per call of `step` (one optimiser step: its micro-batches, their loading included) after `warmup_steps`
-    untimed calls: the mean of `timed_steps` calls, the slowest process's figure, the same on every process. Every
-    process must call it alike (it holds collectives).
+    untimed calls: the median of `timed_steps` calls (one stall of a busy machine is not the pace), the slowest
+    process's figure, the same on every process. Every process must call it alike (it holds collectives).
     """
     for _ in range(warmup_steps):
         step()
     synchronize(accelerator)
     accelerator.wait_for_everyone()
-    start = time.perf_counter()
+    durations = []
     for _ in range(timed_steps):
+        start = time.perf_counter()
         step()
-    synchronize(accelerator)
-    seconds = (time.perf_counter() - start) / timed_steps
+        synchronize(accelerator)
+        durations.append(time.perf_counter() - start)
+    seconds = statistics.median(durations)
     return accelerator.reduce(torch.tensor([seconds], device=accelerator.device), "max").item()
 
 
