@@ -19,7 +19,6 @@ Wall-clock budgets: a run sized to the time it is given (`msn-pretrain --max_tra
 import copy
 import datetime
 import json
-import logging
 import math
 import re
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -40,7 +40,7 @@ from .modeling_msn import MSNModel
 from .recipe import step_cost
 from .training import MSNSchedules, batch_decisions, parameter_groups
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)$")
@@ -52,6 +52,9 @@ MAX_TIMINGS = 4
 MIN_PLANNED_STEPS = 10
 # Steps seen after the first (which pays for a new model's first pass) before a run's pace is judged.
 MIN_PACE_STEPS = 3
+# A shrunk plan fits steps this much slower than the recent ones, so that a pace drifting slowly up does not shrink
+# it again at every check.
+SHRINK_MARGIN = 1.05
 # An unbounded run estimated to last longer than this is told which flag bounds it.
 LONG_RUN_SECONDS = 3600.0
 
@@ -115,18 +118,20 @@ def time_steps(
 ) -> float:
     """
     Seconds per call of `step` (one optimiser step: its micro-batches, their loading included) after `warmup_steps`
-    untimed calls: the mean of `timed_steps` calls, the slowest process's figure, the same on every process. Every
-    process must call it alike (it holds collectives).
+    untimed calls: the median of `timed_steps` calls (one stall of a busy machine is not the pace), the slowest
+    process's figure, the same on every process. Every process must call it alike (it holds collectives).
     """
     for _ in range(warmup_steps):
         step()
     synchronize(accelerator)
     accelerator.wait_for_everyone()
-    start = time.perf_counter()
+    durations = []
     for _ in range(timed_steps):
+        start = time.perf_counter()
         step()
-    synchronize(accelerator)
-    seconds = (time.perf_counter() - start) / timed_steps
+        synchronize(accelerator)
+        durations.append(time.perf_counter() - start)
+    seconds = statistics.median(durations)
     return accelerator.reduce(torch.tensor([seconds], device=accelerator.device), "max").item()
 
 
@@ -320,6 +325,17 @@ class BudgetPlan:
             )
         return results
 
+    def summary(self, completed_steps: int, global_batch: int) -> str:
+        """The plan as it ran, in one line: steps planned and run, training time, images/s, budget used."""
+        line = (
+            f"Plan: {completed_steps:,} steps run of {self.planned_steps:,} planned, "
+            f"{format_duration(self.training_seconds)} of training from the first step, "
+            f"{completed_steps * global_batch / max(self.training_seconds, 1e-9):,.0f} images/s"
+        )
+        if self.budget_seconds is not None:
+            line += f"; budget {format_duration(self.budget_seconds)}, {completed_steps / self.planned_steps:.0%} of the plan run"
+        return line + "."
+
     def describe(self, completed_steps: int, global_batch: int, num_images: int | None, geometry: str) -> str:
         """
         The plan in one line: steps, epochs, images/s, the clock time training ends at if it starts now, geometry.
@@ -449,7 +465,7 @@ class BudgetKeeper:
         remaining = plan.total_steps - completed
         if elapsed + remaining * seconds <= plan.budget_seconds:
             return False
-        fit = max(0, math.floor((plan.budget_seconds - elapsed) / seconds))
+        fit = max(0, math.floor((plan.budget_seconds - elapsed) / (seconds * SHRINK_MARGIN)))
         total = completed + min(fit, remaining)
         if total >= plan.total_steps:
             return False
@@ -462,21 +478,10 @@ class BudgetKeeper:
         plan.total_steps, plan.warmup_steps = total, self.schedules.warmup_steps
         return True
 
-    def finish(self, state, global_batch: int) -> str:
-        """The plan as it ran, in one line (steps, images/s, training time); `state.plan` updated."""
-        plan = self.plan
-        plan.training_seconds = self.elapsed
-        state.plan = plan.to_dict()
-        steps = state.completed_steps - self.steps_before
-        seconds = self.elapsed - self.spent_before
-        planned = f"planned {plan.planned_steps:,}" + (
-            f", {plan.plan_completed:.0%} of it run" if plan.budget_seconds is not None else ""
-        )
-        budget = f" of a {format_duration(plan.budget_seconds)} budget" if plan.budget_seconds is not None else ""
-        return (
-            f"Trained {state.completed_steps:,} steps ({planned}) in {format_duration(plan.training_seconds)}{budget} "
-            f"from the first step, {steps * global_batch / max(seconds, 1e-9):,.0f} images/s."
-        )
+    def finish(self, state) -> None:
+        """Training ends now: the time spent goes into `state.plan`."""
+        self.plan.training_seconds = self.elapsed
+        state.plan = self.plan.to_dict()
 
 
 class MSNTimeBudgetCallback(TrainerCallback, ExportableState):

@@ -1144,7 +1144,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
             stop_at_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit, signum,
                                last_checkpoint)  # fmt: skip
     progress.close()
-    accelerator.print(keeper.finish(state, global_batch))
+    keeper.finish(state)
     test = train_data.evaluation[1] if train_data.evaluation else None
     run_info = card_run_info(
         args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"], test, repo_id
@@ -1202,6 +1202,9 @@ def finish(
         except UploadError as error:  # the run's folder is complete: the summary still comes, then the failure
             upload_failure = error
     print(f"\nmsn-pretrain: model, processor and card in {output_dir} ({state.completed_steps} steps).")
+    if state.plan:
+        global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        print(f"  {BudgetPlan.from_dict(state.plan).summary(state.completed_steps, global_batch)}")
     if evaluation:
         print(f"  {headline(evaluation)} (all settings in {output_dir / 'README.md'}).")
     print(f"  Next: msn-evaluate --model_name_or_path {output_dir} --baselines random pixels")
