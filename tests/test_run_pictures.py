@@ -112,10 +112,42 @@ def test_msn_evaluate_writes_the_results_file_of_msn_pretrain_and_the_pictures(t
              "--max_train_steps", "1", "--skip_evaluation", "--output_dir", str(model_dir)])  # fmt: skip
     assert not (model_dir / ev.RESULTS_FILE).exists()
     results = ev.main(["--model_name_or_path", str(model_dir), "--train_dir", str(data), "--shots", "1", "2",
-                       "--seeds", "0", "--no_progress"])  # fmt: skip
+                       "--seeds", "0", "--no_progress", "--allow_seen_images"])  # fmt: skip
     assert set(results["encoders"]) == {"msn", "random", "pixels"}
     assert json.loads((model_dir / ev.RESULTS_FILE).read_text())["encoders"].keys() == results["encoders"].keys()
     assert not (model_dir / "lowshot_results.json").exists()
     for name in (pictures.NEIGHBOURS_FILE, pictures.LOWSHOT_FILE, pictures.PROTOTYPES_FILE):
         assert png_size(model_dir / name)[0] == "PNG", name
         assert f"]({name})" in (model_dir / "README.md").read_text()
+
+
+def test_the_training_clock_spans_every_part_of_a_resumed_run():
+    import time
+
+    from msn_hf.checkpointing import TrainingState
+
+    first = TrainingState()
+    first.start_clock()
+    time.sleep(0.05)
+    saved = json.loads(first.to_json())  # what a checkpoint holds
+    assert saved["training_seconds"] >= 0.05 and "clock" not in saved
+    resumed = TrainingState(**saved)
+    resumed.start_clock()
+    time.sleep(0.05)
+    resumed.stop_clock()
+    assert resumed.training_seconds >= saved["training_seconds"] + 0.05
+    assert resumed.elapsed_seconds == resumed.training_seconds  # stopped: no longer counting
+
+
+@pytest.mark.slow
+def test_the_card_states_the_wall_time_of_the_whole_resumed_run(tmp_path):
+    out = tmp_path / "run"
+    common = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64",
+              "--skip_evaluation", "--checkpointing_steps", "2", "--output_dir", str(out)]  # fmt: skip
+    pt.main([*common, "--max_train_steps", "2"])
+    first_part = json.loads((out / "checkpoint-2" / "training_state.json").read_text())["training_seconds"]
+    pt.main([*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    facts = json.loads((out / "msn_card.json").read_text())
+    final = json.loads((out / "checkpoint-4" / "training_state.json").read_text())["training_seconds"]
+    assert facts["wall_time_seconds"] >= first_part > 0
+    assert facts["wall_time_seconds"] == pytest.approx(final, abs=1.0)

@@ -11,7 +11,8 @@ import shutil
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -44,6 +45,7 @@ class TrainingState:
         window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss (a flag on the
             device while the window is open, read with the step's decision).
         plan: the run's length and clock (`budget.BudgetPlan.to_dict()`): a budget run resumes its plan.
+        training_seconds: wall time spent training, over every part of a resumed run (see `start_clock`).
     """
 
     completed_steps: int = 0
@@ -53,9 +55,29 @@ class TrainingState:
     consecutive_nonfinite: int = 0
     window_nonfinite: bool = False
     plan: dict | None = None
+    training_seconds: float = 0.0
+    # `(perf_counter at start_clock, training_seconds then)`: not saved, a resumed run starts its own clock.
+    clock: tuple[float, float] | None = field(default=None, repr=False)
+
+    def start_clock(self) -> None:
+        """Count the time from now on top of the `training_seconds` of the parts before (a resumed run)."""
+        self.clock = (time.perf_counter(), self.training_seconds)
+
+    def stop_clock(self) -> None:
+        """Training ends: `training_seconds` holds all of it."""
+        self.training_seconds, self.clock = self.elapsed_seconds, None
+
+    @property
+    def elapsed_seconds(self) -> float:
+        """Wall time spent training, this part and the parts before it."""
+        if self.clock is None:
+            return self.training_seconds
+        started, before = self.clock
+        return before + time.perf_counter() - started
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in vars(self).items() if k != "window_nonfinite"})
+        saved = {k: v for k, v in vars(self).items() if k not in ("window_nonfinite", "clock")}
+        return json.dumps({**saved, "training_seconds": self.elapsed_seconds})
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

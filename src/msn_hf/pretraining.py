@@ -1047,7 +1047,6 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
         if model_folder_kind(args.model_name_or_path) == "msn_classifier":
             raise classifier_folder_error(args.model_name_or_path)
     accelerator = setup_run(args)
-    start = time.perf_counter()
     output_dir = Path(args.output_dir)
     train_data = build_train_data(data_args, args, accelerator)
     plan = plan_run_length(args, data_args, train_data, accelerator)
@@ -1098,6 +1097,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     with StopSignals() as stop:
         model.train()
         keeper.start_clock()
+        state.start_clock()
         while state.completed_steps < schedules.total_steps:
             resumed_mid_epoch, epoch_done = state.batches_in_epoch > 0, True
             batches = epoch_batches(
@@ -1145,9 +1145,10 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
                                last_checkpoint)  # fmt: skip
     progress.close()
     keeper.finish(state)
+    state.stop_clock()
     test = train_data.evaluation[1] if train_data.evaluation else None
     run_info = card_run_info(
-        args, data_args, accelerator, state, time.perf_counter() - start, recipe["name"], test, repo_id
+        args, data_args, accelerator, state, state.elapsed_seconds, recipe["name"], test, repo_id
     )
     return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, run_info)
 
@@ -1205,9 +1206,13 @@ def finish(
     if state.plan:
         global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         print(f"  {BudgetPlan.from_dict(state.plan).summary(state.completed_steps, global_batch)}")
+    else:
+        print(f"  Trained {state.completed_steps} steps in {format_duration(state.training_seconds)}.")
     if evaluation:
         print(f"  {headline(evaluation)} (all settings in {output_dir / 'README.md'}).")
-    print(f"  Next: msn-evaluate --model_name_or_path {output_dir} --baselines random pixels")
+        for name in evaluation.get("pictures", {}).get("files", []):
+            print(f"  Picture: {output_dir / name}")
+    print(f"  Next: msn-evaluate --model_name_or_path {output_dir}")
     if upload_failure is not None:
         raise upload_failure
     return results
