@@ -32,7 +32,10 @@ RUN_FILES = (
     METRICS_FILE, "train_results.json", "eval_results.json", "lowshot_results.json",  # pretraining, msn-evaluate
     "README.md", CARD_FACTS_FILE, RECIPE_FILE, DATA_RECORD_FILE, LOSS_CURVE_FILE,
     "neighbours.png", "lowshot.png", "prototypes.png",  # the pictures of what was learnt
-    "config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json", "*_msn.py",
+    "config.json", "preprocessor_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    # the code `save_pretrained` copies next to the weights (the files shipped with a checkpoint)
+    "configuration_msn.py", "modeling_msn.py", "loss_msn.py", "image_processing_msn.py", "views_msn.py",
     "msn_pretraining",  # the trackers' logs (Accelerate names the folder after the project)
     ".final", ".*.tmp",  # an interrupted export or atomic write
 )  # fmt: skip
