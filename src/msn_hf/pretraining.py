@@ -148,10 +148,10 @@ class PretrainingArguments:
     num_focal_views: int | None = field(default=None, metadata={"help": "Focal anchor views per image."})
     # optimisation
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate after warmup (default: 1e-3; 'continue' recipe: 2.5e-4)."}
+        default=None, metadata={"help": "Peak learning rate after warmup; unset: 1e-3, or 2.5e-4 under the 'continue' recipe."}
     )
     warmup_start_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the first step (default: 2e-4; 'continue' recipe: 5e-5)."}
+        default=None, metadata={"help": "Learning rate of the first step; unset: 2e-4, or 5e-5 under the 'continue' recipe."}
     )
     final_learning_rate: float = field(default=1e-6, metadata={"help": "End of the cosine learning-rate schedule."})
     weight_decay: float = field(default=0.04, metadata={"help": "Start of the cosine weight-decay schedule."})
