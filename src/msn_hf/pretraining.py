@@ -183,10 +183,10 @@ class PretrainingArguments:
     num_focal_views: int | None = field(default=None, metadata={"help": "Focal anchor views per image."})
     # optimisation
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate after warmup (default: 1e-3; 'continue' recipe: 2.5e-4)."}
+        default=None, metadata={"help": "Peak learning rate after warmup; unset: 1e-3, or 2.5e-4 under the 'continue' recipe."}
     )
     warmup_start_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the first step (default: 2e-4; 'continue' recipe: 5e-5)."}
+        default=None, metadata={"help": "Learning rate of the first step; unset: 2e-4, or 5e-5 under the 'continue' recipe."}
     )
     final_learning_rate: float = field(default=1e-6, metadata={"help": "End of the cosine learning-rate schedule."})
     weight_decay: float = field(default=0.04, metadata={"help": "Start of the cosine weight-decay schedule."})
@@ -519,15 +519,20 @@ def starting_geometry(args: PretrainingArguments) -> tuple[int, int]:
     source = args.model_name_or_path
     if not source:
         return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})
-    kind = model_folder_kind(source)
-    if kind == "msn_classifier":
-        raise classifier_folder_error(source)
-    if kind == "msn":
+    if _weights_kind(source) == "msn":
         config = MSNConfig.from_pretrained(source)
         return config.image_size, backbone_geometry(config.backbone, {"img_size": config.image_size, **config.backbone_kwargs})[1]
     config = AutoConfig.from_pretrained(source)
     side, patch = config.image_size, config.patch_size
     return (side if isinstance(side, int) else side[0]), (patch if isinstance(patch, int) else patch[0])
+
+
+def _weights_kind(source: str) -> str:
+    """`model_folder_kind` of `--model_name_or_path`, refusing a fine-tuned classifier folder in one line."""
+    kind = model_folder_kind(source)
+    if kind == "msn_classifier":
+        raise classifier_folder_error(source)
+    return kind
 
 
 def parse_model_overrides(args: PretrainingArguments) -> tuple[dict, dict]:
@@ -574,13 +579,11 @@ def build_model_and_processor(
     `--num_anchor_views` and `--num_focal_views`.
     """
     overrides, processor_overrides = parse_model_overrides(args)
-    recipe = recipe or NO_RECIPE
+    has_recipe, recipe = recipe is not None, recipe or NO_RECIPE
     source_processor = None
     if args.model_name_or_path:
         source = args.model_name_or_path
-        kind = model_folder_kind(source)
-        if kind == "msn_classifier":
-            raise classifier_folder_error(source)
+        kind = _weights_kind(source)
         config_kwargs = {**recipe["config"], **overrides}
         if kind == "msn":
             model = MSNModel.from_pretrained(source, **config_kwargs)
@@ -593,6 +596,7 @@ def build_model_and_processor(
     else:
         backbone = args.backbone or recipe.get("backbone") or MSNConfig.backbone
         given_kwargs = args.backbone_kwargs or {}
+        # Given kwargs complete the recipe's: `{"depth": 2}` changes the depth only.
         backbone_kwargs = {**recipe["backbone_kwargs"], **given_kwargs}
         patch = backbone_kwargs.get("patch_size") or backbone_geometry(backbone, backbone_kwargs)[1]
         patch = patch if isinstance(patch, int) else patch[0]
@@ -606,16 +610,15 @@ def build_model_and_processor(
                 f"{patch}, got {side!r}."
             )
         recipe = fit_views(recipe, side, patch, overrides.get("focal_image_size"))
+        backbone_kwargs = {**recipe["backbone_kwargs"], **given_kwargs}  # the recipe's `img_size` moved with the views
         config_kwargs = {**recipe["config"], **overrides}
         if args.backbone_pretrained is not None:
             config_kwargs["backbone_pretrained"] = args.backbone_pretrained
-        model = MSNModel(
-            MSNConfig(backbone=backbone, backbone_kwargs={**recipe["backbone_kwargs"], **given_kwargs}, **config_kwargs)
-        )
+        model = MSNModel(MSNConfig(backbone=backbone, backbone_kwargs=backbone_kwargs, **config_kwargs))
     config = model.config
     valid = MSNImageProcessor.valid_kwargs.__annotations__
     settings = {k: v for k, v in (source_processor or {}).items() if k in valid}
-    if source_processor is None or recipe is not NO_RECIPE:
+    if source_processor is None or has_recipe:  # a folder's own processor is kept as it is without a recipe
         settings.update(recipe["processor"], crop_size=config.image_size, focal_crop_size=config.focal_image_size)
         settings.setdefault("size", {"shortest_edge": round(config.image_size * 256 / 224)})
     processor = MSNImageProcessor(**{**settings, **processor_overrides})
@@ -1044,8 +1047,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     parse_model_overrides(args)
     if args.model_name_or_path:
         check_model_source(args.model_name_or_path)
-        if model_folder_kind(args.model_name_or_path) == "msn_classifier":
-            raise classifier_folder_error(args.model_name_or_path)
+        _weights_kind(args.model_name_or_path)
     accelerator = setup_run(args)
     output_dir = Path(args.output_dir)
     train_data = build_train_data(data_args, args, accelerator)
