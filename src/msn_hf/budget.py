@@ -451,12 +451,13 @@ class BudgetKeeper:
         self.last = now
         plan, completed = self.plan, state.completed_steps
         plan.training_seconds = self.elapsed
-        shrunk = False
         paced = len(self.durations) >= MIN_PACE_STEPS
         if plan.budget_seconds is not None and paced and completed % self.check_every == 0 and completed < plan.total_steps:
-            shrunk = self._check(completed)
-        state.plan = plan.to_dict()
-        return shrunk
+            if self._check(completed):
+                state.plan = plan.to_dict()
+                return True
+        state.plan["training_seconds"] = plan.training_seconds  # each step: the plan itself did not change
+        return False
 
     def _check(self, completed: int) -> bool:
         measured = torch.tensor([self.elapsed, statistics.median(self.durations)], device=self.accelerator.device)
