@@ -332,14 +332,10 @@ class BudgetPlan:
         return cls(**{key: value for key, value in values.items() if key in names})
 
     def planning_record(self) -> dict:
-        """What planning found, for `msn_recipe.json`: budget, planned steps, seconds per step measured."""
-        return dict(budget_seconds=self.budget_seconds, planned_steps=self.planned_steps,
+        """What planning found, for `msn_recipe.json`: budget, planned steps (and how far they may grow), seconds
+        per step measured."""
+        return dict(budget_seconds=self.budget_seconds, planned_steps=self.planned_steps, max_steps=self.max_steps,
                     seconds_per_step=self.seconds_per_step, timings=self.timings)  # fmt: skip
-
-    @property
-    def plan_completed(self) -> float:
-        """The fraction of the first plan's steps that the plan now runs."""
-        return self.total_steps / self.planned_steps
 
     def results(self, completed_steps: int) -> dict:
         """What `train_results.json` reports of the plan: training time, and with a budget how much of it ran."""
@@ -358,7 +354,7 @@ class BudgetPlan:
     def summary(self, completed_steps: int, global_batch: int) -> str:
         """The plan as it ran, in one line: steps planned and run, training time, images/s, budget used."""
         line = (
-            f"Plan: {completed_steps:,} steps run of {self.planned_steps:,} planned, "
+            f"Plan as run: {completed_steps:,} steps of {self.planned_steps:,} planned, "
             f"{format_duration(self.training_seconds)} of training from the first step, "
             f"{completed_steps * global_batch / max(self.training_seconds, 1e-9):,.0f} images/s"
         )
