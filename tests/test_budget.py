@@ -4,6 +4,7 @@ choice of run length, runs that end within their budget with their schedules com
 than planned), resumes that continue the plan, the Trainer's budget, and the estimate of an unbounded run.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import TINY_MODEL_ARGS, tiny_config
@@ -28,6 +30,24 @@ BUDGET = 10.0
 # A run ends within its budget plus this fraction (the brief's acceptance: +10 %).
 TOLERANCE = 1.10
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "4", "--max_train_samples", "64", "--skip_evaluation"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread: on cores other jobs share, a second OpenMP thread makes the tiny model's steps several
+    times slower and erratic (0.06 s against 0.3-0.9 s a step, benchmarks/RESULTS.md), which is no budget's fault."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -106,7 +126,7 @@ def test_bad_budgets_stop_before_anything_is_written(tmp_path, capsys):
     # A budget shorter than the few steps the schedules need: refused after timing, before any output.
     assert cli.run(pt.main, "msn-pretrain", [*TINY_RUN, "--max_train_time", "0.05s", "--output_dir", str(out)]) == 2
     assert "--max_train_time 0.05s fits" in capsys.readouterr().err
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # nothing is created before the checks pass
 
 
 def test_the_trainer_refuses_a_bad_budget_by_name(tmp_path):
@@ -163,20 +183,29 @@ def test_the_planner_picks_the_longest_run_that_fits_like_a_plain_scan():
     grown = recipe(steps)
     assert grown["config"]["image_size"] // grown["backbone_kwargs"]["patch_size"] > 4  # past the shortest runs' model
 
+    # How far a plan may grow: as long as the rule picks the same model (a scan), at most to the limit given.
+    geometry = lambda n: budget.geometry_key(recipe(n))  # noqa: E731
+    for start in (1000, 1600, steps):
+        same = start
+        while same < 2 * start and geometry(same + 1) == geometry(start):
+            same += 1
+        assert budget.longest_with_geometry(start, geometry, 2 * start) == same
+    assert budget.longest_with_geometry(100, lambda n: None, 200) == 200
+
     # Not even one step fits: no run.
     assert budget.plan_steps(0.1, lambda n: 0.5)[0] == 0
 
 
-def test_shrinking_lays_the_schedules_over_the_new_total_and_keeps_a_finished_warmup():
+def test_a_plan_laid_again_moves_the_schedules_to_the_new_total_and_keeps_a_finished_warmup():
     schedules = MSNSchedules(total_steps=100, warmup_steps=10)
-    budget.shrink_schedules(schedules, 60, completed_steps=40)
+    budget.relay_schedules(schedules, 60, completed_steps=40)
     assert (schedules.total_steps, schedules.warmup_steps) == (60, 10)
     assert schedules.lr(59) == pytest.approx(MSNSchedules(total_steps=60, warmup_steps=10).lr(59))
     in_warmup = MSNSchedules(total_steps=100, warmup_steps=10)
-    budget.shrink_schedules(in_warmup, 50, completed_steps=2)
+    budget.relay_schedules(in_warmup, 50, completed_steps=2)
     assert in_warmup.warmup_steps == 5  # in proportion
     late = MSNSchedules(total_steps=100, warmup_steps=10)
-    budget.shrink_schedules(late, 30, completed_steps=8)
+    budget.relay_schedules(late, 30, completed_steps=8)
     assert late.warmup_steps == 8 and late.lr(8) == pytest.approx(late.learning_rate)  # the peak at once
 
 
@@ -185,9 +214,9 @@ def test_shrinking_lays_the_schedules_over_the_new_total_and_keeps_a_finished_wa
 
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory):
-    """A run of --max_train_time 8s with a checkpoint every 10 steps, and the start and end of each step."""
+    """A run of --max_train_time 10s with a checkpoint every 10 steps, and the start and end of each step."""
     out = tmp_path_factory.mktemp("budget") / "run"
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, one_thread():
         clock = StepClock(monkeypatch)
         pt.main([*TINY_RUN, "--max_train_time", f"{BUDGET:g}s", "--checkpointing_steps", "10",
                  "--checkpoints_total_limit", "0", "--output_dir", str(out)])  # fmt: skip
@@ -201,7 +230,8 @@ def test_a_budget_run_ends_within_its_budget_with_its_whole_schedule_and_the_mod
     assert clock.loop_seconds(steps) <= results["training_seconds"] <= BUDGET * TOLERANCE
     assert results["training_seconds"] > 0.25 * BUDGET  # the budget was used, not skipped
     assert results["budget_seconds"] == BUDGET and steps >= budget.MIN_PLANNED_STEPS
-    assert all(m["planned_steps"] >= steps for m in metrics)
+    # A plan never ends before the step logged, nor grows past the longest run of its model.
+    assert all(m["step"] <= m["planned_steps"] <= results["max_steps"] for m in metrics)
     plan = json.loads((out / "msn_recipe.json").read_text())["plan"]
     assert (plan["budget_seconds"], plan["planned_steps"]) == (BUDGET, results["planned_steps"])
     assert plan["seconds_per_step"] > 0 and plan["timings"]
@@ -222,6 +252,25 @@ def test_a_run_that_gets_slower_than_planned_shrinks_its_plan_and_still_ends_com
     metrics, results = assert_whole_schedule(out)
     assert results["plan_completed"] < 0.8  # the plan shrank ...
     assert len({m["planned_steps"] for m in metrics}) > 1
+    assert clock.loop_seconds(results["completed_steps"]) <= results["training_seconds"] <= BUDGET * TOLERANCE
+
+
+def test_a_run_whose_steps_get_fast_again_grows_its_plan_back(tmp_path, monkeypatch):
+    clock = StepClock(monkeypatch)
+    log_step = pt.MetricsLog.log_step
+
+    def slow_for_a_while(self, output, state, schedules):  # the machine is busy for 10 steps, then free again
+        clock.delay = 0.3 if 3 <= state.completed_steps < 13 else 0.0
+        return log_step(self, output, state, schedules)
+
+    monkeypatch.setattr(pt.MetricsLog, "log_step", slow_for_a_while)
+    out = tmp_path / "run"
+    pt.main([*TINY_RUN, "--max_train_time", f"{BUDGET:g}s", "--output_dir", str(out)])
+    metrics, results = assert_whole_schedule(out)
+    planned = [m["planned_steps"] for m in metrics]
+    lowest = planned.index(min(planned))
+    assert planned[0] > planned[lowest] < planned[-1]  # shrank while slow, grew back once fast
+    assert planned[0] == results["planned_steps"] and max(planned) <= results["max_steps"]
     assert clock.loop_seconds(results["completed_steps"]) <= results["training_seconds"] <= BUDGET * TOLERANCE
 
 

@@ -12,7 +12,8 @@ Wall-clock budgets: a run sized to the time it is given (`msn-pretrain --max_tra
   continues its plan without timing anything again, on the budget that is left.
 - `BudgetKeeper`: the clock of the Accelerate loop. Every few steps it projects the end (elapsed + remaining steps x
   recent seconds per step, slowest process); a run that would overshoot shrinks its planned total so that its
-  schedules still finish, at the budget.
+  schedules still finish, at the budget; a run faster than timed grows it, up to the longest run of the planned
+  geometry (`longest_with_geometry`).
 - `MSNTimeBudgetCallback`: the clock of `MSNTrainer`: it stops training before a step would end past the budget.
 """
 
@@ -52,9 +53,14 @@ MAX_TIMINGS = 4
 MIN_PLANNED_STEPS = 10
 # Steps seen after the first (which pays for a new model's first pass) before a run's pace is judged.
 MIN_PACE_STEPS = 3
-# A shrunk plan fits steps this much slower than the recent ones, so that a pace drifting slowly up does not shrink
-# it again at every check.
+# A plan laid again fits steps this much slower than the recent ones, so that a pace drifting slowly up does not
+# shrink it again at every check.
 SHRINK_MARGIN = 1.05
+# A plan grows only when it would end this much before the budget: the cosine is not laid again for every small
+# wobble of a busy machine's pace.
+GROW_SLACK = 1.15
+# A plan grows to at most this many times its first steps, and never past the longest run of its geometry.
+MAX_GROWTH = 2
 # An unbounded run estimated to last longer than this is told which flag bounds it.
 LONG_RUN_SECONDS = 3600.0
 
@@ -268,6 +274,25 @@ def plan_steps(
     return steps, seconds(steps, False), measured
 
 
+def longest_with_geometry(steps: int, geometry: Callable[[int], Hashable], limit: int) -> int:
+    """
+    The longest run, from `steps` up to `limit`, that gets the geometry of a run of `steps` (the geometry grows with
+    the run length, so the runs that share it are one interval): how far a plan may grow without its model being
+    the wrong one for its length.
+    """
+    key = geometry(steps)
+    if geometry(limit) == key:
+        return limit
+    same, other = steps, limit
+    while other - same > 1:
+        middle = (same + other) // 2
+        if geometry(middle) == key:
+            same = middle
+        else:
+            other = middle
+    return same
+
+
 @dataclass
 class BudgetPlan:
     """
@@ -276,7 +301,8 @@ class BudgetPlan:
 
     Attributes:
         planned_steps: optimiser steps of the first plan (the run length the model was chosen for).
-        total_steps: steps of the plan now: fewer than `planned_steps` once an overshoot shrank it.
+        total_steps: steps of the plan now: fewer than `planned_steps` once an overshoot shrank it, more once a run
+            faster than timed grew it.
         warmup_steps: the learning-rate warmup of the plan now (None until the schedules are laid).
         budget_seconds: the training budget from the first step (`--max_train_time`); None for a run in steps or
             epochs.
@@ -284,6 +310,8 @@ class BudgetPlan:
         training_seconds: time spent training so far, from the first step, the parts before a resume included (the
             part after the last checkpoint of an interrupted run is lost with it).
         timings: seconds per step of each geometry timed while planning.
+        max_steps: the most steps the plan may grow to (the longest run of its geometry, at most `MAX_GROWTH` x
+            `planned_steps`); None: `planned_steps`.
     """
 
     planned_steps: int
@@ -293,6 +321,7 @@ class BudgetPlan:
     seconds_per_step: float | None = None
     training_seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    max_steps: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,14 +332,10 @@ class BudgetPlan:
         return cls(**{key: value for key, value in values.items() if key in names})
 
     def planning_record(self) -> dict:
-        """What planning found, for `msn_recipe.json`: budget, planned steps, seconds per step measured."""
-        return dict(budget_seconds=self.budget_seconds, planned_steps=self.planned_steps,
+        """What planning found, for `msn_recipe.json`: budget, planned steps (and how far they may grow), seconds
+        per step measured."""
+        return dict(budget_seconds=self.budget_seconds, planned_steps=self.planned_steps, max_steps=self.max_steps,
                     seconds_per_step=self.seconds_per_step, timings=self.timings)  # fmt: skip
-
-    @property
-    def plan_completed(self) -> float:
-        """The fraction of the first plan's steps that the plan now runs."""
-        return self.total_steps / self.planned_steps
 
     def results(self, completed_steps: int) -> dict:
         """What `train_results.json` reports of the plan: training time, and with a budget how much of it ran."""
@@ -319,6 +344,7 @@ class BudgetPlan:
             results.update(
                 budget_seconds=self.budget_seconds,
                 planned_steps=self.planned_steps,
+                max_steps=self.max_steps,
                 warmup_steps=self.warmup_steps,
                 seconds_per_step=self.seconds_per_step,
                 plan_completed=completed_steps / self.planned_steps,
@@ -328,7 +354,7 @@ class BudgetPlan:
     def summary(self, completed_steps: int, global_batch: int) -> str:
         """The plan as it ran, in one line: steps planned and run, training time, images/s, budget used."""
         line = (
-            f"Plan: {completed_steps:,} steps run of {self.planned_steps:,} planned, "
+            f"Plan as run: {completed_steps:,} steps of {self.planned_steps:,} planned, "
             f"{format_duration(self.training_seconds)} of training from the first step, "
             f"{completed_steps * global_batch / max(self.training_seconds, 1e-9):,.0f} images/s"
         )
@@ -387,12 +413,11 @@ def saved_plan(resume_from_checkpoint: str | None, output_dir: str | Path) -> Bu
 # --- keeping to it -------------------------------------------------------------------------------------------------
 
 
-def shrink_schedules(schedules: MSNSchedules, total_steps: int, completed_steps: int) -> None:
+def relay_schedules(schedules: MSNSchedules, total_steps: int, completed_steps: int) -> None:
     """
     Lay `schedules` over `total_steps` instead of its total (cosine, weight decay and EMA momentum follow, being laid
-    over `stretch x total_steps`). A warmup already done stays as it was; one in progress is shortened in
-    proportion, but not below the steps already taken (the learning rate then reaches its peak at once rather than
-    skipping it).
+    over `stretch x total_steps`). A warmup already done stays as it was; one in progress changes in proportion, but
+    not below the steps already taken (the learning rate then reaches its peak at once rather than skipping it).
     """
     if schedules.warmup_steps > completed_steps:
         proportional = round(schedules.warmup_steps * total_steps / schedules.total_steps)
@@ -409,7 +434,9 @@ class BudgetKeeper:
     largest elapsed time and recent seconds per step (the median of the last steps: neither the first step, which
     pays for the model's first pass, nor a checkpoint's pause count as a trend; `MIN_PACE_STEPS` are needed) over all
     processes; when `elapsed + remaining steps x that` exceeds the budget, the total shrinks to the steps that fit
-    (`shrink_schedules`), so that the schedules end when the budget does.
+    (`relay_schedules`), so that the schedules end when the budget does. A plan grows the same way when it would end
+    well before the budget (`GROW_SLACK`: the timed steps were slower than the run's), up to `plan.max_steps`, the
+    longest run whose model is the planned one.
 
     Args:
         accelerator: the run's Accelerator (one reduce per check).
@@ -444,37 +471,41 @@ class BudgetKeeper:
         return self.spent_before + time.perf_counter() - self.start
 
     def after_step(self, state) -> bool:
-        """Count a step that was taken; returns whether the plan shrank (the schedules then have a new total)."""
+        """Count a step that was taken; returns whether the plan changed (the schedules then have a new total)."""
         now = time.perf_counter()
         if state.completed_steps > self.steps_before + 1:
             self.durations.append(now - self.last)
         self.last = now
         plan, completed = self.plan, state.completed_steps
         plan.training_seconds = self.elapsed
-        shrunk = False
         paced = len(self.durations) >= MIN_PACE_STEPS
         if plan.budget_seconds is not None and paced and completed % self.check_every == 0 and completed < plan.total_steps:
-            shrunk = self._check(completed)
-        state.plan = plan.to_dict()
-        return shrunk
+            if self._check(completed):
+                state.plan = plan.to_dict()
+                return True
+        state.plan["training_seconds"] = plan.training_seconds  # each step: the plan itself did not change
+        return False
 
     def _check(self, completed: int) -> bool:
         measured = torch.tensor([self.elapsed, statistics.median(self.durations)], device=self.accelerator.device)
         elapsed, seconds = self.accelerator.reduce(measured, "max").tolist()
         plan = self.plan
         remaining = plan.total_steps - completed
-        if elapsed + remaining * seconds <= plan.budget_seconds:
+        projected = elapsed + remaining * seconds
+        overshoots = projected > plan.budget_seconds
+        most = plan.max_steps or plan.planned_steps
+        if not overshoots and (plan.total_steps >= most or projected * GROW_SLACK > plan.budget_seconds):
             return False
         fit = max(0, math.floor((plan.budget_seconds - elapsed) / (seconds * SHRINK_MARGIN)))
-        total = completed + min(fit, remaining)
-        if total >= plan.total_steps:
+        total = min(completed + fit, most)
+        if total == plan.total_steps or (overshoots and total > plan.total_steps):
             return False
         logger.info(
             f"Steps take {seconds:.3g} s (planned {plan.seconds_per_step:.3g} s) and {format_duration(elapsed)} of "
-            f"{format_duration(plan.budget_seconds)} have gone: the plan shrinks from {plan.total_steps:,} to "
-            f"{total:,} steps, its schedules laid over them, so that it ends at the budget."
+            f"{format_duration(plan.budget_seconds)} have gone: the plan {'shrinks' if overshoots else 'grows'} "
+            f"from {plan.total_steps:,} to {total:,} steps, its schedules laid over them, so that it ends at the budget."
         )
-        shrink_schedules(self.schedules, total, completed)
+        relay_schedules(self.schedules, total, completed)
         plan.total_steps, plan.warmup_steps = total, self.schedules.warmup_steps
         return True
 

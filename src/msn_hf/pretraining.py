@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, HfArgumentParser
 
 from .budget import (
+    MAX_GROWTH,
     MIN_PLANNED_STEPS,
     BudgetKeeper,
     BudgetPlan,
@@ -41,6 +42,7 @@ from .budget import (
     estimate_line,
     format_duration,
     geometry_key,
+    longest_with_geometry,
     parse_duration,
     plan_steps,
     recipe_cost,
@@ -780,9 +782,11 @@ def plan_run_length(
             f"schedules need at least {MIN_PLANNED_STEPS}: give a longer budget, got {args.max_train_time!r}."
         )
     args.max_train_steps = steps
+    # The plan may grow (steps faster than timed) as long as the auto rule would pick the same model.
+    most = longest_with_geometry(steps, lambda n: geometry_key(recipe_for(n)), MAX_GROWTH * steps)
     # Timings by the run length whose geometry was timed.
     return BudgetPlan(steps, steps, budget_seconds=budget_seconds, seconds_per_step=seconds,
-                      timings={str(key): value for key, value in timings.items()})  # fmt: skip
+                      timings={str(key): value for key, value in timings.items()}, max_steps=most)  # fmt: skip
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
@@ -1118,7 +1122,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
                 if state.completed_steps == steps_before:
                     continue
                 progress.update(1)
-                if keeper.after_step(state):  # an overshoot shrank the plan
+                if keeper.after_step(state):  # the pace moved the plan's end
                     progress.total = schedules.total_steps
                 if state.completed_steps % args.logging_steps == 0 or state.completed_steps == schedules.total_steps:
                     record = metrics.log_step(output, state, schedules)
