@@ -318,9 +318,9 @@ def test_an_unbounded_run_on_the_users_images_is_estimated_before_its_first_step
     printed = capsys.readouterr().out
     # No length given: 800 epochs (the ImageNet recipe's) of 2 steps of 16 images.
     assert "Estimated training time: 1,600 steps (800 epochs)" in printed
-    for given in (["--num_train_epochs", "3"], ["--max_train_steps", "3"]):
-        with pytest.raises(FirstStep):
-            pt.main([*args, *given, "--train_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / "b")])
+    for i, given in enumerate((["--num_train_epochs", "3"], ["--max_train_steps", "3"])):
+        with pytest.raises(FirstStep):  # a folder each: the first run's files would make the second one's refused
+            pt.main([*args, *given, "--train_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / f"b{i}")])
         assert "Estimated training time" not in capsys.readouterr().out
 
 
