@@ -21,7 +21,7 @@ from .image_processing_msn import MSNImageProcessor
 from .modelcard import CARD_FACTS_FILE, LOSS_CURVE_FILE
 from .modeling_msn import MSNModel
 from .recipe import RECIPE_FILE
-from .sources import source_name
+from .sources import first_line, source_name
 
 METRICS_FILE = "metrics.jsonl"
 # Every entry a run writes into its --output_dir (names and glob patterns), and nothing else: --overwrite_output_dir
@@ -124,11 +124,6 @@ class UploadError(RuntimeError):
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "*.tmp", "runs/*", ".final/*"]
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def check_hub_access(repo_id: str, token: str | None = None, private: bool = False) -> str:
     """
     Check, before a run trains, that `--push_to_hub` can upload at its end: the Hub is reachable, the token (`token`,
@@ -154,14 +149,14 @@ def check_hub_access(repo_id: str, token: str | None = None, private: bool = Fal
         ) from error
     except Exception as error:  # an invalid token (401), no network: the run could not upload at its end either
         raise ValueError(
-            f"--push_to_hub could not check --hub_token with the Hub ({_first_line(error)}): pass a valid token with "
+            f"--push_to_hub could not check --hub_token with the Hub ({first_line(error)}): pass a valid token with "
             "write access, or train without --push_to_hub and upload the folder afterwards with `hf upload`."
         ) from error
     try:
         return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     except Exception as error:
         raise ValueError(
-            f"--hub_model_id {repo_id!r} cannot be created or written by {user!r} ({_first_line(error)}): choose a "
+            f"--hub_model_id {repo_id!r} cannot be created or written by {user!r} ({first_line(error)}): choose a "
             "repository in a namespace this token can write to."
         ) from error
 
@@ -189,7 +184,7 @@ def push_to_hub(output_dir: Path, repo_id: str, token: str | None = None, privat
         )
     except Exception as error:
         raise UploadError(
-            f"the upload to {repo_id} failed ({_first_line(error)}); the model is saved in {output_dir}: upload it "
+            f"the upload to {repo_id} failed ({first_line(error)}); the model is saved in {output_dir}: upload it "
             f"with `{_upload_command(repo_id, output_dir)}`"
         ) from error
 

@@ -36,9 +36,14 @@ def check_model_source(value: str, flag: str = "--model_name_or_path") -> None:
     try:
         hf_hub_download(repo_id=value, filename="config.json")
     except Exception as error:  # offline, unknown repository, invalid id, gated: all mean "cannot load this id"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(
             f"{flag} {value!r} is not a folder here ({path.absolute()} does not exist), so it was read as a Hub "
             f"model id, which could not be loaded: {reason}"
         ) from error
 
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its class name when it has none): what a one-line error quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
