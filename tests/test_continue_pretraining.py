@@ -68,6 +68,14 @@ def test_weights_make_continue_the_default_and_typed_learning_rates_still_win(tm
         pt.parse_args(["--model_name_or_path", str(tmp_path / "msn"), "--recipe", "auto"])
 
 
+@pytest.mark.parametrize("flag, value", [("--backbone", "vit_small_patch16_224"), ("--backbone_kwargs", '{"depth": 2}')])
+def test_a_backbone_flag_beside_weights_is_refused_not_ignored(tmp_path, flag, value):
+    MSNModel(tiny_config()).save_pretrained(tmp_path / "msn")
+    with pytest.raises(ValueError, match=f"{flag} must be unset with --model_name_or_path"):
+        pt.parse_args(["--model_name_or_path", str(tmp_path / "msn"), flag, value])
+    assert pt.parse_args([flag, value])[0].model_name_or_path is None  # alone, the flag stays a from-scratch choice
+
+
 # --- continued pretraining, end to end ------------------------------------------------------------------------
 
 

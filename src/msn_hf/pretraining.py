@@ -294,6 +294,9 @@ class PretrainingArguments:
                 "given without --recipe auto/imagenet, --recipe_file or --backbone_pretrained (its weights are the model)",
                 self.model_name_or_path,
             )
+        for flag in ("backbone", "backbone_kwargs"):
+            if self.model_name_or_path and getattr(self, flag):
+                fail(flag, "unset with --model_name_or_path (the weights fix the backbone)", getattr(self, flag))
         if self.recipe == "continue" and not (self.model_name_or_path or self.backbone_pretrained):
             fail("recipe", "'continue' only with weights to start from (--model_name_or_path or --backbone_pretrained)", self.recipe)
         # Unset learning rates are the recipe's: a quarter of the from-scratch ones when continuing from weights.
