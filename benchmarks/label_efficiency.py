@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "dstripes", "checker", "dots")
 DATASETS = ("digits", "shapes", "photos")
-SHOTS = (1, 5, 10)
+SHOTS = (1, 2, 5, 10)
 
 
 # --------------------------------------------------------------------------------------------------- data sets
@@ -152,6 +152,17 @@ def pretrain(flags: list[str], extra: list[str], output_dir: Path, budget: str, 
     return dict(steps=results.get("completed_steps"), process_seconds=round(seconds, 1))
 
 
+def seed_run(flags: list[str], extra: list[str], folder: Path, budget: str, seed: int) -> dict:
+    """One pretraining seed and its evaluation; a seed whose `seed.json` exists is read back, not run again."""
+    record_file = folder / "seed.json"
+    if record_file.exists():
+        return json.loads(record_file.read_text())
+    facts = pretrain(flags, extra, folder, budget, seed)
+    entry = dict(**facts, seed=seed, accuracy=summary(evaluate(flags, folder, folder / "eval.json")))
+    record_file.write_text(json.dumps(entry, indent=2))
+    return entry
+
+
 def evaluate(flags: list[str], model: Path, output_file: Path) -> dict:
     run([sys.executable, "-m", "msn_hf.evaluation", "--model_name_or_path", str(model), *flags, "--no_progress",
          "--no_pictures", "--output_file", str(output_file)])  # fmt: skip
@@ -162,7 +173,11 @@ def summary(evaluation: dict) -> dict:
     """`{encoder: {"1-shot": %, "5-shot": %, "10-shot": %, "knn": %}}`."""
     table = {}
     for encoder, values in evaluation["encoders"].items():
-        row = {f"{k}-shot": 100 * values["logistic"][f"{k}-shot"]["mean"] for k in SHOTS if f"{k}-shot" in values["logistic"]}
+        row = {
+            f"{k}-shot": 100 * values["logistic"][f"{k}-shot"]["mean"]
+            for k in SHOTS
+            if f"{k}-shot" in values["logistic"]
+        }
         row["knn"] = 100 * values["knn"]
         table[encoder] = row
     return table
@@ -175,8 +190,14 @@ def format_table(results: dict) -> str:
     for key, entry in results.items():
         dataset, budget, name = key.split("/")
         for encoder, row in entry["accuracy"].items():
-            cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
-            lines.append(f"| {dataset} | {budget} | {name} | {entry.get('steps', '-')} | {encoder} | " + " | ".join(cells) + " |")
+            spread = entry.get("spread", {}).get(encoder, {})
+            cells = [(f"{row[c]:.1f}" + (f" ± {spread[c]:.1f}" if spread.get(c) else "")) if c in row else "-"
+                     for c in columns]  # fmt: skip
+            lines.append(
+                f"| {dataset} | {budget} | {name} | {entry.get('steps', '-')} | {encoder} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -193,7 +214,7 @@ def plot(results: dict, path: Path) -> None:
         runs = sorted(((seconds_of(key.split("/")[1]), entry) for key, entry in results.items()
                        if key.startswith(dataset + "/") and key.endswith("/auto")), key=lambda item: item[0])  # fmt: skip
         for encoder, style in styles.items():
-            for column, colour in zip(columns, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            for column, colour in zip(columns, ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red")):
                 points = [(budget / 60, entry["accuracy"][encoder][column]) for budget, entry in runs
                           if encoder in entry["accuracy"] and column in entry["accuracy"][encoder]]  # fmt: skip
                 if points:
@@ -242,23 +263,27 @@ def main(argv=None) -> dict:
         for name, extra in (("from-" + source, ["--model_name_or_path", str(start)]), ("scratch", [])):
             folder = output / f"continued-{target}" / name
             facts = pretrain(target_flags, extra, folder, budget, args.seeds[0])
-            record(f"{target}/{budget}/{name}", dict(**facts, accuracy=summary(evaluate(target_flags, folder, folder / "eval.json"))))
-        record(f"{target}/0s/{source}-weights-as-they-are",
-               dict(accuracy=summary(evaluate(target_flags, start, output / f"continued-{target}" / "start-eval.json"))))
+            record(
+                f"{target}/{budget}/{name}",
+                dict(**facts, accuracy=summary(evaluate(target_flags, folder, folder / "eval.json"))),
+            )
+        record(
+            f"{target}/0s/{source}-weights-as-they-are",
+            dict(accuracy=summary(evaluate(target_flags, start, output / f"continued-{target}" / "start-eval.json"))),
+        )
     else:
         for dataset in args.datasets:
             flags = data_flags(dataset, output)
             for budget in args.budgets:
                 for name, extra in variants:
-                    runs = []
-                    for seed in args.seeds:
-                        folder = output / dataset / budget / name / f"seed{seed}"
-                        facts = pretrain(flags, shlex.split(extra), folder, budget, seed)
-                        runs.append((facts, summary(evaluate(flags, folder, folder / "eval.json"))))
-                    accuracy = {encoder: {column: float(np.mean([r[1][encoder][column] for r in runs]))
-                                          for column in runs[0][1][encoder]} for encoder in runs[0][1]}  # fmt: skip
-                    record(f"{dataset}/{budget}/{name}", dict(steps=runs[0][0]["steps"], seeds=args.seeds,
-                                                              accuracy=accuracy, flags=extra))  # fmt: skip
+                    runs = [seed_run(flags, shlex.split(extra), output / dataset / budget / name / f"seed{seed}", budget, seed)
+                            for seed in args.seeds]  # fmt: skip
+                    accuracy = {encoder: {column: float(np.mean([r["accuracy"][encoder][column] for r in runs]))
+                                          for column in runs[0]["accuracy"][encoder]} for encoder in runs[0]["accuracy"]}  # fmt: skip
+                    spread = {encoder: {column: float(np.std([r["accuracy"][encoder][column] for r in runs]))
+                                        for column in runs[0]["accuracy"][encoder]} for encoder in runs[0]["accuracy"]}  # fmt: skip
+                    record(f"{dataset}/{budget}/{name}", dict(steps=runs[0]["steps"], seeds=args.seeds, accuracy=accuracy,
+                                                              spread=spread, runs=runs, flags=extra))  # fmt: skip
         plot(results, output / "label_efficiency.png")
     print(format_table(results))
     return results

@@ -183,17 +183,57 @@ def test_the_planner_picks_the_longest_run_that_fits_like_a_plain_scan():
     grown = recipe(steps)
     assert grown["config"]["image_size"] // grown["backbone_kwargs"]["patch_size"] > 4  # past the shortest runs' model
 
-    # How far a plan may grow: as long as the rule picks the same model (a scan), at most to the limit given.
-    geometry = lambda n: budget.geometry_key(recipe(n))  # noqa: E731
-    for start in (1000, 1600, steps):
-        same = start
-        while same < 2 * start and geometry(same + 1) == geometry(start):
-            same += 1
-        assert budget.longest_with_geometry(start, geometry, 2 * start) == same
-    assert budget.longest_with_geometry(100, lambda n: None, 200) == 200
-
     # Not even one step fits: no run.
     assert budget.plan_steps(0.1, lambda n: 0.5)[0] == 0
+
+
+def test_the_model_of_the_longest_fitting_run_then_fills_the_whole_budget(tmp_path, monkeypatch):
+    # The built-in digits under the auto rule, each geometry timed in proportion to its compute (the 4 x 4 model at
+    # 0.18 s a step, as on 2 quiet cores). The next model up costs ~1.5x a step, so the longest run that fits with
+    # its own model can leave much of the budget unused: the plan keeps that model and fills the budget with it.
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    args, data_args = pt.parse_args(["--max_train_time", "30m", "--output_dir", str(tmp_path / "run")])
+    train_data = pt.build_train_data(data_args, args, accelerator)
+    scale = 0.18 / step_cost(pt.choose_recipe(args, data_args, train_data))  # max_train_steps unset: the default run
+    fake = lambda recipe: scale * step_cost(recipe)  # noqa: E731
+    monkeypatch.setattr(pt, "measure_seconds_per_step", lambda args, data_args, train_data, accelerator, recipe: fake(recipe))
+
+    def recipe_for(steps: int) -> dict:
+        candidate = pt.parse_args(["--max_train_steps", str(steps), "--output_dir", str(tmp_path / "run")])[0]
+        return pt.choose_recipe(candidate, data_args, train_data)
+
+    plan = pt.plan_run_length(args, data_args, train_data, accelerator)
+    model = pt.choose_recipe(args, data_args, train_data)
+    seconds = fake(model)
+    # The model is the auto rule's for the longest run that fits with its own model (a plain scan) ...
+    assert plan.model_steps == args.max_train_steps == longest_fitting_run(1800.0, lambda n: fake(recipe_for(n)), 12_000)
+    assert budget.geometry_key(model) == budget.geometry_key(recipe_for(plan.model_steps))
+    # ... the next model up would not fit the budget, and the plan runs this one for all of it.
+    assert (plan.model_steps + 1) * fake(recipe_for(plan.model_steps + 1)) > 1800.0
+    assert plan.planned_steps == plan.total_steps == math.floor(1800.0 / seconds) > 1.2 * plan.model_steps
+    assert plan.max_steps >= plan.planned_steps
+
+    # A resumed run gets the same model back from its saved plan, and the plan's length.
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text(json.dumps({"plan": plan.to_dict()}))
+    resumed, _ = pt.parse_args(["--max_train_time", "30m", "--output_dir", str(tmp_path / "run"),
+                                "--resume_from_checkpoint", str(checkpoint)])  # fmt: skip
+    assert pt.plan_run_length(resumed, data_args, train_data, accelerator) == plan
+    assert resumed.max_train_steps == plan.model_steps
+
+
+def test_the_clock_lays_a_plan_longer_than_its_model_with_the_warmup_in_proportion():
+    from accelerate import Accelerator
+
+    from msn_hf.checkpointing import TrainingState
+
+    schedules = MSNSchedules(total_steps=1000, warmup_steps=50)  # the recipe's: 5 % of the model's run length
+    plan = budget.BudgetPlan(1500, 1500, budget_seconds=60.0, seconds_per_step=0.04, model_steps=1000)
+    budget.BudgetKeeper(Accelerator(cpu=True), schedules, plan, TrainingState())
+    assert (schedules.total_steps, schedules.warmup_steps, plan.warmup_steps) == (1500, 75, 75)
 
 
 def test_a_plan_laid_again_moves_the_schedules_to_the_new_total_and_keeps_a_finished_warmup():
@@ -230,7 +270,7 @@ def test_a_budget_run_ends_within_its_budget_with_its_whole_schedule_and_the_mod
     assert clock.loop_seconds(steps) <= results["training_seconds"] <= BUDGET * TOLERANCE
     assert results["training_seconds"] > 0.25 * BUDGET  # the budget was used, not skipped
     assert results["budget_seconds"] == BUDGET and steps >= budget.MIN_PLANNED_STEPS
-    # A plan never ends before the step logged, nor grows past the longest run of its model.
+    # A plan never ends before the step logged, nor grows past its limit.
     assert all(m["step"] <= m["planned_steps"] <= results["max_steps"] for m in metrics)
     plan = json.loads((out / "msn_recipe.json").read_text())["plan"]
     assert (plan["budget_seconds"], plan["planned_steps"]) == (BUDGET, results["planned_steps"])

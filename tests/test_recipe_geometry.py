@@ -66,8 +66,10 @@ def test_target_grid_and_model_follow_their_change_points():
         assert target_grid(seen) == grid_of(recipe) == grown("grid", seen), seen
         assert recipe["backbone_kwargs"]["depth"] == grown("depth", seen), seen
         assert recipe["backbone_kwargs"]["embed_dim"] == grown("embed_dim", seen), seen
-    # The documented anchors: 4 x 4 up to 100,000 images seen, 8 x 8 at 200,000, the paper's 14 x 14 from 500,000.
-    assert [target_grid(n) for n in (99_999, 100_000, 200_000, 499_999, 500_000, 10**9)] == [4, 4, 8, 13, 14, 14]
+    # The documented anchors: 4 x 4 up to 400,000 images seen, 8 x 8 at 800,000, the paper's 14 x 14 from 2 million.
+    assert [target_grid(n) for n in (399_999, 400_000, 475_000, 800_000, 1_999_999, 2_000_000, 10**9)] == [
+        4, 4, 4, 8, 13, 14, 14,
+    ]  # fmt: skip
 
 
 def test_digits_default_keeps_the_first_anchor():

@@ -7,13 +7,13 @@ Wall-clock budgets: a run sized to the time it is given (`msn-pretrain --max_tra
   every process.
 - `plan_steps`: the longest run N such that N x the seconds per step of its own geometry fits the budget (the auto
   rule's model grows with N): a bisection over log N, the timings memoised per geometry, at most four geometries
-  timed and the others predicted from a compute proxy (`recipe.step_cost`).
+  timed and the others predicted from a compute proxy (`recipe.step_cost`). The run then keeps the model of those N
+  steps for the whole budget (the next model up does not fit, and stopping early would waste the rest).
 - `BudgetPlan`: how long a run is and how far it has come; saved with every checkpoint, so that a resumed run
   continues its plan without timing anything again, on the budget that is left.
 - `BudgetKeeper`: the clock of the Accelerate loop. Every few steps it projects the end (elapsed + remaining steps x
   recent seconds per step, slowest process); a run that would overshoot shrinks its planned total so that its
-  schedules still finish, at the budget; a run faster than timed grows it, up to the longest run of the planned
-  geometry (`longest_with_geometry`).
+  schedules still finish, at the budget; a run faster than timed grows it, up to `MAX_GROWTH` times its plan.
 - `MSNTimeBudgetCallback`: the clock of `MSNTrainer`: it stops training before a step would end past the budget.
 """
 
@@ -274,25 +274,6 @@ def plan_steps(
     return steps, seconds(steps, False), measured
 
 
-def longest_with_geometry(steps: int, geometry: Callable[[int], Hashable], limit: int) -> int:
-    """
-    The longest run, from `steps` up to `limit`, that gets the geometry of a run of `steps` (the geometry grows with
-    the run length, so the runs that share it are one interval): how far a plan may grow without its model being
-    the wrong one for its length.
-    """
-    key = geometry(steps)
-    if geometry(limit) == key:
-        return limit
-    same, other = steps, limit
-    while other - same > 1:
-        middle = (same + other) // 2
-        if geometry(middle) == key:
-            same = middle
-        else:
-            other = middle
-    return same
-
-
 @dataclass
 class BudgetPlan:
     """
@@ -300,7 +281,7 @@ class BudgetPlan:
     run continues it.
 
     Attributes:
-        planned_steps: optimiser steps of the first plan (the run length the model was chosen for).
+        planned_steps: optimiser steps of the first plan.
         total_steps: steps of the plan now: fewer than `planned_steps` once an overshoot shrank it, more once a run
             faster than timed grew it.
         warmup_steps: the learning-rate warmup of the plan now (None until the schedules are laid).
@@ -310,8 +291,11 @@ class BudgetPlan:
         training_seconds: time spent training so far, from the first step, the parts before a resume included (the
             part after the last checkpoint of an interrupted run is lost with it).
         timings: seconds per step of each geometry timed while planning.
-        max_steps: the most steps the plan may grow to (the longest run of its geometry, at most `MAX_GROWTH` x
-            `planned_steps`); None: `planned_steps`.
+        max_steps: the most steps the plan may grow to (`MAX_GROWTH` x `planned_steps` with a budget); None:
+            `planned_steps`.
+        model_steps: the run length the model was chosen for (the auto rule's model grows with it): the longest run
+            that fits the budget with its own model, which the plan then keeps for the whole budget; None:
+            `planned_steps`. A resumed run builds its recipe for it again.
     """
 
     planned_steps: int
@@ -322,6 +306,7 @@ class BudgetPlan:
     training_seconds: float = 0.0
     timings: dict = field(default_factory=dict)
     max_steps: int | None = None
+    model_steps: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -335,7 +320,7 @@ class BudgetPlan:
         """What planning found, for `msn_recipe.json`: budget, planned steps (and how far they may grow), seconds
         per step measured."""
         return dict(budget_seconds=self.budget_seconds, planned_steps=self.planned_steps, max_steps=self.max_steps,
-                    seconds_per_step=self.seconds_per_step, timings=self.timings)  # fmt: skip
+                    model_steps=self.model_steps, seconds_per_step=self.seconds_per_step, timings=self.timings)  # fmt: skip
 
     def results(self, completed_steps: int) -> dict:
         """What `train_results.json` reports of the plan: training time, and with a budget how much of it ran."""
@@ -435,8 +420,8 @@ class BudgetKeeper:
     pays for the model's first pass, nor a checkpoint's pause count as a trend; `MIN_PACE_STEPS` are needed) over all
     processes; when `elapsed + remaining steps x that` exceeds the budget, the total shrinks to the steps that fit
     (`relay_schedules`), so that the schedules end when the budget does. A plan grows the same way when it would end
-    well before the budget (`GROW_SLACK`: the timed steps were slower than the run's), up to `plan.max_steps`, the
-    longest run whose model is the planned one.
+    well before the budget (`GROW_SLACK`: the timed steps were slower than the run's), up to `plan.max_steps`. A new
+    plan longer than its model's run (`plan.model_steps`) stretches the recipe's warmup in proportion.
 
     Args:
         accelerator: the run's Accelerator (one reduce per check).
@@ -450,7 +435,8 @@ class BudgetKeeper:
         if plan is None:
             spent = BudgetPlan.from_dict(state.plan).training_seconds if state.plan else 0.0
             plan = BudgetPlan(schedules.total_steps, schedules.total_steps, training_seconds=spent)
-        if plan.warmup_steps is None:
+        if plan.warmup_steps is None:  # a new plan: the recipe's warmup is a fraction of the model's run length
+            relay_schedules(schedules, plan.total_steps, state.completed_steps)
             plan.warmup_steps = schedules.warmup_steps
         schedules.total_steps, schedules.warmup_steps = plan.total_steps, plan.warmup_steps
         self.plan = plan

@@ -42,7 +42,6 @@ from .budget import (
     estimate_line,
     format_duration,
     geometry_key,
-    longest_with_geometry,
     parse_duration,
     plan_steps,
     recipe_cost,
@@ -735,8 +734,9 @@ def plan_run_length(
     """
     The length of the run, settled before its model is built. With `--max_train_time`: the plan saved with the
     checkpoint a resumed run starts from (nothing is timed again), or a new plan: the longest run whose steps fit the
-    budget (`budget.plan_steps`), each candidate geometry of the recipe (the auto rule's model grows with the run)
-    timed by `measure_seconds_per_step`. The plan's steps become `--max_train_steps`. Without any length flag, a new
+    budget with its own model (`budget.plan_steps`), each candidate geometry of the recipe (the auto rule's model grows
+    with the run) timed by `measure_seconds_per_step`; that run length becomes `--max_train_steps`, from which the
+    recipe builds the model, and the plan runs the model for as many steps as fill the budget. Without any length flag, a new
     run on the user's data has its duration estimated and printed. Returns the budget plan, or None.
     """
     saved = saved_plan(args.resume_from_checkpoint, args.output_dir)
@@ -746,7 +746,7 @@ def plan_run_length(
                 f"--max_train_time {args.max_train_time}: the resumed run keeps its plan's budget, "
                 f"{format_duration(saved.budget_seconds)}."
             )
-        args.max_train_steps = saved.planned_steps
+        args.max_train_steps = saved.model_steps or saved.planned_steps
         return saved
     if saved is not None and args.max_train_time is not None:
         raise ValueError(
@@ -784,12 +784,14 @@ def plan_run_length(
             f"--max_train_time {args.max_train_time} fits {steps} steps of {seconds:.3g} s on this machine; the "
             f"schedules need at least {MIN_PLANNED_STEPS}: give a longer budget, got {args.max_train_time!r}."
         )
-    args.max_train_steps = steps
-    # The plan may grow (steps faster than timed) as long as the auto rule would pick the same model.
-    most = longest_with_geometry(steps, lambda n: geometry_key(recipe_for(n)), MAX_GROWTH * steps)
+    args.max_train_steps = steps  # the recipe's model is the one of this run length
+    # The next model up does not fit: this one trains for the whole budget rather than stop short of it. At equal
+    # time, more steps of a cheaper model won every comparison measured (benchmarks/RESULTS.md).
+    planned = max(steps, math.floor(budget_seconds / seconds))
     # Timings by the run length whose geometry was timed.
-    return BudgetPlan(steps, steps, budget_seconds=budget_seconds, seconds_per_step=seconds,
-                      timings={str(key): value for key, value in timings.items()}, max_steps=most)  # fmt: skip
+    return BudgetPlan(planned, planned, budget_seconds=budget_seconds, seconds_per_step=seconds,
+                      timings={str(key): value for key, value in timings.items()}, max_steps=MAX_GROWTH * planned,
+                      model_steps=steps)  # fmt: skip
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
