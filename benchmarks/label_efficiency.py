@@ -191,13 +191,11 @@ def format_table(results: dict) -> str:
         dataset, budget, name = key.split("/")
         for encoder, row in entry["accuracy"].items():
             spread = entry.get("spread", {}).get(encoder, {})
-            cells = [(f"{row[c]:.1f}" + (f" ± {spread[c]:.1f}" if spread.get(c) else "")) if c in row else "-"
+            # The spread is over pretraining seeds: a baseline's is zero (its features do not depend on them).
+            cells = [(f"{row[c]:.1f}" + (f" ± {spread[c]:.1f}" if spread.get(c, 0) >= 0.05 else "")) if c in row else "-"
                      for c in columns]  # fmt: skip
-            lines.append(
-                f"| {dataset} | {budget} | {name} | {entry.get('steps', '-')} | {encoder} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            steps = "/".join(str(run["steps"]) for run in entry["runs"]) if "runs" in entry else entry.get("steps", "-")
+            lines.append(f"| {dataset} | {budget} | {name} | {steps} | {encoder} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -225,6 +223,31 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(dataset)
         ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def plot_continued(results: dict, target: str, path: Path) -> None:
+    """Accuracy on `target` (1/2/5/10 shots, kNN) of each start of a continued-pretraining comparison, as grouped
+    bars of the MSN encoder, with the raw-pixel and random-encoder baselines of the same evaluation as lines."""
+    from matplotlib.figure import Figure
+
+    columns = [*(f"{k}-shot" for k in SHOTS), "knn"]
+    runs = [(key.split("/", 1)[1], entry["accuracy"]) for key, entry in results.items() if key.startswith(target + "/")]
+    figure = Figure(figsize=(8, 4))
+    ax = figure.subplots()
+    width = 0.8 / len(runs)
+    for i, (name, accuracy) in enumerate(runs):
+        ax.bar([c + i * width for c in range(len(columns))], [accuracy["msn"][c] for c in columns], width, label=name)
+    baselines = runs[0][1]
+    for encoder, style in (("pixels", "--"), ("random", ":")):
+        for c, column in enumerate(columns):
+            ax.plot([c - width / 2, c + 0.8 - width / 2], [baselines[encoder][column]] * 2, style, color="black",
+                    label=encoder if c == 0 else None)  # fmt: skip
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(columns))], columns)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{target}: continued pretraining against scratch at equal time")
+    ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -271,6 +294,7 @@ def main(argv=None) -> dict:
             f"{target}/0s/{source}-weights-as-they-are",
             dict(accuracy=summary(evaluate(target_flags, start, output / f"continued-{target}" / "start-eval.json"))),
         )
+        plot_continued(results, target, output / "continued.png")
     else:
         for dataset in args.datasets:
             flags = data_flags(dataset, output)
