@@ -200,9 +200,8 @@ def test_the_model_of_the_longest_fitting_run_then_fills_the_whole_budget(tmp_pa
     fake = lambda recipe: scale * step_cost(recipe)  # noqa: E731
     monkeypatch.setattr(pt, "measure_seconds_per_step", lambda args, data_args, train_data, accelerator, recipe: fake(recipe))
 
-    def recipe_for(steps: int) -> dict:
-        candidate = pt.parse_args(["--max_train_steps", str(steps), "--output_dir", str(tmp_path / "run")])[0]
-        return pt.choose_recipe(candidate, data_args, train_data)
+    def recipe_for(steps: int) -> dict:  # the digits: 32 px grey images, batch 64
+        return auto_recipe(32, True, len(train_data.dataset), 64, steps)
 
     plan = pt.plan_run_length(args, data_args, train_data, accelerator)
     model = pt.choose_recipe(args, data_args, train_data)
