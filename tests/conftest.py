@@ -38,6 +38,23 @@ def tiny_config(**overrides):
     return MSNConfig(**values)
 
 
+def one_process_reference(inputs: dict) -> dict:
+    """Loss, me-max, target probabilities and gradients of one seeded, unmasked tiny model on the whole batch: what
+    several processes, each on a part of that batch, must reproduce together."""
+    from msn_hf import MSNModel
+
+    torch.manual_seed(0)
+    model = MSNModel(tiny_config(mask_ratio=0.0, projection_batch_norm=False)).train()
+    output = model(**inputs)
+    output.loss.backward()
+    return dict(
+        loss=output.loss.detach(),
+        me_max_loss=output.me_max_loss.detach(),
+        target_probs=output.target_probs,
+        grads={name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+    )
+
+
 @pytest.fixture
 def config():
     return tiny_config()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel
 
-from conftest import tiny_config
+from conftest import one_process_reference, tiny_config
 from msn_hf import MSNConfig, MSNModel, MSNModelOutput
 
 
@@ -389,15 +389,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch():
     from accelerate import debug_launcher
 
     inputs = views(batch_size=8, num_anchor=1, num_focal=2)
-    torch.manual_seed(0)
-    model = MSNModel(tiny_config(mask_ratio=0.0, projection_batch_norm=False)).train()
-    output = model(**inputs)
-    output.loss.backward()
-    reference = dict(
-        loss=output.loss.detach(),
-        target_probs=output.target_probs,
-        grads={name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
-    )
+    reference = one_process_reference(inputs)
     debug_launcher(_two_process_check, args=(inputs, reference), num_processes=2)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import TINY_MODEL_ARGS, tiny_config
+from conftest import TINY_MODEL_ARGS, one_process_reference, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel, checkpointing, training
 from msn_hf import pretraining as pt
 from msn_hf.data import load_digits_dataset
@@ -171,16 +171,7 @@ def test_two_processes_with_unequal_batches_match_one_process_on_the_concatenate
     from accelerate import debug_launcher
 
     inputs = random_views(8)
-    torch.manual_seed(0)
-    model = MSNModel(tiny_config(mask_ratio=0.0, projection_batch_norm=False)).train()
-    output = model(**inputs)
-    output.loss.backward()
-    reference = dict(
-        loss=output.loss.detach(),
-        me_max_loss=output.me_max_loss.detach(),
-        target_probs=output.target_probs,
-        grads={name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
-    )
+    reference = one_process_reference(inputs)
     debug_launcher(_unequal_batches_check, args=(inputs, reference), num_processes=2)
 
 
