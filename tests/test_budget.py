@@ -248,6 +248,37 @@ def test_a_plan_laid_again_moves_the_schedules_to_the_new_total_and_keeps_a_fini
     assert late.warmup_steps == 8 and late.lr(8) == pytest.approx(late.learning_rate)  # the peak at once
 
 
+def keep_a_steady_pace(monkeypatch, planned_seconds: float, run_seconds: float, budget_seconds: float = 600.0):
+    """The keeper of a plan timed at `planned_seconds` a step, driven on a fake clock by steps of `run_seconds`
+    until its plan is done; returns the training seconds used and the number of times the plan was laid again."""
+    from accelerate import Accelerator
+
+    from msn_hf.checkpointing import TrainingState
+
+    now = [0.0]
+    monkeypatch.setattr(budget, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    steps = math.floor(budget_seconds / planned_seconds)
+    plan = budget.BudgetPlan(steps, steps, budget_seconds=budget_seconds, seconds_per_step=planned_seconds,
+                             max_steps=budget.MAX_GROWTH * steps)  # fmt: skip
+    state = TrainingState()
+    keeper = budget.BudgetKeeper(Accelerator(cpu=True), MSNSchedules(total_steps=steps, warmup_steps=10), plan, state)
+    keeper.start_clock()
+    relays = 0
+    while state.completed_steps < plan.total_steps:
+        now[0] += run_seconds
+        state.completed_steps += 1
+        relays += keeper.after_step(state)
+    return keeper.elapsed, relays
+
+
+@pytest.mark.parametrize("slower", [1.3, 1.1, 0.8])
+def test_a_run_at_another_pace_than_timed_uses_its_whole_budget_without_overshooting(monkeypatch, slower):
+    # Steady steps 30 % or 10 % slower than the timed ones (the loop's usual bias on a busy CPU), or 20 % faster.
+    used, relays = keep_a_steady_pace(monkeypatch, planned_seconds=0.2, run_seconds=0.2 * slower)
+    assert 0.98 * 600 <= used <= 600
+    assert relays <= 12  # the cosine is not laid again at every check
+
+
 # --- runs of the Accelerate loop -----------------------------------------------------------------------------------
 
 

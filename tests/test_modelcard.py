@@ -79,6 +79,29 @@ def test_evaluation_updates_the_card_of_a_run_folder(tmp_path):
     assert update_model_card(tmp_path / "elsewhere", lowshot_results(0.0)) is None
 
 
+def test_an_evaluation_on_other_data_names_that_data_not_the_pretraining_sets_hub_id(tmp_path):
+    from msn_hf.data import DataArguments
+    from msn_hf.evaluation import evaluated_on
+
+    model = MSNModel(tiny_config())
+    processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16)
+    write_model_card(tmp_path, model, processor, dict(run_info(), dataset="user/cells", dataset_id="user/cells"),
+                     lowshot_results(offset=0.0))  # fmt: skip
+
+    def dataset_of_results():
+        (entry,) = front_matter(tmp_path / "README.md")["model-index"]
+        return entry["results"][0]["dataset"]
+
+    assert dataset_of_results()["type"] == "user/cells"
+    held_out = tmp_path / "held-out" / "test"
+    held_out.mkdir(parents=True)
+    update_model_card(tmp_path, lowshot_results(0.1), evaluated_on(DataArguments(test_dir=str(held_out)), "test_dir"))
+    assert dataset_of_results() == {"type": "custom", "name": "test", "split": "test_dir"}
+    assert front_matter(tmp_path / "README.md")["datasets"] == ["user/cells"]  # pretrained on it, still
+    update_model_card(tmp_path, lowshot_results(0.1), evaluated_on(DataArguments(dataset_name="user/tissue"), "test"))
+    assert dataset_of_results() == {"type": "user/tissue", "name": "user/tissue", "split": "test"}
+
+
 def test_backbone_name_only_claims_a_standard_size_that_matches():
     standard = dict(timm_name="vit_small_patch16_224", width=384, depth=12, patch=16)
     assert backbone_name(standard) == "ViT-S/16"

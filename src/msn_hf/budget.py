@@ -56,9 +56,10 @@ MIN_PACE_STEPS = 3
 # A plan laid again fits steps this much slower than the recent ones, so that a pace drifting slowly up does not
 # shrink it again at every check.
 SHRINK_MARGIN = 1.05
-# A plan grows only when it would end this much before the budget: the cosine is not laid again for every small
-# wobble of a busy machine's pace.
-GROW_SLACK = 1.15
+# A plan grows only when it would leave this share of the time still to go unused: the cosine is not laid again for
+# every small wobble of a busy machine's pace, yet the time that `SHRINK_MARGIN` set aside comes back as the run nears
+# its end (a fixed share of the whole budget would leave that much of it unused).
+GROW_SLACK = 0.1
 # A plan grows to at most this many times its first steps, and never past the longest run of its geometry.
 MAX_GROWTH = 2
 # An unbounded run estimated to last longer than this is told which flag bounds it.
@@ -419,8 +420,9 @@ class BudgetKeeper:
     largest elapsed time and recent seconds per step (the median of the last steps: neither the first step, which
     pays for the model's first pass, nor a checkpoint's pause count as a trend; `MIN_PACE_STEPS` are needed) over all
     processes; when `elapsed + remaining steps x that` exceeds the budget, the total shrinks to the steps that fit
-    (`relay_schedules`), so that the schedules end when the budget does. A plan grows the same way when it would end
-    well before the budget (`GROW_SLACK`: the timed steps were slower than the run's), up to `plan.max_steps`. A new
+    (`relay_schedules`), so that the schedules end when the budget does. A plan grows the same way when it would leave
+    a tenth of the time still to go unused (`GROW_SLACK`: steps faster than timed, or a shrink's margin no longer
+    needed near the end), up to `plan.max_steps`. A new
     plan longer than its model's run (`plan.model_steps`) stretches the recipe's warmup in proportion.
 
     Args:
@@ -480,7 +482,8 @@ class BudgetKeeper:
         projected = elapsed + remaining * seconds
         overshoots = projected > plan.budget_seconds
         most = plan.max_steps or plan.planned_steps
-        if not overshoots and (plan.total_steps >= most or projected * GROW_SLACK > plan.budget_seconds):
+        unused = plan.budget_seconds - projected
+        if not overshoots and (plan.total_steps >= most or unused < GROW_SLACK * (plan.budget_seconds - elapsed)):
             return False
         fit = max(0, math.floor((plan.budget_seconds - elapsed) / (seconds * SHRINK_MARGIN)))
         total = min(completed + fit, most)

@@ -95,6 +95,16 @@ class DataArguments:
         return not (self.dataset_name or self.train_dir or self.train_files)
 
     @property
+    def hub_dataset_id(self) -> str | None:
+        """The Hub id of the data (`--dataset_name` that is not a local folder), for a card's metadata; else None."""
+        return self.dataset_name if self.dataset_name and not os.path.isdir(self.dataset_name) else None
+
+    @property
+    def eval_hub_dataset_id(self) -> str | None:
+        """The Hub id of the labelled evaluation data: None for `--test_dir` images, else `hub_dataset_id`."""
+        return None if self.test_dir else self.hub_dataset_id
+
+    @property
     def source_name(self) -> str:
         """How the data is named on a model card."""
         if self.train_files:

@@ -644,6 +644,15 @@ def load_evaluation_datasets(
     return train, test
 
 
+def evaluated_on(data_args: DataArguments, eval_split: str | None) -> dict:
+    """
+    The facts of an evaluation that a model card states in place of the run's own: the data set, its Hub id (None
+    for local images, so that the card does not name the pretraining data's id for them) and its split.
+    """
+    return dict(eval_dataset=data_args.test_dir or data_args.source_name, eval_dataset_id=data_args.eval_hub_dataset_id,
+                eval_split=eval_split)  # fmt: skip
+
+
 def load_evaluation_data(data_args: DataArguments) -> tuple[ImageDataset, ImageDataset]:
     """[`load_evaluation_datasets`] of the data flags shared by the command lines."""
     return load_evaluation_datasets(
@@ -773,8 +782,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in results.get("pictures", {}).get("files", []):
         print(f"Picture: {os.path.join(os.path.dirname(os.path.abspath(output_file)), name)}")
     if os.path.isdir(args.model_name_or_path):
-        evaluated_on = dict(eval_dataset=data_args.test_dir or data_args.source_name, eval_split=eval_split)
-        card = update_model_card(args.model_name_or_path, results, evaluated_on)
+        card = update_model_card(args.model_name_or_path, results, evaluated_on(data_args, eval_split))
         if card is not None:
             print(f"Model card updated: {card}")
     return results

@@ -203,7 +203,9 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
     focal_patches = max(2, round(grid * _PAPER_FOCAL_SIDE / _PAPER_SIDE))
     focal_side = focal_patches * patch
     paper_scale = images_seen >= _PAPER_SCALE_IMAGES
-    # Short runs: as many focal views as make their tokens cost about the anchor view's (at least 2).
+    # Short runs: as many focal views as make their tokens cost about the anchor view's (at least 2). At equal time
+    # this won on the digits; twice as many won on colour shapes and photo crops (benchmarks/RESULTS.md): no count
+    # held on all three sets.
     num_focal = 10 if paper_scale else max(2, min(10, round(grid**2 / focal_patches**2)))
 
     embed_dim, depth = _grown("embed_dim", images_seen), _grown("depth", images_seen)

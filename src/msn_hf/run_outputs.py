@@ -93,11 +93,11 @@ def card_run_info(
     `msn_hf.modelcard.write_model_card`); `test`: the labelled images of its final evaluation, whose split it names;
     `repo_id`: the full Hub id of `--hub_model_id` (see `check_hub_access`).
     """
-    hub_dataset = data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
     return dict(
         dataset=data_args.source_name,
-        dataset_id=hub_dataset,
+        dataset_id=data_args.hub_dataset_id,
         eval_dataset=data_args.test_dir if test is not None else None,
+        eval_dataset_id=data_args.eval_hub_dataset_id if test is not None else None,
         eval_split=test.split if test is not None else None,
         steps=state.completed_steps,
         batch_size=args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
