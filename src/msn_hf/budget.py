@@ -422,8 +422,8 @@ class BudgetKeeper:
     processes; when `elapsed + remaining steps x that` exceeds the budget, the total shrinks to the steps that fit
     (`relay_schedules`), so that the schedules end when the budget does. A plan grows the same way when it would leave
     a tenth of the time still to go unused (`GROW_SLACK`: steps faster than timed, or a shrink's margin no longer
-    needed near the end), up to `plan.max_steps`. A new
-    plan longer than its model's run (`plan.model_steps`) stretches the recipe's warmup in proportion.
+    needed near the end), up to `plan.max_steps`. A new plan longer than its model's run (`plan.model_steps`)
+    stretches the recipe's warmup in proportion.
 
     Args:
         accelerator: the run's Accelerator (one reduce per check).

@@ -96,7 +96,8 @@ def eval_results(results: dict, facts: dict) -> list[EvalResult]:
     common = dict(
         task_type="image-classification",
         task_name="Low-shot image classification (frozen features)",
-        # Evaluated on other data than the pretraining's: that data's id, or none (`custom`) for local images.
+        # The evaluation data's own id (None: local images, `custom`); card facts written before that key existed
+        # fall back to the pretraining data's.
         dataset_type=(facts.get("eval_dataset_id") if "eval_dataset_id" in facts else facts.get("dataset_id")) or "custom",
         dataset_name=dataset_title(facts.get("eval_dataset") or facts.get("dataset")),
         dataset_split=facts.get("eval_split", "test"),
