@@ -200,29 +200,35 @@ def format_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Accuracy (1/5/10-shot, kNN) against budget, one panel per data set; MSN solid, pixels dashed, random dotted."""
+    """
+    Accuracy (1/2/5/10-shot, kNN) against budget, one panel per data set. The colour is the setting; the line style
+    the encoder: MSN solid, raw pixels dashed, random encoder dotted. The legend names both, once each.
+    """
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     datasets = sorted({key.split("/")[0] for key in results})
     columns = [*(f"{k}-shot" for k in SHOTS), "knn"]
+    colours = dict(zip(columns, ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red")))
+    styles = {"msn": "-", "pixels": "--", "random": ":"}
     figure = Figure(figsize=(5 * len(datasets), 4))
     axes = figure.subplots(1, len(datasets), squeeze=False)[0]
-    styles = {"msn": "-", "pixels": "--", "random": ":"}
     for ax, dataset in zip(axes, datasets):
         runs = sorted(((seconds_of(key.split("/")[1]), entry) for key, entry in results.items()
                        if key.startswith(dataset + "/") and key.endswith("/auto")), key=lambda item: item[0])  # fmt: skip
         for encoder, style in styles.items():
-            for column, colour in zip(columns, ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red")):
+            for column, colour in colours.items():
                 points = [(budget / 60, entry["accuracy"][encoder][column]) for budget, entry in runs
                           if encoder in entry["accuracy"] and column in entry["accuracy"][encoder]]  # fmt: skip
                 if points:
-                    ax.plot(*zip(*points), style, color=colour, marker="o",
-                            label=f"{encoder} {column}" if encoder == "msn" or column == "knn" else None)  # fmt: skip
+                    ax.plot(*zip(*points), style, color=colour, marker="o" if encoder == "msn" else None)
+        handles = [Line2D([], [], color=colour, marker="o", label=column) for column, colour in colours.items()]
+        handles += [Line2D([], [], color="black", linestyle=style, label=encoder) for encoder, style in styles.items()]
         ax.set_xscale("log")
         ax.set_xlabel("pretraining budget (minutes, 2 CPU cores)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(dataset)
-        ax.legend(fontsize=7)
+        ax.legend(handles=handles, fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

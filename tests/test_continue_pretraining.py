@@ -19,7 +19,8 @@ from msn_hf.modelcard import write_model_card
 from msn_hf.recipe import CONTINUE_TRAINING, RECIPE_FILE, auto_recipe, continue_recipe
 from test_continue_from_vit import IMAGE, pixels, randomize_, saved_vit, source_tokens
 
-# Small heads for the 64-wide source ViTs (the import would otherwise give them MSNConfig's 2,048-wide head).
+# Small heads for the 64-wide source ViTs, given: `continue_recipe` called without `new_heads_width`, as here, leaves
+# the import MSNConfig's 2,048-wide head.
 SMALL_HEAD = "projection_hidden_size=64,projection_output_size=32,num_prototypes=16"
 RUN = ["--max_train_samples", "64", "--per_device_train_batch_size", "16", "--skip_evaluation", "--logging_steps", "1"]
 
@@ -74,6 +75,37 @@ def test_a_backbone_flag_beside_weights_is_refused_not_ignored(tmp_path, flag, v
     with pytest.raises(ValueError, match=f"{flag} must be unset with --model_name_or_path"):
         pt.parse_args(["--model_name_or_path", str(tmp_path / "msn"), flag, value])
     assert pt.parse_args([flag, value])[0].model_name_or_path is None  # alone, the flag stays a from-scratch choice
+
+
+@pytest.mark.parametrize("start", ["vit", "timm", "msn"])
+def test_new_heads_follow_the_auto_rule_and_a_folders_own_heads_are_kept(tmp_path, start):
+    # A start without MSN heads (a Transformers ViT, timm weights) gets new ones, sized as the auto rule sizes them
+    # for its width and batch: not MSNConfig's 2,048 / 256 / 1,024, made for a paper-scale batch.
+    from accelerate import Accelerator
+
+    if start == "vit":
+        saved_vit(tmp_path / "vit", "vit")
+        flags = ["--model_name_or_path", str(tmp_path / "vit")]
+    elif start == "timm":
+        vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_BACKBONE_KWARGS)
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "vit.safetensors")
+        flags = ["--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
+                 "--backbone_pretrained", str(tmp_path / "vit.safetensors")]  # fmt: skip
+    else:
+        start_model = MSNModel(tiny_config(num_prototypes=24))
+        start_model.save_pretrained(tmp_path / "msn")
+        flags = ["--model_name_or_path", str(tmp_path / "msn")]
+    args, data_args = pt.parse_args([*flags, *RUN, "--max_train_steps", "10"])
+    train_data = pt.build_train_data(data_args, args, Accelerator(cpu=True))
+    model, _ = pt.build_model_and_processor(args, data_args, pt.choose_recipe(args, data_args, train_data))
+    head = (model.config.projection_hidden_size, model.config.projection_output_size, model.config.num_prototypes)
+    if start == "msn":
+        assert model.config.num_prototypes == 24 and model.prototypes.shape[0] == 24  # the folder's own
+        return
+    # The auto rule at a global batch of 16 for an encoder under 192 wide (this one is 64).
+    scratch = auto_recipe(32, True, 64, 16, 10)["config"]
+    assert head == (scratch["projection_hidden_size"], scratch["projection_output_size"], scratch["num_prototypes"])
+    assert head == (512, 128, 16) and model.prototypes.shape[0] == 16
 
 
 # --- continued pretraining, end to end ------------------------------------------------------------------------

@@ -510,7 +510,10 @@ def choose_recipe(
     num_images = len(rows) if not train_data.streaming else args.max_train_steps * global_batch
     planned_steps = args.max_train_steps or args.num_train_epochs * max(1, num_images // global_batch)
     if name == "continue":
-        return continue_recipe(*starting_geometry(args), image_size, grey, num_images, global_batch, planned_steps)
+        return continue_recipe(
+            *starting_geometry(args), image_size, grey, num_images, global_batch, planned_steps,
+            new_heads_width=new_heads_width(args),
+        )
     return auto_recipe(image_size, grey, num_images, global_batch, planned_steps)
 
 
@@ -522,13 +525,26 @@ def starting_geometry(args: PretrainingArguments) -> tuple[int, int]:
     """
     source = args.model_name_or_path
     if not source:
-        return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})
+        return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})[:2]
     if _weights_kind(source) == "msn":
         config = MSNConfig.from_pretrained(source)
         return config.image_size, backbone_geometry(config.backbone, {"img_size": config.image_size, **config.backbone_kwargs})[1]
     config = AutoConfig.from_pretrained(source)
     side, patch = config.image_size, config.patch_size
     return (side if isinstance(side, int) else side[0]), (patch if isinstance(patch, int) else patch[0])
+
+
+def new_heads_width(args: PretrainingArguments) -> int | None:
+    """
+    The width of weights to start from that have no MSN heads (timm weights, a Transformers ViT): they get new heads
+    and prototypes, sized by the auto rule (`continue_recipe`). None for an msn_hf folder, whose own are kept.
+    """
+    source = args.model_name_or_path
+    if not source:
+        return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})[2]
+    if _weights_kind(source) == "msn":
+        return None
+    return int(AutoConfig.from_pretrained(source).hidden_size)
 
 
 def _weights_kind(source: str) -> str:

@@ -210,17 +210,13 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
 
     embed_dim, depth = _grown("embed_dim", images_seen), _grown("depth", images_seen)
     backbone_kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=_num_heads(embed_dim))
-    hidden, output = next(head for limit, head in _PROJECTION_BY_WIDTH if embed_dim < limit)
-    num_prototypes = int(min(1024, max(16, 2 ** round(math.log2(global_batch)))))
     scale = side / _PAPER_SIDE
     blur = (round(_PAPER_BLUR[0] * scale, 4), round(_PAPER_BLUR[1] * scale, 4))
 
     config = dict(
         image_size=side,
         focal_image_size=focal_side,
-        projection_hidden_size=hidden,
-        projection_output_size=output,
-        num_prototypes=num_prototypes,
+        **new_heads(embed_dim, global_batch),
         ema_momentum=_ema_start(planned_steps),
     )
     if not (paper_scale and grid >= 12):
@@ -244,9 +240,20 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
     )
 
 
+def new_heads(embed_dim: int, global_batch: int) -> dict:
+    """
+    `MSNConfig` sizes of new projection heads and prototypes for an encoder `embed_dim` wide trained on
+    `global_batch` images a step: the head by width (512 / 128 below 192 wide, 1,024 / 256 below 384, the paper's
+    2,048 / 256), and the power of two nearest to the batch as the number of prototypes, between 16 and 1,024.
+    """
+    hidden, output = next(head for limit, head in _PROJECTION_BY_WIDTH if embed_dim < limit)
+    num_prototypes = int(min(1024, max(16, 2 ** round(math.log2(global_batch)))))
+    return dict(projection_hidden_size=hidden, projection_output_size=output, num_prototypes=num_prototypes)
+
+
 def continue_recipe(
     native_size: int, patch_size: int, image_size: int, grey: bool, num_images: int, global_batch: int,
-    planned_steps: int,
+    planned_steps: int, new_heads_width: int | None = None,
 ) -> dict:
     """
     The recipe of continued pretraining from weights (`--recipe continue`, the default of `--model_name_or_path` and
@@ -256,10 +263,14 @@ def continue_recipe(
         native_size: side the starting backbone was trained at (its position embeddings), in pixels.
         patch_size: its patch side, in pixels.
         image_size, grey, num_images, global_batch, planned_steps: the data and the run, as for `auto_recipe`.
+        new_heads_width: the width of a start without MSN heads (a Transformers ViT, timm weights), which gets new
+            ones; None for an msn_hf folder, whose heads and prototypes are kept.
 
     Rules:
         - the backbone keeps its patch and native resolution: the target and anchor views are `native_size` px
-          (the model, heads and prototypes are the source's; `backbone` is None and `backbone_kwargs` empty);
+          (the model is the source's; `backbone` is None and `backbone_kwargs` empty);
+        - new heads and prototypes are sized as the auto rule sizes them for that width and batch (`new_heads`),
+          not as MSNConfig's defaults, which are the paper's for a batch of 1,024;
         - the views follow `auto_recipe` for the data: its focal / view side ratio (at least one patch, as a
           multiple of the patch), its number of focal views, its blur relative to the view side, no colour jitter
           on grey data;
@@ -290,23 +301,29 @@ def continue_recipe(
         name="continue",
         backbone=None,
         backbone_kwargs={},
-        config=dict(image_size=native_size, focal_image_size=focal_side, ema_momentum=_CONTINUE_EMA_START),
+        config=dict(
+            image_size=native_size,
+            focal_image_size=focal_side,
+            **(new_heads(new_heads_width, global_batch) if new_heads_width is not None else {}),
+            ema_momentum=_CONTINUE_EMA_START,
+        ),
         processor=views,
         training=dict(CONTINUE_TRAINING, num_warmup_steps=max(1, round(_CONTINUE_WARMUP * planned_steps))),
     )
 
 
-def backbone_geometry(backbone: str, backbone_kwargs: dict) -> tuple[int, int]:
+def backbone_geometry(backbone: str, backbone_kwargs: dict) -> tuple[int, int, int]:
     """
-    `(image side, patch side)` in pixels of the timm ViT `backbone` built with `backbone_kwargs` (its own default
-    resolution unless `img_size` is given), read from a model built on the meta device (no weight is allocated).
+    `(image side, patch side, width)` of the timm ViT `backbone` built with `backbone_kwargs` (sides in pixels, its
+    own default resolution unless `img_size` is given), read from a model built on the meta device (no weight is
+    allocated).
     """
     import timm
     import torch
 
     with torch.device("meta"):
         vit = timm.create_model(backbone, pretrained=False, num_classes=0, **backbone_kwargs)
-    return int(vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0])
+    return int(vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0]), int(vit.embed_dim)
 
 
 def fit_views(recipe: dict, image_size: int, patch_size: int, focal_image_size: int | None = None) -> dict:
@@ -496,6 +513,6 @@ def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
 
 __all__ = [
     "auto_recipe", "backbone_geometry", "continue_recipe", "describe_images", "fit_views", "imagenet_recipe",
-    "load_recipe", "parse_overrides", "recipe_table", "save_recipe", "GROWTH", "step_cost", "target_grid",
-    "view_geometry", "CONTINUE_TRAINING",
+    "load_recipe", "new_heads", "parse_overrides", "recipe_table", "save_recipe", "GROWTH", "step_cost",
+    "target_grid", "view_geometry", "CONTINUE_TRAINING",
 ]
