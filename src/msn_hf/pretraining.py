@@ -494,7 +494,7 @@ def choose_recipe(
 ) -> dict:
     """
     The recipe of the run: `--recipe_file`, the ImageNet recipe, the auto rule or the continue rule (from the
-    weights' patch and resolution, `starting_geometry`) applied to a sample of the training images and to the
+    weights' patch and resolution, `starting_backbone`) applied to a sample of the training images and to the
     planned run, or (with `--backbone` alone) no recipe: MSNConfig's defaults.
     """
     if args.recipe_file is not None:
@@ -510,41 +510,35 @@ def choose_recipe(
     num_images = len(rows) if not train_data.streaming else args.max_train_steps * global_batch
     planned_steps = args.max_train_steps or args.num_train_epochs * max(1, num_images // global_batch)
     if name == "continue":
+        native_size, patch_size, width = starting_backbone(args)
         return continue_recipe(
-            *starting_geometry(args), image_size, grey, num_images, global_batch, planned_steps,
-            new_heads_width=new_heads_width(args),
+            native_size, patch_size, image_size, grey, num_images, global_batch, planned_steps, new_heads_width=width
         )
     return auto_recipe(image_size, grey, num_images, global_batch, planned_steps)
 
 
 def starting_geometry(args: PretrainingArguments) -> tuple[int, int]:
+    """`(native side, patch side)` in pixels of the weights a run starts from (see `starting_backbone`)."""
+    return starting_backbone(args)[:2]
+
+
+def starting_backbone(args: PretrainingArguments) -> tuple[int, int, int | None]:
     """
-    `(native side, patch side)` in pixels of the weights a run starts from, read from configs alone: the views of an
-    msn_hf folder, the `image_size` and `patch_size` of a Transformers ViT, or the timm backbone of
-    `--backbone_pretrained` (its default resolution unless `--backbone_kwargs` give `img_size`).
+    `(native side, patch side, new heads width)` of the weights a run starts from, read from configs alone: the
+    views of an msn_hf folder, the `image_size` and `patch_size` of a Transformers ViT, or the timm backbone of
+    `--backbone_pretrained` (its default resolution unless `--backbone_kwargs` give `img_size`). The width is that of
+    weights without MSN heads (timm weights, a Transformers ViT), which get new heads and prototypes sized by the
+    auto rule (`continue_recipe`); None for an msn_hf folder, whose own are kept.
     """
     source = args.model_name_or_path
     if not source:
-        return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})[:2]
+        return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})
     if _weights_kind(source) == "msn":
         config = MSNConfig.from_pretrained(source)
-        return config.image_size, backbone_geometry(config.backbone, {"img_size": config.image_size, **config.backbone_kwargs})[1]
+        return config.image_size, backbone_geometry(config.backbone, {"img_size": config.image_size, **config.backbone_kwargs})[1], None
     config = AutoConfig.from_pretrained(source)
     side, patch = config.image_size, config.patch_size
-    return (side if isinstance(side, int) else side[0]), (patch if isinstance(patch, int) else patch[0])
-
-
-def new_heads_width(args: PretrainingArguments) -> int | None:
-    """
-    The width of weights to start from that have no MSN heads (timm weights, a Transformers ViT): they get new heads
-    and prototypes, sized by the auto rule (`continue_recipe`). None for an msn_hf folder, whose own are kept.
-    """
-    source = args.model_name_or_path
-    if not source:
-        return backbone_geometry(args.backbone or MSNConfig.backbone, args.backbone_kwargs or {})[2]
-    if _weights_kind(source) == "msn":
-        return None
-    return int(AutoConfig.from_pretrained(source).hidden_size)
+    return (side if isinstance(side, int) else side[0]), (patch if isinstance(patch, int) else patch[0]), int(config.hidden_size)
 
 
 def _weights_kind(source: str) -> str:
