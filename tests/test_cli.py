@@ -1,6 +1,7 @@
 """The console scripts behave like tools: exit 0 on success, 2 with one line on a user error, tracebacks on --debug."""
 
 import configparser
+import importlib
 import json
 import os
 import subprocess
@@ -25,12 +26,34 @@ def entry_points() -> dict[str, str]:
 
 
 def run_tool(name: str, *args, cwd=None) -> subprocess.CompletedProcess:
-    """Run the console script `name` as its installed wrapper does: `sys.exit(function())` with these arguments."""
+    """Run the console script `name` as its installed wrapper does, in a process of its own: `sys.exit(function())`
+    with these arguments."""
     module, function = entry_points()[name].split(":")
     code = f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; sys.exit({function}())"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
+
+
+@pytest.fixture
+def call_tool(capfd, monkeypatch):
+    """The console script `name` called in this process (each launch of a process costs seconds of imports): its
+    exit status and what it wrote to stdout and stderr, as `run_tool` returns them."""
+
+    def call(name: str, *args, cwd=None) -> subprocess.CompletedProcess:
+        module, function = entry_points()[name].split(":")
+        tool = getattr(importlib.import_module(module), function)
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", [name, *map(str, args)])
+            if cwd is not None:
+                patch.chdir(cwd)
+            capfd.readouterr()
+            with pytest.raises(SystemExit) as exit:
+                tool()
+        stdout, stderr = capfd.readouterr()
+        return subprocess.CompletedProcess(sys.argv, exit.value.code, stdout, stderr)
+
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +69,17 @@ def test_every_console_script_has_a_tool_wrapper():
     assert all(target.startswith("msn_hf.cli:") for target in entry_points().values())
 
 
-def test_pretrain_exits_0_then_refuses_the_finished_folder_with_2(tmp_path):
+def test_pretrain_exits_0_then_refuses_the_finished_folder_with_2(tmp_path, call_tool):
     out = tmp_path / "run"
     args = ["--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
             "--config_overrides", "image_size=32,focal_image_size=16,num_prototypes=16", "--num_focal_views", "1",
             "--per_device_train_batch_size", "16", "--max_train_samples", "32", "--max_train_steps", "1",
             "--skip_evaluation", "--output_dir", out]  # fmt: skip
-    result = run_tool("msn-pretrain", *args)
+    result = call_tool("msn-pretrain", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Next: msn-evaluate --model_name_or_path {out}" in result.stdout
 
-    again = run_tool("msn-pretrain", *args)
+    again = call_tool("msn-pretrain", *args)
     assert again.returncode == 2
     error_lines = [line for line in again.stderr.splitlines() if "error" in line]
     assert error_lines == [error_lines[0]] and "already holds a run" in error_lines[0]
@@ -82,9 +105,9 @@ def test_pretrain_user_errors_exit_2_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_mistyped_model_path_is_named_with_how_it_was_read(tmp_path):
+def test_mistyped_model_path_is_named_with_how_it_was_read(tmp_path, call_tool):
     for tool, extra in (("msn-evaluate", []), ("msn-pretrain", ["--output_dir", tmp_path / "run"])):
-        result = run_tool(tool, "--model_name_or_path", "outputs/msn-digit", *extra, cwd=tmp_path)
+        result = call_tool(tool, "--model_name_or_path", "outputs/msn-digit", *extra, cwd=tmp_path)
         assert result.returncode == 2, (tool, result.stderr[-2000:])
         assert "'outputs/msn-digit'" in result.stderr and "read as a Hub model id" in result.stderr
         assert "Traceback" not in result.stderr and "couldn't connect" not in result.stderr
@@ -103,12 +126,12 @@ def test_model_source_check_says_how_the_value_was_read(model_folder, tmp_path, 
         assert repr(value) in str(error.value)
 
 
-def test_evaluate_exits_0_and_updates_the_card(model_folder, tmp_path):
+def test_evaluate_exits_0_and_updates_the_card(model_folder, tmp_path, call_tool):
     from msn_hf.modelcard import write_model_card
 
     write_model_card(model_folder, MSNModel.from_pretrained(model_folder), MSNImageProcessor.from_pretrained(model_folder),
                      dict(dataset="digits", steps=0))  # fmt: skip
-    result = run_tool("msn-evaluate", "--model_name_or_path", model_folder, "--max_train_samples", "200",
+    result = call_tool("msn-evaluate", "--model_name_or_path", model_folder, "--max_train_samples", "200",
                       "--max_test_samples", "60", "--shots", "1", "--seeds", "0", "--no_progress",
                       "--output_file", tmp_path / "results.json")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -116,8 +139,8 @@ def test_evaluate_exits_0_and_updates_the_card(model_folder, tmp_path):
     assert "| MSN (this model) |" in (model_folder / "README.md").read_text()
 
 
-def test_convert_exits_0_with_a_success_line_and_no_config_dump(model_folder, tmp_path, capsys):
-    result = run_tool("msn-convert", "to-vit-msn", "--model", model_folder, "--output", tmp_path / "vit")
+def test_convert_exits_0_with_a_success_line_and_no_config_dump(model_folder, tmp_path, call_tool, capfd):
+    result = call_tool("msn-convert", "to-vit-msn", "--model", model_folder, "--output", tmp_path / "vit")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == f"msn-convert to-vit-msn: wrote {tmp_path / 'vit'}"
     assert "hidden_size" not in result.stdout + result.stderr  # no config printed
@@ -125,4 +148,4 @@ def test_convert_exits_0_with_a_success_line_and_no_config_dump(model_folder, tm
 
     again = ["to-vit-msn", "--model", str(model_folder), "--output", str(tmp_path / "vit")]
     assert run(main, "msn-convert", again) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert "--overwrite" in capfd.readouterr().err

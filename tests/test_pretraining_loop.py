@@ -104,6 +104,22 @@ def launch(tmp_path, args, processes=1, env=None, wait=True, log=None):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
+def train_in_process(monkeypatch, args, log: Path) -> None:
+    """`msn-pretrain` in this process (no launch of its own to pay for), each row it collates appended to
+    log / rows_0.txt as under `launch`."""
+    log.mkdir(exist_ok=True)
+    collate = training.MSNViewsCollator.__call__
+
+    def recording_collate(self, rows):
+        with open(log / "rows_0.txt", "a") as f:
+            f.write("".join(f"{row.get('id', row.get('__key__'))}\n" for row in rows))
+        return collate(self, rows)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.MSNViewsCollator, "__call__", recording_collate)
+        pt.main(list(map(str, args)))
+
+
 def logged_rows(log: Path, rank: int) -> list[str]:
     path = log / f"rows_{rank}.txt"
     return path.read_text().split() if path.exists() else []
@@ -389,37 +405,39 @@ def test_dataloader_workers_draw_the_same_views_and_bf16_trains(tmp_path):
     common = [*RUN_ARGS, "--per_device_train_batch_size", "8", "--max_train_samples", "32",
               "--max_train_steps", "3", "--seed", "5"]  # fmt: skip
     for workers in (0, 2):
-        result = launch(tmp_path, [*common, "--dataloader_num_workers", workers, "--output_dir", tmp_path / f"w{workers}"])
-        assert result.returncode == 0, result.stderr[-3000:]
+        pt.main([*common, "--dataloader_num_workers", str(workers), "--output_dir", str(tmp_path / f"w{workers}")])
     straight, workers = MSNModel.from_pretrained(tmp_path / "w0"), MSNModel.from_pretrained(tmp_path / "w2")
     for (key, value), other in zip(straight.state_dict().items(), workers.state_dict().values()):
         torch.testing.assert_close(other, value, rtol=0, atol=0, msg=key)
 
-    result = launch(tmp_path, [*common, "--mixed_precision", "bf16", "--output_dir", tmp_path / "bf16"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    from accelerate.state import AcceleratorState
+
+    # A process holds one precision: the runs above set it to fp32, and the tests after this one expect it again.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        pt.main([*common, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16")])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     metrics = [json.loads(line) for line in (tmp_path / "bf16" / pt.METRICS_FILE).read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
     trained = MSNModel.from_pretrained(tmp_path / "bf16").encoder.blocks[0].attn.qkv.weight
     assert not torch.equal(trained, MSNModel.from_pretrained(tmp_path / "w0").encoder.blocks[0].attn.qkv.weight)
 
 
-def test_a_stream_resumes_without_repeating_or_missing_a_row(tmp_path, parquet_shards):
+def test_a_stream_resumes_without_repeating_or_missing_a_row(tmp_path, parquet_shards, monkeypatch):
     common = [*RUN_ARGS, "--train_files", str(parquet_shards / "*.parquet"), "--streaming",
               "--shuffle_buffer_size", "0", "--per_device_train_batch_size", "8", "--max_train_steps", "16",
               "--seed", "2"]  # fmt: skip
     straight_log, split_log = tmp_path / "straight_log", tmp_path / "split_log"
-    result = launch(tmp_path, [*common, "--output_dir", tmp_path / "straight"], log=straight_log)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = launch(tmp_path, [*common, "--output_dir", tmp_path / "split", "--checkpointing_steps", "5",
-                                   "--checkpoints_total_limit", "0"], log=split_log)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(monkeypatch, [*common, "--output_dir", tmp_path / "straight"], straight_log)
+    train_in_process(monkeypatch, [*common, "--output_dir", tmp_path / "split", "--checkpointing_steps", "5",
+                                   "--checkpoints_total_limit", "0"], split_log)  # fmt: skip
     (split_log / "rows_0.txt").unlink()
     for path in (tmp_path / "split").iterdir():
         if path.name != "checkpoint-5":
             path.unlink() if path.is_file() else __import__("shutil").rmtree(path)
-    result = launch(tmp_path, [*common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"],
-                    log=split_log)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(monkeypatch, [*common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest"],
+                     split_log)  # fmt: skip
     straight = logged_rows(straight_log, 0)
     # 96 rows = 12 batches per pass: 16 steps reach into the second pass, and the resume (after 5) crosses it too.
     assert len(straight) == 16 * 8 and len(set(straight[:96])) == 96

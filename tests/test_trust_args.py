@@ -18,7 +18,7 @@ from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNForImageClassification
 from msn_hf import pretraining as pt
 from msn_hf.recipe import RECIPE_FILE, auto_recipe, imagenet_recipe, save_recipe
-from test_pretraining_loop import launch, logged_rows
+from test_pretraining_loop import logged_rows, train_in_process
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--skip_evaluation"]
 
@@ -176,7 +176,7 @@ def many_row_shards(tmp_path_factory):
     return folder
 
 
-def test_a_stream_resumes_exactly_with_the_default_flags(tmp_path, many_row_shards):
+def test_a_stream_resumes_exactly_with_the_default_flags(tmp_path, many_row_shards, monkeypatch):
     # A checkpoint after 47 steps of 128 rows: past the first half of a 10,000-row buffer, which datasets would
     # have lost at the resume.
     steps, saved_at, batch = 49, 47, 128
@@ -188,17 +188,14 @@ def test_a_stream_resumes_exactly_with_the_default_flags(tmp_path, many_row_shar
     common = [*TINY_MODEL_ARGS, *smallest, "--skip_evaluation", "--train_files", str(many_row_shards / "*.parquet"),
               "--streaming", "--per_device_train_batch_size", str(batch), "--seed", "2", "--logging_steps", "10"]  # fmt: skip
     straight_log, split_log = tmp_path / "straight_log", tmp_path / "split_log"
-    result = launch(tmp_path, [*common, "--max_train_steps", steps, "--output_dir", tmp_path / "straight"],
-                    log=straight_log)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = launch(tmp_path, [*common, "--max_train_steps", saved_at, "--checkpointing_steps", saved_at,
-                               "--output_dir", tmp_path / "split"], log=split_log)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(monkeypatch, [*common, "--max_train_steps", steps, "--output_dir", tmp_path / "straight"],
+                     straight_log)  # fmt: skip
+    train_in_process(monkeypatch, [*common, "--max_train_steps", saved_at, "--checkpointing_steps", saved_at,
+                                   "--output_dir", tmp_path / "split"], split_log)  # fmt: skip
     (split_log / "rows_0.txt").unlink()
-    result = launch(tmp_path, [*common, "--max_train_steps", steps, "--output_dir", tmp_path / "split",
-                               "--resume_from_checkpoint", tmp_path / "split" / f"checkpoint-{saved_at}"],
-                    log=split_log)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(monkeypatch, [*common, "--max_train_steps", steps, "--output_dir", tmp_path / "split",
+                                   "--resume_from_checkpoint", tmp_path / "split" / f"checkpoint-{saved_at}"],
+                     split_log)  # fmt: skip
     straight = logged_rows(straight_log, 0)
     assert len(straight) == steps * batch == len(set(straight))
     assert logged_rows(split_log, 0) == straight[saved_at * batch :]  # nothing repeated, nothing skipped
