@@ -7,8 +7,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,136 +17,22 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from conftest import TINY_MODEL_ARGS, tiny_config
+from conftest import (
+    STREAM_ARGS,
+    TINY_MODEL_ARGS,
+    labelled_dataset,
+    launch,
+    logged_rows,
+    random_images,
+    tiny_config,
+    train_in_process,
+)
 from msn_hf import MSNImageProcessor, MSNModel, checkpointing, training
 from msn_hf import pretraining as pt
 from msn_hf.data import DataArguments, decode_image
 from msn_hf.evaluation import load_evaluation_datasets
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "pretrain_msn.py"
 RUN_ARGS = [*TINY_MODEL_ARGS, "--skip_evaluation"]
-
-# Runs `msn-pretrain` with test probes, selected by environment variables: every row a process collates is
-# appended to rows_<rank>.txt; MSN_SLOW_SAVE=<folder> makes rank 1 pause after writing that folder in save_state (so
-# that a test can kill the run mid-save while rank 0 is free to go on); MSN_EMPTY_BATCH / MSN_NAN_FORWARD make
-# rank 1's first batch unreadable and its 2nd forward NaN. Each process writes its pid to pid_<rank>.
-LAUNCHER = """
-import os, sys, time
-from pathlib import Path
-import accelerate
-from msn_hf import pretraining as pt
-from msn_hf import modeling_msn, training
-
-rank = int(os.environ.get("RANK", "0"))
-log = Path(os.environ["MSN_TEST_LOG"])
-(log / f"pid_{rank}").write_text(str(os.getpid()))
-collate = training.MSNViewsCollator.__call__
-calls = {"collate": 0, "forward": 0}
-
-def recording_collate(self, rows):
-    calls["collate"] += 1
-    with open(log / f"rows_{rank}.txt", "a") as f:
-        f.write("".join(f"{row.get('id', row.get('__key__'))}\\n" for row in rows))
-    if os.environ.get("MSN_EMPTY_BATCH") and rank == 1 and calls["collate"] == 1:
-        rows = [{**row, self.image_column: {"bytes": b"not an image", "path": None}} for row in rows]
-    return collate(self, rows)
-
-training.MSNViewsCollator.__call__ = recording_collate
-
-forward = modeling_msn.MSNModel.forward
-def probed_forward(self, *args, **kwargs):
-    calls["forward"] += 1
-    with open(log / f"forwards_{rank}.txt", "a") as f:
-        f.write("x\\n")
-    output = forward(self, *args, **kwargs)
-    if os.environ.get("MSN_NAN_FORWARD") and rank == 1 and calls["forward"] == 2:
-        output.loss = output.loss * float("nan")
-    return output
-
-modeling_msn.MSNModel.forward = probed_forward
-
-if os.environ.get("MSN_SLOW_SAVE"):
-    save_state = accelerate.Accelerator.save_state
-    def slow_save_state(self, output_dir=None, **kwargs):
-        result = save_state(self, output_dir, **kwargs)
-        if Path(output_dir).name == os.environ["MSN_SLOW_SAVE"] and rank == 1:
-            (log / "slow_save_written").touch()
-            time.sleep(120)
-        return result
-    accelerate.Accelerator.save_state = slow_save_state
-
-pt.main(sys.argv[1:])
-"""
-
-
-def write_launcher(tmp_path: Path) -> Path:
-    path = tmp_path / "launch_msn.py"
-    path.write_text(LAUNCHER)
-    return path
-
-
-def launch(tmp_path, args, processes=1, env=None, wait=True, log=None):
-    """Run the launcher (through torchrun for 2 processes, joined by gloo on the CPU)."""
-    log = log or tmp_path / "log"
-    log.mkdir(exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "true", "MSN_TEST_LOG": str(log), **(env or {})}  # fmt: skip
-    command = [sys.executable, str(write_launcher(tmp_path)), *map(str, args)]
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-                   *command[1:]]  # fmt: skip
-    if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def train_in_process(monkeypatch, args, log: Path) -> None:
-    """`msn-pretrain` in this process (no launch of its own to pay for), each row it collates appended to
-    log / rows_0.txt as under `launch`."""
-    log.mkdir(exist_ok=True)
-    collate = training.MSNViewsCollator.__call__
-
-    def recording_collate(self, rows):
-        with open(log / "rows_0.txt", "a") as f:
-            f.write("".join(f"{row.get('id', row.get('__key__'))}\n" for row in rows))
-        return collate(self, rows)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(training.MSNViewsCollator, "__call__", recording_collate)
-        pt.main(list(map(str, args)))
-
-
-def logged_rows(log: Path, rank: int) -> list[str]:
-    path = log / f"rows_{rank}.txt"
-    return path.read_text().split() if path.exists() else []
-
-
-def random_images(count: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def labelled_dataset(count: int, seed: int = 0) -> datasets.Dataset:
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4), "id": datasets.Value("string")}
-    )
-    return datasets.Dataset.from_dict(
-        {"image": random_images(count, seed), "label": [i % 4 for i in range(count)],
-         "id": [f"row{i:03d}" for i in range(count)]},
-        features=features,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def parquet_shards(tmp_path_factory) -> Path:
-    """Four parquet shards of 24 labelled 32 px images each, rows named row000 ... row095."""
-    folder = tmp_path_factory.mktemp("parquet")
-    data = labelled_dataset(96)
-    for shard in range(4):
-        data.shard(num_shards=4, index=shard, contiguous=True).to_parquet(str(folder / f"train-{shard}.parquet"))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -445,20 +329,6 @@ def test_a_stream_resumes_without_repeating_or_missing_a_row(tmp_path, parquet_s
     resumed, uninterrupted = MSNModel.from_pretrained(tmp_path / "split"), MSNModel.from_pretrained(tmp_path / "straight")
     for (key, value), other in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(other, value, rtol=0, atol=0, msg=key)
-
-
-STREAM_ARGS = ["--streaming", "--shuffle_buffer_size", "0", "--per_device_train_batch_size", "8",
-               "--max_train_steps", "4", "--seed", "7"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_two_process_stream(tmp_path_factory, parquet_shards):
-    tmp_path = tmp_path_factory.mktemp("stream2")
-    args = [*RUN_ARGS, *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"),
-            "--output_dir", tmp_path / "run"]  # fmt: skip
-    result = launch(tmp_path, args, processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp_path
 
 
 @pytest.mark.parametrize("kind", ["parquet", "webdataset"])

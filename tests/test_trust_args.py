@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL_ARGS, tiny_config
+from conftest import TINY_MODEL_ARGS, logged_rows, tiny_config, train_in_process
 from msn_hf import MSNForImageClassification
 from msn_hf import pretraining as pt
 from msn_hf.recipe import RECIPE_FILE, auto_recipe, imagenet_recipe, save_recipe
-from test_pretraining_loop import logged_rows, train_in_process
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--skip_evaluation"]
 

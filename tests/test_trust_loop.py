@@ -18,18 +18,12 @@ import huggingface_hub
 import pytest
 import torch
 
-import test_pretraining_loop as loop_tests
-from conftest import TINY_MODEL_ARGS
+import conftest
+from conftest import STREAM_ARGS, TINY_MODEL_ARGS, labelled_dataset
 from msn_hf import MSNModel, checkpointing, cli, evaluation, run_outputs
 from msn_hf import pretraining as pt
 from msn_hf.modelcard import CARD_FACTS_FILE
-from test_pretraining_loop import (  # noqa: F401 (fixtures)
-    RUN_ARGS,
-    STREAM_ARGS,
-    labelled_dataset,
-    parquet_shards,
-    uninterrupted_two_process_stream,
-)
+from test_pretraining_loop import RUN_ARGS
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32", "--skip_evaluation"]
 DATA_RECORD = "msn_data.json"  # which images a run pretrained on
@@ -253,12 +247,12 @@ def signal_when_paused(
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_tests, "LAUNCHER", PAUSE_LAUNCHER)
+    monkeypatch.setattr(conftest, "LAUNCHER", PAUSE_LAUNCHER)
     out = tmp_path / "run"
     # The pause holds the 2nd step; the second Ctrl-C must not wait for it to end (it would wait 60 s).
     signal_when_paused(tmp_path / "log", rank=0, signals=[signal.SIGINT, signal.SIGINT], gap=1.0, repeat_last=5)
     start = time.time()
-    result = loop_tests.launch(tmp_path, [*TINY_RUN, "--max_train_steps", "5", "--output_dir", out],
+    result = conftest.launch(tmp_path, [*TINY_RUN, "--max_train_steps", "5", "--output_dir", out],
                                env={"MSN_PAUSE_AT_FORWARD": "2"})  # fmt: skip
     assert result.returncode == 130, result.stderr[-3000:]
     assert time.time() - start < 50
@@ -268,15 +262,15 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path, monkeypatch
 
 
 def test_sigterm_to_one_process_of_two_stops_both_at_one_step_and_resumes_to_the_same_weights(
-    tmp_path, monkeypatch, parquet_shards, uninterrupted_two_process_stream  # noqa: F811 (fixtures)
+    tmp_path, monkeypatch, parquet_shards, uninterrupted_two_process_stream
 ):
-    monkeypatch.setattr(loop_tests, "LAUNCHER", PAUSE_LAUNCHER)
+    monkeypatch.setattr(conftest, "LAUNCHER", PAUSE_LAUNCHER)
     out = tmp_path / "run"
     args = [*RUN_ARGS, *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"), "--output_dir", out]
     # Only rank 1 is signalled, during its 2nd step: rank 0 must stop after the same step, or the two would wait for
     # each other in different collectives.
     signal_when_paused(tmp_path / "log", rank=1, signals=[signal.SIGTERM])
-    result = loop_tests.launch(tmp_path, args, processes=2, env={"MSN_PAUSE_AT_FORWARD": "2", "MSN_PAUSE_RANK": "1"})
+    result = conftest.launch(tmp_path, args, processes=2, env={"MSN_PAUSE_AT_FORWARD": "2", "MSN_PAUSE_RANK": "1"})
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("stopped at step 2: resume with --resume_from_checkpoint latest") == 1, output[-3000:]
@@ -284,7 +278,7 @@ def test_sigterm_to_one_process_of_two_stops_both_at_one_step_and_resumes_to_the
     assert len(list((out / "checkpoint-2").glob("dataloader_state_*.json"))) == 2  # every process wrote its part
     assert not (out / "model.safetensors").exists()
 
-    result = loop_tests.launch(tmp_path, [*args, "--resume_from_checkpoint", "latest"], processes=2)
+    result = conftest.launch(tmp_path, [*args, "--resume_from_checkpoint", "latest"], processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = MSNModel.from_pretrained(uninterrupted_two_process_stream / "run").state_dict()
     for key, value in MSNModel.from_pretrained(out).state_dict().items():
