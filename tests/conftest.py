@@ -26,6 +26,8 @@ TINY_MODEL_ARGS = [
     "--num_focal_views", "2",
     "--logging_steps", "1",
 ]  # fmt: skip
+# The same flags for a run that only trains: no evaluation at its end.
+RUN_ARGS = [*TINY_MODEL_ARGS, "--skip_evaluation"]
 
 
 def tiny_config(**overrides):
@@ -207,7 +209,7 @@ STREAM_ARGS = ["--streaming", "--shuffle_buffer_size", "0", "--per_device_train_
 @pytest.fixture(scope="session")
 def uninterrupted_two_process_stream(tmp_path_factory, parquet_shards):
     tmp_path = tmp_path_factory.mktemp("stream2")
-    args = [*TINY_MODEL_ARGS, "--skip_evaluation", *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"),
+    args = [*RUN_ARGS, *STREAM_ARGS, "--train_files", str(parquet_shards / "*.parquet"),
             "--output_dir", tmp_path / "run"]  # fmt: skip
     result = launch(tmp_path, args, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]

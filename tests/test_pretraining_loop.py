@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from PIL import Image
 
 from conftest import (
+    RUN_ARGS,
     STREAM_ARGS,
-    TINY_MODEL_ARGS,
     labelled_dataset,
     launch,
     logged_rows,
@@ -31,8 +31,6 @@ from msn_hf import MSNImageProcessor, MSNModel, checkpointing, training
 from msn_hf import pretraining as pt
 from msn_hf.data import DataArguments, decode_image
 from msn_hf.evaluation import load_evaluation_datasets
-
-RUN_ARGS = [*TINY_MODEL_ARGS, "--skip_evaluation"]
 
 
 @pytest.fixture(scope="module")

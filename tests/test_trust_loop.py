@@ -19,11 +19,10 @@ import pytest
 import torch
 
 import conftest
-from conftest import STREAM_ARGS, TINY_MODEL_ARGS, labelled_dataset
+from conftest import RUN_ARGS, STREAM_ARGS, TINY_MODEL_ARGS, labelled_dataset
 from msn_hf import MSNModel, checkpointing, cli, evaluation, run_outputs
 from msn_hf import pretraining as pt
 from msn_hf.modelcard import CARD_FACTS_FILE
-from test_pretraining_loop import RUN_ARGS
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32", "--skip_evaluation"]
 DATA_RECORD = "msn_data.json"  # which images a run pretrained on
@@ -253,7 +252,7 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path, monkeypatch
     signal_when_paused(tmp_path / "log", rank=0, signals=[signal.SIGINT, signal.SIGINT], gap=1.0, repeat_last=5)
     start = time.time()
     result = conftest.launch(tmp_path, [*TINY_RUN, "--max_train_steps", "5", "--output_dir", out],
-                               env={"MSN_PAUSE_AT_FORWARD": "2"})  # fmt: skip
+                             env={"MSN_PAUSE_AT_FORWARD": "2"})  # fmt: skip
     assert result.returncode == 130, result.stderr[-3000:]
     assert time.time() - start < 50
     assert "Traceback" not in result.stderr
