@@ -206,8 +206,9 @@ def test_the_model_of_the_longest_fitting_run_then_fills_the_whole_budget(tmp_pa
     plan = pt.plan_run_length(args, data_args, train_data, accelerator)
     model = pt.choose_recipe(args, data_args, train_data)
     seconds = fake(model)
-    # The model is the auto rule's for the longest run that fits with its own model (a plain scan) ...
-    assert plan.model_steps == args.max_train_steps == longest_fitting_run(1800.0, lambda n: fake(recipe_for(n)), 12_000)
+    # The model is the auto rule's for the longest run that fits with its own model at the margin (a plain scan) ...
+    slower = lambda n: budget.GROWTH_MARGIN * fake(recipe_for(n))  # noqa: E731
+    assert plan.model_steps == args.max_train_steps == longest_fitting_run(1800.0, slower, 12_000)
     assert budget.geometry_key(model) == budget.geometry_key(recipe_for(plan.model_steps))
     # ... the next model up would not fit the budget, and the plan runs this one for all of it.
     assert (plan.model_steps + 1) * fake(recipe_for(plan.model_steps + 1)) > 1800.0
@@ -222,6 +223,42 @@ def test_the_model_of_the_longest_fitting_run_then_fills_the_whole_budget(tmp_pa
                                 "--resume_from_checkpoint", str(checkpoint)])  # fmt: skip
     assert pt.plan_run_length(resumed, data_args, train_data, accelerator) == plan
     assert resumed.max_train_steps == plan.model_steps
+
+
+def test_a_bigger_model_is_bought_only_when_its_run_fits_at_a_slower_pace_than_timed(tmp_path, monkeypatch):
+    # The digits' 30-minute run as timed on 2 cores: 0.162 s a step for the 4 x 4 grid, 0.237 for the 5 x 5 one that
+    # runs from 7,433 steps (475,000 images seen). At its timed pace 7,594 steps of the 5 x 5 model fit the budget,
+    # but that run's steps then took ~0.29 s. A geometry is bought only when its run fits the budget even at
+    # `GROWTH_MARGIN` times its timed pace; the model then fills the budget at the timed one.
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    args, data_args = pt.parse_args(["--max_train_time", "30m", "--output_dir", str(tmp_path / "run")])
+    train_data = pt.build_train_data(data_args, args, accelerator)
+
+    def recipe_for(steps: int) -> dict:
+        return auto_recipe(32, True, len(train_data.dataset), 64, steps)
+
+    def grid(recipe: dict) -> int:
+        return recipe["backbone_kwargs"]["img_size"] // recipe["backbone_kwargs"]["patch_size"]
+
+    timed = {4: 0.162, 5: 0.237, 6: 0.33, 7: 0.45}
+    seconds_of = lambda recipe: timed[grid(recipe)]  # noqa: E731
+    monkeypatch.setattr(pt, "measure_seconds_per_step", lambda a, d, t, acc, recipe: seconds_of(recipe))
+    assert 7_594 * timed[5] <= 1800.0 and grid(recipe_for(7_594)) == 5  # the 5 x 5 run fits at the timed pace
+
+    plan = pt.plan_run_length(args, data_args, train_data, accelerator)
+    assert grid(pt.choose_recipe(args, data_args, train_data)) == grid(recipe_for(plan.model_steps)) == 4
+    slower = lambda n: budget.GROWTH_MARGIN * seconds_of(recipe_for(n))  # noqa: E731
+    assert plan.model_steps == longest_fitting_run(1800.0, slower, 12_000)
+    assert plan.planned_steps == math.floor(1800.0 / timed[4])
+
+    # With time enough for the 5 x 5 run at the slower pace too, the model grows.
+    args, _ = pt.parse_args(["--max_train_time", "45m", "--output_dir", str(tmp_path / "longer")])
+    plan = pt.plan_run_length(args, data_args, train_data, accelerator)
+    assert grid(recipe_for(plan.model_steps)) == 5
+    assert plan.model_steps == longest_fitting_run(2700.0, slower, 12_000)
+    assert plan.planned_steps == math.floor(2700.0 / timed[5])
 
 
 def test_the_clock_lays_a_plan_longer_than_its_model_with_the_warmup_in_proportion():

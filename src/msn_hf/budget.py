@@ -49,6 +49,11 @@ _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)$")
 WARMUP_STEPS, TIMED_STEPS = 2, 3
 # Geometries timed at most while planning, so that planning stays short beside the run.
 MAX_TIMINGS = 4
+# A budget buys a run length's model only if that run fits at this many times the model's timed pace: the pace of
+# the same model timed at the start of different runs varied by up to ~25 % against the pace it then ran at on 2 CPU
+# cores (benchmarks/RESULTS.md), and near a growth anchor a timing that reads fast buys a model whose run then sees
+# fewer images than the rule asks for it.
+GROWTH_MARGIN = 1.25
 # Fewer steps than this leave no room for a warmup and a cosine: such a budget is refused.
 MIN_PLANNED_STEPS = 10
 # Steps seen after the first (which pays for a new model's first pass) before a run's pace is judged.

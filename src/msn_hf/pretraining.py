@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, HfArgumentParser
 
 from .budget import (
+    GROWTH_MARGIN,
     MAX_GROWTH,
     MIN_PLANNED_STEPS,
     BudgetKeeper,
@@ -744,10 +745,11 @@ def plan_run_length(
     """
     The length of the run, settled before its model is built. With `--max_train_time`: the plan saved with the
     checkpoint a resumed run starts from (nothing is timed again), or a new plan: the longest run whose steps fit the
-    budget with its own model (`budget.plan_steps`), each candidate geometry of the recipe (the auto rule's model grows
-    with the run) timed by `measure_seconds_per_step`; that run length becomes `--max_train_steps`, from which the
-    recipe builds the model, and the plan runs the model for as many steps as fill the budget. Without any length flag, a new
-    run on the user's data has its duration estimated and printed. Returns the budget plan, or None.
+    budget with its own model at `GROWTH_MARGIN` times its pace (`budget.plan_steps`), each candidate geometry of the
+    recipe (the auto rule's model grows with the run) timed by `measure_seconds_per_step`; that run length becomes
+    `--max_train_steps`, from which the recipe builds the model, and the plan runs the model for as many steps as fill
+    the budget at its timed pace. Without any length flag, a new run on the user's data has its duration estimated and
+    printed. Returns the budget plan, or None.
     """
     saved = saved_plan(args.resume_from_checkpoint, args.output_dir)
     if saved is not None and saved.budget_seconds is not None and args.max_train_steps is None:
@@ -786,18 +788,23 @@ def plan_run_length(
             accelerator.print(estimate_line(steps, measure(None), global_batch, args.num_train_epochs))
         return None
     budget_seconds = parse_duration(args.max_train_time)
+    # The model is the one of the longest run that fits even at GROWTH_MARGIN times its timed pace: a few timed steps
+    # can read fast, and a bigger model bought on them would then see fewer images than the rule asks for it.
     steps, seconds, _ = plan_steps(
-        budget_seconds, measure, lambda n: geometry_key(recipe_for(n)), lambda n: recipe_cost(recipe_for(n))
+        budget_seconds / GROWTH_MARGIN,
+        measure,
+        lambda n: geometry_key(recipe_for(n)),
+        lambda n: recipe_cost(recipe_for(n)),
     )
-    if steps < MIN_PLANNED_STEPS:
+    # That model trains for the whole budget at its timed pace rather than stop short of it. At equal time, more steps
+    # of a cheaper model won every comparison measured (benchmarks/RESULTS.md).
+    planned = math.floor(budget_seconds / seconds)
+    if planned < MIN_PLANNED_STEPS:
         raise ValueError(
-            f"--max_train_time {args.max_train_time} fits {steps} steps of {seconds:.3g} s on this machine; the "
+            f"--max_train_time {args.max_train_time} fits {planned} steps of {seconds:.3g} s on this machine; the "
             f"schedules need at least {MIN_PLANNED_STEPS}: give a longer budget, got {args.max_train_time!r}."
         )
     args.max_train_steps = steps  # the recipe's model is the one of this run length
-    # The next model up does not fit: this one trains for the whole budget rather than stop short of it. At equal
-    # time, more steps of a cheaper model won every comparison measured (benchmarks/RESULTS.md).
-    planned = max(steps, math.floor(budget_seconds / seconds))
     # Timings by the run length whose geometry was timed.
     return BudgetPlan(planned, planned, budget_seconds=budget_seconds, seconds_per_step=seconds,
                       timings={str(key): value for key, value in timings.items()}, max_steps=MAX_GROWTH * planned,
