@@ -14,7 +14,10 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from msn_hf import MSNImageProcessor, MSNModel, training  # noqa: E402
 
 TINY_BACKBONE_KWARGS = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=8)
 # `msn-pretrain` flags for the same tiny model, logging every step.
@@ -155,7 +158,7 @@ def launch(tmp_path, args, processes=1, env=None, wait=True, log=None):
 def train_in_process(monkeypatch, args, log: Path) -> None:
     """`msn-pretrain` in this process (no launch of its own to pay for), each row it collates appended to
     log / rows_0.txt as under `launch`."""
-    from msn_hf import pretraining, training
+    from msn_hf import pretraining
 
     log.mkdir(exist_ok=True)
     collate = training.MSNViewsCollator.__call__
@@ -214,3 +217,26 @@ def uninterrupted_two_process_stream(tmp_path_factory, parquet_shards):
     result = launch(tmp_path, args, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path
+
+
+# --- one training step on a tiny model ------------------------------------------------------------------------------
+
+
+def tiny_views(batch_size: int, seed: int = 0) -> dict:
+    processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16, num_focal_views=2)
+    views = processor(random_images(batch_size, seed), return_views=True, seed=seed, return_tensors="pt")
+    return dict(views)
+
+
+def step_setup(gradient_accumulation_steps=1, **config):
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Accelerate's state is shared by every Accelerator of a process: start from none, whatever ran before (a Trainer).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    model = MSNModel(tiny_config(**config))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=gradient_accumulation_steps)
+    optimizer = torch.optim.AdamW(training.parameter_groups(model), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedules = training.MSNSchedules(total_steps=10, warmup_steps=2, momentum=0.9, final_momentum=1.0)
+    return accelerator, model, optimizer, schedules

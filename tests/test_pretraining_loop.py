@@ -24,10 +24,12 @@ from conftest import (
     launch,
     logged_rows,
     random_images,
+    step_setup,
     tiny_config,
+    tiny_views,
     train_in_process,
 )
-from msn_hf import MSNImageProcessor, MSNModel, checkpointing, training
+from msn_hf import MSNImageProcessor, MSNModel, checkpointing
 from msn_hf import pretraining as pt
 from msn_hf.data import DataArguments, decode_image
 from msn_hf.evaluation import load_evaluation_datasets
@@ -54,26 +56,6 @@ def webdataset_shards(tmp_path_factory) -> Path:
 
 
 # --- one step ------------------------------------------------------------------------------------------------------
-
-
-def tiny_views(batch_size: int, seed: int = 0) -> dict:
-    processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16, num_focal_views=2)
-    views = processor(random_images(batch_size, seed), return_views=True, seed=seed, return_tensors="pt")
-    return dict(views)
-
-
-def step_setup(gradient_accumulation_steps=1, **config):
-    from accelerate.state import AcceleratorState, GradientState
-
-    # Accelerate's state is shared by every Accelerator of a process: start from none, whatever ran before (a Trainer).
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    model = MSNModel(tiny_config(**config))
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW(training.parameter_groups(model), lr=1e-3)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    schedules = training.MSNSchedules(total_steps=10, warmup_steps=2, momentum=0.9, final_momentum=1.0)
-    return accelerator, model, optimizer, schedules
 
 
 def test_each_step_moves_the_anchor_and_updates_the_target_with_the_scheduled_momentum():

@@ -13,13 +13,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import RUN_ARGS, TINY_MODEL_ARGS, one_process_reference, tiny_config
+from conftest import RUN_ARGS, TINY_MODEL_ARGS, one_process_reference, step_setup, tiny_config, tiny_views
 from msn_hf import MSNImageProcessor, MSNModel, checkpointing, training
 from msn_hf import pretraining as pt
 from msn_hf.data import load_digits_dataset
 from msn_hf.trainer_msn import MSNTrainer, MSNTrainingArguments
 from msn_hf.training import MSNViewsCollator
-from test_pretraining_loop import step_setup, tiny_views
 
 # --- the same refusals in both loops --------------------------------------------------------------------------------
 
