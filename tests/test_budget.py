@@ -187,21 +187,29 @@ def test_the_planner_picks_the_longest_run_that_fits_like_a_plain_scan():
     assert budget.plan_steps(0.1, lambda n: 0.5)[0] == 0
 
 
-def test_the_model_of_the_longest_fitting_run_then_fills_the_whole_budget(tmp_path, monkeypatch):
-    # The built-in digits under the auto rule, each geometry timed in proportion to its compute (the 4 x 4 model at
-    # 0.18 s a step, as on 2 quiet cores). The next model up costs ~1.5x a step, so the longest run that fits with
-    # its own model can leave much of the budget unused: the plan keeps that model and fills the budget with it.
+def digits_under_a_budget(tmp_path):
+    """The planner's view of a 30-minute run on the built-in digits: `(accelerator, args, data_args, train_data,
+    recipe_for)`, where `recipe_for(n)` is the auto rule's recipe for a run of n steps (32 px grey images, batch 64)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     args, data_args = pt.parse_args(["--max_train_time", "30m", "--output_dir", str(tmp_path / "run")])
     train_data = pt.build_train_data(data_args, args, accelerator)
+
+    def recipe_for(steps: int) -> dict:
+        return auto_recipe(32, True, len(train_data.dataset), 64, steps)
+
+    return accelerator, args, data_args, train_data, recipe_for
+
+
+def test_the_model_of_the_longest_fitting_run_then_fills_the_whole_budget(tmp_path, monkeypatch):
+    # The built-in digits under the auto rule, each geometry timed in proportion to its compute (the 4 x 4 model at
+    # 0.18 s a step, as on 2 quiet cores). The next model up costs ~1.5x a step, so the longest run that fits with
+    # its own model can leave much of the budget unused: the plan keeps that model and fills the budget with it.
+    accelerator, args, data_args, train_data, recipe_for = digits_under_a_budget(tmp_path)
     scale = 0.18 / step_cost(pt.choose_recipe(args, data_args, train_data))  # max_train_steps unset: the default run
     fake = lambda recipe: scale * step_cost(recipe)  # noqa: E731
     monkeypatch.setattr(pt, "measure_seconds_per_step", lambda args, data_args, train_data, accelerator, recipe: fake(recipe))
-
-    def recipe_for(steps: int) -> dict:  # the digits: 32 px grey images, batch 64
-        return auto_recipe(32, True, len(train_data.dataset), 64, steps)
 
     plan = pt.plan_run_length(args, data_args, train_data, accelerator)
     model = pt.choose_recipe(args, data_args, train_data)
@@ -230,14 +238,7 @@ def test_a_bigger_model_is_bought_only_when_its_run_fits_at_a_slower_pace_than_t
     # runs from 7,433 steps (475,000 images seen). At its timed pace 7,594 steps of the 5 x 5 model fit the budget,
     # but that run's steps then took ~0.29 s. A geometry is bought only when its run fits the budget even at
     # `GROWTH_MARGIN` times its timed pace; the model then fills the budget at the timed one.
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
-    args, data_args = pt.parse_args(["--max_train_time", "30m", "--output_dir", str(tmp_path / "run")])
-    train_data = pt.build_train_data(data_args, args, accelerator)
-
-    def recipe_for(steps: int) -> dict:
-        return auto_recipe(32, True, len(train_data.dataset), 64, steps)
+    accelerator, args, data_args, train_data, recipe_for = digits_under_a_budget(tmp_path)
 
     def grid(recipe: dict) -> int:
         return recipe["backbone_kwargs"]["img_size"] // recipe["backbone_kwargs"]["patch_size"]
