@@ -228,6 +228,26 @@ def tiny_views(batch_size: int, seed: int = 0) -> dict:
     return dict(views)
 
 
+@pytest.fixture
+def adamw_implementations(monkeypatch) -> list[str]:
+    """The name of the AdamW implementation torch runs at each call: `_fused_adam` (one kernel over all parameters),
+    `_multi_tensor_adam` (foreach) or `_single_tensor_adam` (a Python loop over the parameters)."""
+    from torch.optim import adam
+
+    calls = []
+
+    def recorded(name, implementation):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return implementation(*args, **kwargs)
+
+        return run
+
+    for name in ("_fused_adam", "_multi_tensor_adam", "_single_tensor_adam"):
+        monkeypatch.setattr(adam, name, recorded(name, getattr(adam, name)))
+    return calls
+
+
 def step_setup(gradient_accumulation_steps=1, **config):
     from accelerate.state import AcceleratorState, GradientState
 
@@ -236,7 +256,7 @@ def step_setup(gradient_accumulation_steps=1, **config):
     GradientState._reset_state()
     model = MSNModel(tiny_config(**config))
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW(training.parameter_groups(model), lr=1e-3)
+    optimizer = training.adamw(model, accelerator.device, lr=1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     schedules = training.MSNSchedules(total_steps=10, warmup_steps=2, momentum=0.9, final_momentum=1.0)
     return accelerator, model, optimizer, schedules

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL_ARGS, tiny_config
+from conftest import TINY_MODEL_ARGS, tiny_config, tiny_views
 from msn_hf import MSNImageProcessor, MSNModel, budget, cli
 from msn_hf import pretraining as pt
 from msn_hf.recipe import auto_recipe, step_cost
@@ -144,6 +144,14 @@ def test_the_trainer_refuses_a_bad_budget_by_name(tmp_path):
 def longest_fitting_run(budget_seconds: float, seconds_of: callable, limit: int) -> int:
     """The plain re-derivation: every run length in turn."""
     return max((n for n in range(1, limit) if n * seconds_of(n) <= budget_seconds), default=0)
+
+
+def test_the_planner_times_the_optimiser_the_run_steps_with(adamw_implementations):
+    from accelerate import Accelerator
+
+    seconds = budget.time_model_steps(Accelerator(cpu=True), MSNModel(tiny_config()), [tiny_views(4)], seed=0)
+    assert seconds > 0
+    assert adamw_implementations and set(adamw_implementations) == {"_fused_adam"}  # as the loop's
 
 
 def test_the_planner_picks_the_longest_run_that_fits_like_a_plain_scan():

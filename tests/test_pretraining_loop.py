@@ -75,6 +75,13 @@ def test_each_step_moves_the_anchor_and_updates_the_target_with_the_scheduled_mo
     assert not torch.equal(model.encoder.blocks[0].attn.qkv.weight, initial_anchor)
 
 
+def test_the_loop_steps_with_torchs_fused_adamw(tmp_path, monkeypatch, adamw_implementations):
+    # One kernel over all parameters (Transformers' default optimiser), not torch's CPU default of a Python loop.
+    train_in_process(monkeypatch, [*RUN_ARGS, "--max_train_samples", "32", "--per_device_train_batch_size", "8",
+                                   "--max_train_steps", "2", "--output_dir", tmp_path / "run"], tmp_path / "log")
+    assert adamw_implementations and set(adamw_implementations) == {"_fused_adam"}
+
+
 def gradients_at_step(max_grad_norm: float) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     accelerator, model, optimizer, schedules = step_setup()

@@ -99,6 +99,11 @@ def test_trainer_and_accelerate_loop_run_the_same_steps(initial_folder, tmp_path
     assert_same_weights(trainer.model, loop_model, atol=1e-5)
 
 
+def test_the_trainer_steps_with_torchs_fused_adamw_like_the_loop(initial_folder, tmp_path, adamw_implementations):
+    make_trainer(initial_folder, tmp_path / "trainer", max_steps=2).train()
+    assert adamw_implementations and set(adamw_implementations) == {"_fused_adam"}
+
+
 def test_prototypes_norms_and_biases_get_no_weight_decay_and_no_clipping(initial_folder, tmp_path):
     trainer = make_trainer(initial_folder, tmp_path, max_steps=10, max_grad_norm=1.0)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)

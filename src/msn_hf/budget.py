@@ -39,7 +39,7 @@ from transformers.trainer_callback import ExportableState
 from .checkpointing import TRAINING_STATE_FILE, find_latest_checkpoint
 from .modeling_msn import MSNModel
 from .recipe import step_cost
-from .training import MSNSchedules, batch_decisions, parameter_groups
+from .training import MSNSchedules, adamw, batch_decisions
 
 logger = get_logger(__name__)
 
@@ -163,7 +163,7 @@ def time_model_steps(
     and torch's generators are seeded with `seed` again.
     """
     timed = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(parameter_groups(timed))
+    optimizer = adamw(timed, accelerator.device)
     timed, optimizer = accelerator.prepare(timed, optimizer)
     target = accelerator.unwrap_model(timed)
 

@@ -106,12 +106,12 @@ from .training import (
     MSNSchedules,
     MSNViewsCollator,
     SkippedBatches,
+    adamw,
     apply_schedules,
     average_window_gradients,
     batch_decisions,
     check_recipe_arguments,
     clipped_parameters,
-    parameter_groups,
     seed_batch,
     window_decision,
 )
@@ -704,7 +704,7 @@ def measure_seconds_per_step(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     collator = MSNViewsCollator(processor, train_data.image_column, seed=args.seed, views_on_device=args.views_on_device)
     dataloader = build_dataloader(train_data, collator, args)
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(model, accelerator.device, lr=args.learning_rate, weight_decay=args.weight_decay)
     if train_data.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
@@ -1095,7 +1095,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
         processor, train_data.image_column, seed=args.seed, views_on_device=args.views_on_device
     )
     dataloader = build_dataloader(train_data, collator, args)
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(model, accelerator.device, lr=args.learning_rate, weight_decay=args.weight_decay)
     if train_data.streaming:  # each process already reads its own part of the stream
         model, optimizer = accelerator.prepare(model, optimizer)
         steps_per_epoch = None

@@ -92,7 +92,10 @@ class MSNTrainingArguments(TrainingArguments):
         },
     )
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per device and step."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (AdamW in the recipe)."})
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata={"help": "Optimizer: AdamW in the recipe, with torch's fused kernel as in the Accelerate loop."},
+    )
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Sinkhorn needs full batches."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Ignored: the views collator needs the image column."}
