@@ -1,9 +1,10 @@
 """
 The MSN training recipe that both loops run (the Accelerate loop of `pretraining.py` and `MSNTrainer` of
 `trainer_msn.py`): the checks of their arguments, the per-step schedules, the AdamW optimiser and its parameter
-groups, the parameters that are clipped, the views collator and the indexed dataset that seeds it, the per-batch seed, the
-decisions every process takes alike about a batch and about a step, the mean over an accumulation window, and the
-stop for data without a readable image. Written once, so that the two loops run the same recipe by construction.
+groups, the parameters that are clipped, the views collator and the indexed dataset that seeds it, the per-batch
+seed, the decisions every process takes alike about a batch and about a step, the mean over an accumulation window,
+and the stop for data without a readable image. Written once, so that the two loops run the same recipe by
+construction.
 """
 
 import hashlib
@@ -110,9 +111,9 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 def adamw(model: MSNModel, device: torch.device, **hyperparameters) -> torch.optim.AdamW:
     """
     AdamW over `parameter_groups(model)` for a run on `device`, with torch's fused kernel there when it has one: one
-    kernel over all parameters instead of torch's default on the CPU, a Python loop over them (2 ms against 6 ms a
-    step for the 1.2 million parameters of the digits model, benchmarks/RESULTS.md). Transformers' `Trainer` defaults
-    to the same kernel (`optim="adamw_torch_fused"`). `hyperparameters` go to `torch.optim.AdamW`.
+    kernel over all parameters instead of torch's default on the CPU, a Python loop over them (3.5x faster for the
+    digits model, 4x for ViT-S: `benchmarks/optimizer_step.py`). Transformers' `Trainer` defaults to the same kernel
+    (`optim="adamw_torch_fused"`). `hyperparameters` go to `torch.optim.AdamW`.
     """
     fused = True if torch.device(device).type in FUSED_ADAMW_DEVICES else None
     return torch.optim.AdamW(parameter_groups(model), fused=fused, **hyperparameters)
