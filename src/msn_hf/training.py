@@ -105,7 +105,7 @@ def parameter_groups(model: MSNModel) -> list[dict]:
 
 
 # Devices on which torch (>= 2.4) has a fused AdamW kernel.
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 def adamw(model: MSNModel, device: torch.device, **hyperparameters) -> torch.optim.AdamW:
@@ -115,7 +115,7 @@ def adamw(model: MSNModel, device: torch.device, **hyperparameters) -> torch.opt
     digits model, 4x for ViT-S: `benchmarks/optimizer_step.py`). Transformers' `Trainer` defaults to the same kernel
     (`optim="adamw_torch_fused"`). `hyperparameters` go to `torch.optim.AdamW`.
     """
-    fused = True if torch.device(device).type in FUSED_ADAMW_DEVICES else None
+    fused = True if torch.device(device).type in _FUSED_ADAMW_DEVICES else None
     return torch.optim.AdamW(parameter_groups(model), fused=fused, **hyperparameters)
 
 
