@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL_ARGS, tiny_config
+from conftest import TINY_MODEL_ARGS, labelled_dataset, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel, checkpointing, run_outputs, training
 from msn_hf import pretraining as pt
+from msn_hf.data import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
@@ -77,6 +78,83 @@ def test_find_latest_checkpoint_ignores_incomplete_saves(tmp_path):
         (tmp_path / name / checkpointing.TRAINING_STATE_FILE).write_text("{}")
     assert checkpointing.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert checkpointing.find_latest_checkpoint(tmp_path / "missing") is None
+
+
+# --- decoded images kept in memory ----------------------------------------------------------------------------------
+
+
+def undecoded_rows(count: int, corrupt: tuple[int, ...] = ()):
+    """`labelled_dataset(count)` as the loop reads it (images undecoded), rows in `corrupt` holding bytes that are
+    not an image."""
+    import datasets
+
+    rows = labelled_dataset(count).cast_column("image", datasets.Image(decode=False))
+    return rows.map(lambda row, i: {"image": {"bytes": b"not an image", "path": None}} if i in corrupt else row,
+                    with_indices=True)  # fmt: skip
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list:
+    """The images `training` decodes, one entry per decode."""
+    calls = []
+
+    def counted(value):
+        calls.append(value)
+        return decode_image(value)
+
+    monkeypatch.setattr(training, "decode_image", counted)
+    return calls
+
+
+def test_rows_read_again_are_not_decoded_again_until_the_cache_is_full(decodes):
+    one_image = 3 * 32 * 32
+    dataset = training.IndexedDataset(undecoded_rows(12), "image", cache_bytes=5 * one_image)
+    collator = training.MSNViewsCollator(MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16), "image")
+    for epoch in range(3):
+        rows = [dataset[i] for i in range(12)]
+        assert collator(rows)["num_skipped"] == 0
+        assert [(row["id"], row["label"], row[training.INDEX_KEY]) for row in rows] == [
+            (f"row{i:03d}", i % 4, i) for i in range(12)
+        ]
+        # The first epoch decodes all 12; later ones only the 7 that did not fit in the 5 images' bytes.
+        assert len(decodes) == 12 + 7 * epoch
+
+
+def test_views_of_images_from_memory_equal_those_of_images_decoded_again():
+    processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16, num_focal_views=2)
+    cached = training.IndexedDataset(undecoded_rows(8), "image", cache_bytes=2**20)
+    plain = training.IndexedDataset(undecoded_rows(8))
+    for views_on_device in (False, True):
+        collator = training.MSNViewsCollator(processor, "image", seed=3, views_on_device=views_on_device)
+        for _ in range(2):  # the first reading fills the cache, the second is served from it
+            from_memory = collator([cached[i] for i in range(8)])
+        decoded = collator([plain[i] for i in range(8)])
+        assert isinstance(cached[0]["image"], torch.Tensor) and isinstance(plain[0]["image"], dict)
+        assert from_memory.keys() == decoded.keys()
+        for key, value in decoded.items():
+            assert torch.equal(from_memory[key], value) if isinstance(value, torch.Tensor) else from_memory[key] == value
+
+
+def test_an_unreadable_image_in_memory_is_skipped_and_counted_every_epoch(decodes):
+    dataset = training.IndexedDataset(undecoded_rows(6, corrupt=(2,)), "image", cache_bytes=2**20)
+    collator = training.MSNViewsCollator(MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16), "image")
+    for _ in range(2):
+        batch = collator([dataset[i] for i in range(6)])
+        assert batch["num_skipped"] == 1 and batch["pixel_values"].shape[0] == 5
+    assert len(decodes) == 6
+
+
+def test_the_loop_keeps_decoded_images_only_without_dataloader_workers(tmp_path, decodes):
+    from accelerate import Accelerator
+
+    for workers, kept in ((0, True), (1, False)):
+        args, data_args = pt.parse_args([*TINY_ARGS, "--dataloader_num_workers", str(workers),
+                                         "--output_dir", str(tmp_path / "run")])  # fmt: skip
+        train_data = pt.build_train_data(data_args, args, Accelerator(cpu=True))
+        decodes.clear()
+        for _ in range(2):
+            [train_data.dataset[i] for i in range(len(train_data.dataset))]
+        assert len(decodes) == (len(train_data.dataset) if kept else 0)
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------

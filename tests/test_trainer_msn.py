@@ -104,6 +104,23 @@ def test_the_trainer_steps_with_torchs_fused_adamw_like_the_loop(initial_folder,
     assert adamw_implementations and set(adamw_implementations) == {"_fused_adam"}
 
 
+def test_the_trainer_keeps_decoded_images_for_its_views_collator_without_workers_only(initial_folder, tmp_path):
+    def first_image(trainer):
+        dataset = trainer.train_dataset
+        return dataset[0]["image"], dataset[0] is dataset[0]
+
+    image, kept = first_image(make_trainer(initial_folder, tmp_path / "default", max_steps=1))
+    assert isinstance(image, torch.Tensor) and image.shape == (3, 32, 32) and kept
+    image, kept = first_image(make_trainer(initial_folder, tmp_path / "workers", 1, dataloader_num_workers=1))
+    assert isinstance(image, dict) and not kept
+    # A collator of the user's own is given the rows as they are.
+    trainer = make_trainer(initial_folder, tmp_path / "own", max_steps=1)
+    own = MSNTrainer(trainer.model, trainer.args, load_digits_dataset("train").select(range(NUM_SAMPLES)),
+                     trainer.processing_class, data_collator=lambda rows: rows)  # fmt: skip
+    image, kept = first_image(own)
+    assert isinstance(image, dict) and not kept
+
+
 def test_prototypes_norms_and_biases_get_no_weight_decay_and_no_clipping(initial_folder, tmp_path):
     trainer = make_trainer(initial_folder, tmp_path, max_steps=10, max_grad_norm=1.0)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)

@@ -102,6 +102,7 @@ from .run_outputs import (
 )
 from .sources import check_model_source
 from .training import (
+    DECODED_IMAGE_CACHE_BYTES,
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
@@ -468,7 +469,9 @@ def build_train_data(data_args: DataArguments, args: PretrainingArguments, accel
             f"process(es) must not exceed the {len(rows)} training images (a batch is never partial), got a global "
             f"batch of {global_batch}."
         )
-    return TrainData(IndexedDataset(rows.with_format(None)), data.image_column, evaluation, reason, sample)
+    cache_bytes = DECODED_IMAGE_CACHE_BYTES if args.dataloader_num_workers == 0 else 0
+    dataset = IndexedDataset(rows.with_format(None), data.image_column, cache_bytes)
+    return TrainData(dataset, data.image_column, evaluation, reason, sample)
 
 
 def build_dataloader(train_data: TrainData, collator: MSNViewsCollator, args: PretrainingArguments) -> DataLoader:

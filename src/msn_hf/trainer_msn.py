@@ -33,6 +33,7 @@ from .data import IMAGE_COLUMN_NAMES, ImageDataset, find_column
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 from .training import (
+    DECODED_IMAGE_CACHE_BYTES,
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
@@ -254,7 +255,10 @@ class MSNTrainer(Trainer):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         kwargs.setdefault("data_collator", MSNViewsCollator(image_processor, image_column, seed=args.seed))
         kwargs.setdefault("processing_class", image_processor)
-        super().__init__(model=model, args=args, train_dataset=IndexedDataset(train_dataset), **kwargs)
+        # Decoded images are kept for the views collator only: another collator is given the rows as they are.
+        keeps_images = isinstance(kwargs["data_collator"], MSNViewsCollator) and args.dataloader_num_workers == 0
+        train_dataset = IndexedDataset(train_dataset, image_column, DECODED_IMAGE_CACHE_BYTES if keeps_images else 0)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.add_callback(_MSNStepHooks(self))
         self._epoch, self._batches_in_epoch = 0, 0
         self._consecutive_nonfinite, self._unreadable_in_a_row = 0, 0
