@@ -18,6 +18,7 @@ from accelerate import Accelerator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from msn_hf import MSNImageProcessor, MSNModel, training  # noqa: E402
+from msn_hf.data import decode_image  # noqa: E402
 
 TINY_BACKBONE_KWARGS = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=8)
 # `msn-pretrain` flags for the same tiny model, logging every step.
@@ -226,6 +227,19 @@ def tiny_views(batch_size: int, seed: int = 0) -> dict:
     processor = MSNImageProcessor(size=32, crop_size=32, focal_crop_size=16, num_focal_views=2)
     views = processor(random_images(batch_size, seed), return_views=True, seed=seed, return_tensors="pt")
     return dict(views)
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list:
+    """The images `training` decodes (the loops' datasets and collators), one entry per decode."""
+    calls = []
+
+    def counted(value):
+        calls.append(value)
+        return decode_image(value)
+
+    monkeypatch.setattr(training, "decode_image", counted)
+    return calls
 
 
 @pytest.fixture

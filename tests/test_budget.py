@@ -270,6 +270,20 @@ def test_a_bigger_model_is_bought_only_when_its_run_fits_at_a_slower_pace_than_t
     assert plan.planned_steps == math.floor(2700.0 / timed[5])
 
 
+def test_every_candidate_is_timed_on_rows_decoded_as_in_a_first_epoch(tmp_path, decodes):
+    """The run keeps decoded images in memory; the timing of one candidate must not leave any for the next."""
+    accelerator, args, data_args, train_data, recipe_for = digits_under_a_budget(tmp_path)
+    assert train_data.dataset.cache_bytes > 0
+    per_timing = []
+    for _ in range(2):
+        pt.measure_seconds_per_step(args, data_args, train_data, accelerator, recipe_for(100))
+        per_timing.append(len(decodes) - sum(per_timing))
+    # Every batch of the timing read and decoded its rows (Accelerate's DataLoader reads one batch ahead), both times.
+    assert per_timing[0] >= (budget.WARMUP_STEPS + budget.TIMED_STEPS) * args.per_device_train_batch_size
+    assert per_timing[1] == per_timing[0]
+    assert not train_data.dataset.cache
+
+
 def test_the_clock_lays_a_plan_longer_than_its_model_with_the_warmup_in_proportion():
     from accelerate import Accelerator
 

@@ -18,7 +18,6 @@ from PIL import Image
 from conftest import TINY_MODEL_ARGS, labelled_dataset, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel, checkpointing, run_outputs, training
 from msn_hf import pretraining as pt
-from msn_hf.data import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain_msn.py"
@@ -91,19 +90,6 @@ def undecoded_rows(count: int, corrupt: tuple[int, ...] = ()):
     rows = labelled_dataset(count).cast_column("image", datasets.Image(decode=False))
     return rows.map(lambda row, i: {"image": {"bytes": b"not an image", "path": None}} if i in corrupt else row,
                     with_indices=True)  # fmt: skip
-
-
-@pytest.fixture
-def decodes(monkeypatch) -> list:
-    """The images `training` decodes, one entry per decode."""
-    calls = []
-
-    def counted(value):
-        calls.append(value)
-        return decode_image(value)
-
-    monkeypatch.setattr(training, "decode_image", counted)
-    return calls
 
 
 def test_rows_read_again_are_not_decoded_again_until_the_cache_is_full(decodes):

@@ -698,10 +698,16 @@ def measure_seconds_per_step(
     """
     Seconds per optimiser step of a new model of `recipe` (see `build_model_and_processor`) on this machine: warm-up
     steps, then timed ones (`budget.time_steps`) of `training_step` on real batches of the run's data, through its
-    collator, DataLoader, processes and precision; the slowest process's figure, the same on every process. Leaves
-    nothing behind: the Accelerator lets go of the model, optimiser and DataLoader, and the seed is set again, so
-    that the run starts as it would have without the timing.
+    collator, DataLoader, processes and precision (rows read and decoded, none kept in memory); the slowest
+    process's figure, the same on every process. Leaves nothing behind: the Accelerator lets go of the model,
+    optimiser and DataLoader, and the seed is set again, so that the run starts as it would have without the timing.
     """
+    rows = train_data.dataset
+    if isinstance(rows, IndexedDataset) and rows.cache_bytes:
+        # Every candidate is timed on rows read and decoded as in a first epoch: images the first candidate's steps
+        # left in memory would make the later ones look faster, and a large data set's later epochs read mostly rows
+        # that are not kept.
+        train_data = dataclasses.replace(train_data, dataset=IndexedDataset(rows.dataset))
     model, processor = build_model_and_processor(args, data_args, recipe)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

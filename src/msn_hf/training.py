@@ -142,7 +142,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     With `cache_bytes`, it decodes the images of `image_column` itself and keeps the rows it has read, each image an
     RGB `uint8` tensor `(3, H, W)` (None when unreadable), until their images take `cache_bytes`: later epochs then
-    neither read nor decode those rows, a tenth of the step of a small model on small images on a CPU. Their views
+    neither read nor decode those rows (6-8 % of a step of a small model on small images, on a CPU). Their views
     are the same as those of the images decoded again. Worth it in the training process only: DataLoader workers
     start again every epoch, with an empty cache.
     """
