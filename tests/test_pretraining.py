@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -24,11 +25,14 @@ SCRIPT = ROOT / "examples" / "pretrain_msn.py"
 TINY_ARGS = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64"]
 
 
-def run_script(*args, env=None, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
-    )
+def run_script(monkeypatch, capfd, *args) -> subprocess.CompletedProcess:
+    """`python examples/pretrain_msn.py ARGS` run in this process (a process of its own costs seconds of imports):
+    its exit status and what it wrote."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    stdout, stderr = capfd.readouterr()
+    return subprocess.CompletedProcess(sys.argv, exit.value.code, stdout, stderr)
 
 
 # --- schedules and optimiser ---------------------------------------------------------------------------------------
@@ -146,9 +150,9 @@ def test_the_loop_keeps_decoded_images_only_without_dataloader_workers(tmp_path,
 # --- the loop ------------------------------------------------------------------------------------------------------
 
 
-def test_script_end_to_end_on_builtin_digits(tmp_path):
+def test_script_end_to_end_on_builtin_digits(tmp_path, monkeypatch, capfd):
     out = tmp_path / "run"
-    result = run_script(*TINY_ARGS, "--max_train_steps", 3, "--output_dir", out, "--checkpointing_steps", 2)
+    result = run_script(monkeypatch, capfd, *TINY_ARGS, "--max_train_steps", 3, "--output_dir", out, "--checkpointing_steps", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "loss_curve.png",
                  "metrics.jsonl", "eval_results.json", "train_results.json", "modeling_msn.py"):
