@@ -134,7 +134,7 @@ def test_an_unreadable_image_in_memory_is_skipped_and_counted_every_epoch(decode
     assert len(decodes) == 6
 
 
-def test_the_loop_keeps_decoded_images_only_without_dataloader_workers(tmp_path, decodes):
+def test_the_loop_decodes_each_image_once_without_dataloader_workers_and_every_epoch_with_them(tmp_path, decodes):
     from accelerate import Accelerator
 
     for workers, kept in ((0, True), (1, False)):
@@ -145,6 +145,11 @@ def test_the_loop_keeps_decoded_images_only_without_dataloader_workers(tmp_path,
         for _ in range(2):
             [train_data.dataset[i] for i in range(len(train_data.dataset))]
         assert len(decodes) == (len(train_data.dataset) if kept else 0)
+    # The run itself: three epochs of 64 images (4 steps each) decode each image once.
+    decodes.clear()
+    pt.main([*TINY_ARGS, "--max_train_steps", "12", "--skip_evaluation", "--output_dir", str(tmp_path / "run")])
+    assert len(decodes) == 64
+    assert json.loads((tmp_path / "run" / "train_results.json").read_text())["completed_steps"] == 12
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
