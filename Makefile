@@ -21,8 +21,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Two pytest workers, each taking whole test files: run one after the other, the tests keep one of two cores busy.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 pretrain: $(STAMP)
 	$(PY) examples/pretrain_msn.py --max_train_time $(PRETRAIN_TIME) --output_dir $(OUTPUT_DIR)

@@ -73,10 +73,14 @@ def config():
     return tiny_config()
 
 
+# Under pytest-xdist the workers share the machine's cores: a worker's torch runs on its share (at most 2 threads).
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(min(THREADS, torch.get_num_threads()))
 
 
 # --- runs of msn-pretrain with probes, and the data they train on ---------------------------------------------------
