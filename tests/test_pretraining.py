@@ -157,7 +157,8 @@ def test_the_loop_decodes_each_image_once_without_dataloader_workers_and_every_e
 
 def test_script_end_to_end_on_builtin_digits(tmp_path, monkeypatch, capfd):
     out = tmp_path / "run"
-    result = run_script(monkeypatch, capfd, *TINY_ARGS, "--max_train_steps", 3, "--output_dir", out, "--checkpointing_steps", 2)
+    result = run_script(monkeypatch, capfd, *TINY_ARGS, "--max_train_steps", 3, "--output_dir", out,
+                        "--checkpointing_steps", 2)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "loss_curve.png",
                  "metrics.jsonl", "eval_results.json", "train_results.json", "modeling_msn.py"):

@@ -102,7 +102,6 @@ from .run_outputs import (
 )
 from .sources import check_model_source
 from .training import (
-    DECODED_IMAGE_CACHE_BYTES,
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
@@ -113,6 +112,7 @@ from .training import (
     batch_decisions,
     check_recipe_arguments,
     clipped_parameters,
+    kept_image_bytes,
     seed_batch,
     window_decision,
 )
@@ -469,8 +469,7 @@ def build_train_data(data_args: DataArguments, args: PretrainingArguments, accel
             f"process(es) must not exceed the {len(rows)} training images (a batch is never partial), got a global "
             f"batch of {global_batch}."
         )
-    cache_bytes = DECODED_IMAGE_CACHE_BYTES if args.dataloader_num_workers == 0 else 0
-    dataset = IndexedDataset(rows.with_format(None), data.image_column, cache_bytes)
+    dataset = IndexedDataset(rows.with_format(None), data.image_column, kept_image_bytes(args.dataloader_num_workers))
     return TrainData(dataset, data.image_column, evaluation, reason, sample)
 
 

@@ -33,7 +33,6 @@ from .data import IMAGE_COLUMN_NAMES, ImageDataset, find_column
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 from .training import (
-    DECODED_IMAGE_CACHE_BYTES,
     IndexedDataset,
     MSNSchedules,
     MSNViewsCollator,
@@ -43,6 +42,7 @@ from .training import (
     batch_decisions,
     check_recipe_arguments,
     clipped_parameters,
+    kept_image_bytes,
     parameter_groups,
     seed_batch,
     window_decision,
@@ -256,8 +256,9 @@ class MSNTrainer(Trainer):
         kwargs.setdefault("data_collator", MSNViewsCollator(image_processor, image_column, seed=args.seed))
         kwargs.setdefault("processing_class", image_processor)
         # Decoded images are kept for the views collator only: another collator is given the rows as they are.
-        keeps_images = isinstance(kwargs["data_collator"], MSNViewsCollator) and args.dataloader_num_workers == 0
-        train_dataset = IndexedDataset(train_dataset, image_column, DECODED_IMAGE_CACHE_BYTES if keeps_images else 0)
+        views = isinstance(kwargs["data_collator"], MSNViewsCollator)
+        cache_bytes = kept_image_bytes(args.dataloader_num_workers) if views else 0
+        train_dataset = IndexedDataset(train_dataset, image_column, cache_bytes)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.add_callback(_MSNStepHooks(self))
         self._epoch, self._batches_in_epoch = 0, 0

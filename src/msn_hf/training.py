@@ -173,6 +173,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         return row
 
 
+def kept_image_bytes(dataloader_num_workers: int) -> int:
+    """The `cache_bytes` of a loop's [`IndexedDataset`]: `DECODED_IMAGE_CACHE_BYTES` in the training process, none
+    with DataLoader workers (they start again every epoch, with an empty cache)."""
+    return DECODED_IMAGE_CACHE_BYTES if dataloader_num_workers == 0 else 0
+
+
 def _image_tensor(image: Image.Image | None) -> torch.Tensor | None:
     """An RGB PIL image as a `uint8` tensor `(3, H, W)` in channels-last memory, the layout the views are cut from."""
     return None if image is None else torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
