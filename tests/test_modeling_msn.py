@@ -158,6 +158,47 @@ def test_loss_is_finite_for_extreme_logits_and_under_bf16_autocast():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def attention_kernels_run(model, inputs, bf16):
+    """Names of the attention kernels one training forward and backward of `model` ran on the CPU."""
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, context:
+        model(**inputs).loss.backward()
+    return {event.key for event in profile.key_averages() if "attention" in event.key}
+
+
+def test_bf16_on_the_cpu_runs_the_plain_attention_kernel_and_fp32_keeps_torchs_choice():
+    # torch's fused (flash) CPU kernel takes several times longer for bf16 than the plain product-softmax-product at
+    # these sequence lengths, which made bf16 slower than fp32 (benchmarks/attention_kernels.py).
+    model = MSNModel(tiny_config()).train()
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    fp32 = attention_kernels_run(model, views(), bf16=False)
+    bf16 = attention_kernels_run(model, views(), bf16=True)
+    assert flash in fp32
+    assert "aten::_scaled_dot_product_attention_math" in bf16 and flash not in bf16
+    # Outside the forward, torch chooses again.
+    assert flash in attention_kernels_run(model, views(), bf16=False)
+    eval_model = MSNModel(tiny_config()).eval()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            eval_model(pixel_values=views()["pixel_values"])
+    assert flash not in {event.key for event in profile.key_averages()}
+
+
+def test_activation_checkpointing_under_bf16_recomputes_with_the_forward_kernels():
+    # A recomputation on other kernels saves other tensors, which non-reentrant checkpointing refuses.
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = MSNModel(tiny_config()).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**views()).loss.backward()
+        gradients.append(model.encoder.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(gradients[1], gradients[0])
+
+
 def count_block_tokens(model, **inputs):
     counts = []
     handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _, args: counts.append(args[0].shape[1]))

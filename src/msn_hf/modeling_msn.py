@@ -1,5 +1,6 @@
 """PyTorch MSN model: Masked Siamese Networks pretraining of timm Vision Transformers."""
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -155,6 +157,19 @@ def random_keep_indices(
     return noise.argsort(dim=1)[:, :num_keep].expand(batch_size, -1)
 
 
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """
+    The scaled-dot-product-attention kernels the blocks may run on `device`, as a context manager.
+
+    Under bfloat16 autocast on a CPU only the plain kernel (product, softmax, product) is allowed: torch's fused
+    CPU kernel takes several times longer for bf16 than for fp32, most of it in the backward pass, and made a bf16
+    step slower than an fp32 one (`benchmarks/attention_kernels.py`). Elsewhere torch chooses.
+    """
+    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 def class_token_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     The class-token row of `block(tokens)`, `(batch_size, 1, hidden_size)`, without computing the other rows.
@@ -185,6 +200,16 @@ def class_token_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     mixed = attn.proj_drop(attn.proj(attn.norm(mixed.transpose(1, 2).reshape(batch_size, 1, width))))
     cls = tokens[:, :1] + block.drop_path1(block.ls1(mixed))
     return cls + block.drop_path2(block.ls2(block.mlp(block.norm2(cls))))
+
+
+def run_block(block: nn.Module, tokens: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+    """
+    `block(tokens)`, or with `class_token_only` its class-token row (`class_token_block`), under the attention
+    kernels of `attention_kernels`. Gradient checkpointing calls this again to recompute the block, so the
+    recomputation runs the kernels of the forward pass.
+    """
+    with attention_kernels(tokens.device):
+        return class_token_block(block, tokens) if class_token_only else block(tokens)
 
 
 class MSNPreTrainedModel(PreTrainedModel):
@@ -278,7 +303,7 @@ class MSNPreTrainedModel(PreTrainedModel):
         checkpointed = {id(block) for block in list(self.get_encoder().blocks)[::every_n_layers]}
 
         def checkpoint_some_blocks(block, *args, **kwargs):
-            # The anchor's last block may come wrapped (`partial(class_token_block, block)`): match the block itself.
+            # Blocks come wrapped (`partial(run_block, block, ...)`): match the block itself.
             module = block.args[0] if isinstance(block, partial) else block
             return checkpoint_func(block, *args, **kwargs) if id(module) in checkpointed else block(*args, **kwargs)
 
@@ -399,8 +424,7 @@ class MSNPreTrainedModel(PreTrainedModel):
         hidden_states = (tokens,) if output_hidden_states else None
         num_blocks = len(encoder.blocks)
         for index, block in enumerate(encoder.blocks):
-            if class_token_only and index == num_blocks - 1:
-                block = partial(class_token_block, block)
+            block = partial(run_block, block, class_token_only=class_token_only and index == num_blocks - 1)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = self._gradient_checkpointing_func(block, tokens)
             else:
