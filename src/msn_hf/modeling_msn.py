@@ -205,7 +205,7 @@ def class_token_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def run_block(block: nn.Module, tokens: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
     """
     `block(tokens)`, or with `class_token_only` its class-token row (`class_token_block`), under the attention
-    kernels of `attention_kernels`. Gradient checkpointing calls this again to recompute the block, so the
+    kernels of `attention_kernels`. Activation checkpointing calls this again to recompute the block, so the
     recomputation runs the kernels of the forward pass.
     """
     with attention_kernels(tokens.device):
@@ -215,7 +215,8 @@ def run_block(block: nn.Module, tokens: torch.Tensor, class_token_only: bool = F
 class MSNPreTrainedModel(PreTrainedModel):
     """
     Weight initialisation, loading and saving conventions shared by the MSN models. Attention runs in timm, which
-    uses PyTorch's fused `scaled_dot_product_attention` when available: there is no `attn_implementation` to choose.
+    uses PyTorch's `scaled_dot_product_attention` (its kernels as `attention_kernels` allows): there is no
+    `attn_implementation` to choose.
     """
 
     config_class = MSNConfig
