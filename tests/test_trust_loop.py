@@ -191,10 +191,13 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(tmp_path, m
 # Runs `msn-pretrain` as its console script does (`cli.run`), with a probe: the MSN_PAUSE_AT_FORWARD-th forward of
 # rank MSN_PAUSE_RANK touches `paused` in the log folder and waits (up to 60 s) for the test to touch `go`.
 PAUSE_LAUNCHER = """
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
 from msn_hf import cli, modeling_msn
 from msn_hf import pretraining as pt
+
+# Ctrl-C as at a terminal: a suite started as a shell's background job (`make test &`) passes SIGINT down ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 rank = int(os.environ.get("RANK", "0"))
 log = Path(os.environ["MSN_TEST_LOG"])
