@@ -304,9 +304,10 @@ class MSNPreTrainedModel(PreTrainedModel):
         checkpointed = {id(block) for block in list(self.get_encoder().blocks)[::every_n_layers]}
 
         def checkpoint_some_blocks(block, *args, **kwargs):
-            # Blocks come wrapped (`partial(run_block, block, ...)`): match the block itself.
-            module = block.args[0] if isinstance(block, partial) else block
-            return checkpoint_func(block, *args, **kwargs) if id(module) in checkpointed else block(*args, **kwargs)
+            # `_encode` passes every block wrapped (`partial(run_block, block, ...)`): match the block itself.
+            if id(block.args[0]) in checkpointed:
+                return checkpoint_func(block, *args, **kwargs)
+            return block(*args, **kwargs)
 
         return super()._set_gradient_checkpointing(True, checkpoint_some_blocks)
 
