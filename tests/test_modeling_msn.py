@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel
 
-from conftest import one_process_reference, tiny_config
+from conftest import TINY_BACKBONE_KWARGS, one_process_reference, tiny_config
 from msn_hf import MSNConfig, MSNModel, MSNModelOutput
+from msn_hf.modeling_msn import embed_patches
 
 
 def views(batch_size=4, num_anchor=1, num_focal=2, size=32, focal_size=16, seed=0):
@@ -168,7 +170,7 @@ def attention_kernels_run(model, inputs, bf16):
 
 def test_bf16_on_the_cpu_runs_the_plain_attention_kernel_and_fp32_keeps_torchs_choice():
     # torch's fused (flash) CPU kernel takes several times longer for bf16 than the plain product-softmax-product at
-    # these sequence lengths, which made bf16 slower than fp32 (benchmarks/attention_kernels.py).
+    # these sequence lengths, which made bf16 slower than fp32 (benchmarks/step_kernels.py).
     model = MSNModel(tiny_config()).train()
     flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
     fp32 = attention_kernels_run(model, views(), bf16=False)
@@ -182,6 +184,47 @@ def test_bf16_on_the_cpu_runs_the_plain_attention_kernel_and_fp32_keeps_torchs_c
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             eval_model(pixel_values=views()["pixel_values"])
     assert flash not in {event.key for event in profile.key_averages()}
+
+
+def patch_embedding_kernels(model, inputs, bf16):
+    """Names of the convolution and matrix-product kernels one training forward and backward of `model` ran."""
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, context:
+        model(**inputs).loss.backward()
+    return {event.key for event in profile.key_averages() if "convolution" in event.key or "mm" in event.key}
+
+
+def test_under_bf16_on_the_cpu_the_patch_embedding_is_a_matrix_product_and_fp32_keeps_the_convolution():
+    # oneDNN's bf16 patch convolution took 4.6x the time of the same map as a matrix product, forward and backward,
+    # on the model's shapes; in fp32 the step gained nothing (benchmarks/step_kernels.py).
+    model = MSNModel(tiny_config()).train()
+    bf16 = patch_embedding_kernels(model, views(), bf16=True)
+    assert not {kernel for kernel in bf16 if "convolution" in kernel}
+    assert "aten::convolution_backward" in patch_embedding_kernels(model, views(), bf16=False)
+
+
+@pytest.mark.parametrize(
+    "backbone_kwargs, size",
+    [
+        (dict(TINY_BACKBONE_KWARGS), 32),
+        (dict(TINY_BACKBONE_KWARGS), 48),
+        ({**TINY_BACKBONE_KWARGS, "dynamic_img_pad": True}, 36),
+    ],
+)
+def test_embed_patches_under_bf16_equals_timms_patch_embedding_in_value_and_gradient(backbone_kwargs, size):
+    encoder = MSNModel(tiny_config(backbone_kwargs=backbone_kwargs)).encoder
+    pixel_values = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for embed in (encoder.patch_embed, partial(embed_patches, encoder.patch_embed)):
+        encoder.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = embed(pixel_values)
+        (tokens.float() * torch.linspace(-1, 1, tokens.numel()).view_as(tokens)).sum().backward()
+        proj = encoder.patch_embed.proj
+        results.append((tokens.float(), proj.weight.grad.clone(), proj.bias.grad.clone()))
+    for timm_result, msn_result in zip(*results):
+        # bf16 rounds the inputs and products of both paths alike: a wrong patch layout is off by O(1).
+        torch.testing.assert_close(msn_result, timm_result, rtol=2e-2, atol=2e-2)
 
 
 def test_activation_checkpointing_under_bf16_recomputes_with_the_forward_kernels():

@@ -163,11 +163,49 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
 
     Under bfloat16 autocast on a CPU only the plain kernel (product, softmax, product) is allowed: torch's fused
     CPU kernel takes several times longer for bf16 than for fp32, most of it in the backward pass, and made a bf16
-    step slower than an fp32 one (`benchmarks/attention_kernels.py`). Elsewhere torch chooses.
+    step slower than an fp32 one (`benchmarks/step_kernels.py`). Elsewhere torch chooses.
     """
     if device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
+
+
+def embed_patches(patch_embed: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """
+    `patch_embed(pixel_values)` for timm's `PatchEmbed` with channels-last output: `(batch_size, 3, H, W)` ->
+    `(batch_size, H / patch_h, W / patch_w, hidden_size)`.
+
+    A convolution whose stride equals its kernel is a linear map of the non-overlapping patches. Under bfloat16
+    autocast on a CPU it runs here as that matrix product, with the convolution's own weights: oneDNN's bf16
+    convolution took 4.6x as long as the product, forward and backward, on the model's shapes, 9 % of the digits'
+    training step (`benchmarks/step_kernels.py`). In fp32 the whole step gained nothing, so the module runs, as on
+    other devices, for other embeddings and for inputs that need timm's padding or size checks.
+    """
+    proj = patch_embed.proj
+    patch_h, patch_w = proj.kernel_size if isinstance(proj, nn.Conv2d) else (0, 0)
+    height, width = pixel_values.shape[-2:]
+    plain = (
+        type(patch_embed) is timm.layers.PatchEmbed
+        and pixel_values.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and patch_embed.output_fmt == timm.layers.Format.NHWC
+        and not patch_embed.flatten
+        and (patch_h, patch_w) == proj.stride
+        and proj.padding == (0, 0)
+        and proj.dilation == (1, 1)
+        and proj.groups == 1
+        and height % patch_h == 0
+        and width % patch_w == 0
+    )
+    if not plain:
+        return patch_embed(pixel_values)
+    batch_size, channels = pixel_values.shape[:2]
+    grid_h, grid_w = height // patch_h, width // patch_w
+    # Each patch flattened as (channel, row, column), the layout of the convolution's `(out, in, kh, kw)` weight.
+    patches = pixel_values.reshape(batch_size, channels, grid_h, patch_h, grid_w, patch_w)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, grid_h, grid_w, channels * patch_h * patch_w)
+    return patch_embed.norm(F.linear(patches, proj.weight.flatten(1), proj.bias))
 
 
 def class_token_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -403,7 +441,7 @@ class MSNPreTrainedModel(PreTrainedModel):
         tokens after the embeddings and after every block. With `class_token_only`, only the class token
         `(batch_size, 1, hidden_size)`, its last block computed for that row alone (`class_token_block`).
         """
-        tokens = encoder.patch_embed(pixel_values)  # (batch_size, grid_h, grid_w, hidden_size)
+        tokens = embed_patches(encoder.patch_embed, pixel_values)  # (batch_size, grid_h, grid_w, hidden_size)
         batch_size, grid_h, grid_w, hidden_size = tokens.shape
         num_patches = grid_h * grid_w
         keep = None

@@ -1,12 +1,16 @@
 """
 One MSN training step (target forward, anchor forward and backward, AdamW, EMA) on the CPU in fp32 and under bf16
-autocast, with the attention kernels msn_hf picks (`modeling_msn.attention_kernels`: the plain kernel under bf16 on
-a CPU) against torch's own choice (its fused CPU kernel), on the models the auto rule picks: the digits model of a
-10-minute budget (4 x 4 grid, 128 wide, 4 deep, batch 64, 1 anchor + 4 focal views) and ViT-S/16 with the paper's
-views (batch 8, 1 anchor at 224 px + 10 focal at 96 px). Random views; the variants take turns step by step, so
-that load from other processes hits all alike. Figures: the median milliseconds of a step and its ratio to fp32.
+autocast, with the kernels msn_hf picks against what it ran before: the attention kernels
+(`modeling_msn.attention_kernels`: the plain kernel under bf16 on a CPU, against torch's fused CPU kernel) and the
+patch embedding (`modeling_msn.embed_patches`: one matrix product under bf16 on a CPU, against timm's convolution).
+The models are those the auto rule picks: the digits model of a 10-minute budget (4 x 4 grid, 128 wide, 4 deep,
+batch 64, 1 anchor + 4 focal views) and ViT-S/16 with the paper's views (batch 8, 1 anchor at 224 px + 10 focal at
+96 px). Random views; the variants take turns step by step, so that load from other processes hits all alike.
+Figures: the median milliseconds of a step and its speed relative to fp32.
 
-    python benchmarks/attention_kernels.py [--steps 15] [--threads 2]
+    python benchmarks/step_kernels.py [--steps 15] [--threads 2]
+
+(Named `attention_kernels.py`, without the patch-embedding variants, until the patch embedding became a product.)
 """
 
 import argparse
@@ -22,10 +26,12 @@ from msn_hf import MSNConfig, MSNImageProcessor, MSNModel
 from msn_hf.recipe import auto_recipe, imagenet_recipe
 from msn_hf.training import adamw
 
+# name: (bf16, torch's attention kernel, timm's patch convolution)
 VARIANTS = {
-    "fp32": (False, False),
-    "bf16, torch's kernel (msn_hf before)": (True, True),
-    "bf16, msn_hf's kernel": (True, False),
+    "fp32": (False, False, False),
+    "bf16, torch's attention kernel, convolution (before both)": (True, True, True),
+    "bf16, convolution (before)": (True, False, True),
+    "bf16": (True, False, False),
 }
 
 
@@ -41,13 +47,18 @@ def model_and_views(recipe: dict, batch_size: int) -> tuple[MSNModel, dict]:
     return MSNModel(config).train(), views
 
 
-def training_step(model: MSNModel, views: dict, bf16: bool, torch_kernel: bool):
+def training_step(model: MSNModel, views: dict, bf16: bool, torch_attention: bool, convolution: bool):
     model = copy.deepcopy(model)
     optimizer = adamw(model, torch.device("cpu"))
-    kernels = mock.patch("msn_hf.modeling_msn.attention_kernels", lambda device: contextlib.nullcontext())
 
     def step() -> None:
-        with kernels if torch_kernel else contextlib.nullcontext():
+        with contextlib.ExitStack() as before:
+            if torch_attention:
+                before.enter_context(
+                    mock.patch("msn_hf.modeling_msn.attention_kernels", lambda device: contextlib.nullcontext())
+                )
+            if convolution:
+                before.enter_context(mock.patch("msn_hf.modeling_msn.embed_patches", lambda module, x: module(x)))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**views).loss
             loss.backward()
@@ -72,7 +83,7 @@ def main() -> None:
         "ViT-S/16, paper views, batch 8": (imagenet_recipe(), 8),
     }
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps each\n")
-    print("| model | precision, attention kernel | ms / step | speed vs fp32 |")
+    print("| model | precision, kernels | ms / step | speed vs fp32 |")
     print("|---|---|---:|---:|")
     for label, (recipe, batch_size) in works.items():
         model, views = model_and_views(recipe, batch_size)
@@ -84,8 +95,9 @@ def main() -> None:
                 step()
                 seconds[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values[2:]) for name, values in seconds.items()}
+        baseline = medians[next(iter(VARIANTS))]
         for name, median in medians.items():
-            print(f"| {label} | {name} | {median * 1e3:.1f} | {medians['fp32'] / median:.2f}x |")
+            print(f"| {label} | {name} | {median * 1e3:.1f} | {baseline / median:.2f}x |")
 
 
 if __name__ == "__main__":
