@@ -181,17 +181,20 @@ def embed_patches(patch_embed: nn.Module, pixel_values: torch.Tensor) -> torch.T
     training step (`benchmarks/step_kernels.py`). In fp32 the whole step gained nothing, so the module runs, as on
     other devices, for other embeddings and for inputs that need timm's padding or size checks.
     """
-    proj = patch_embed.proj
-    patch_h, patch_w = proj.kernel_size if isinstance(proj, nn.Conv2d) else (0, 0)
-    height, width = pixel_values.shape[-2:]
-    plain = (
-        type(patch_embed) is timm.layers.PatchEmbed
-        and pixel_values.device.type == "cpu"
+    bf16_on_cpu = (
+        pixel_values.device.type == "cpu"
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and patch_embed.output_fmt == timm.layers.Format.NHWC
+    )
+    if type(patch_embed) is not timm.layers.PatchEmbed or not bf16_on_cpu:
+        return patch_embed(pixel_values)
+    proj = patch_embed.proj
+    (patch_h, patch_w), (height, width) = proj.kernel_size, pixel_values.shape[-2:]
+    plain = (
+        patch_embed.output_fmt == timm.layers.Format.NHWC
         and not patch_embed.flatten
-        and (patch_h, patch_w) == proj.stride
+        and not patch_embed.strict_img_size
+        and proj.stride == (patch_h, patch_w)
         and proj.padding == (0, 0)
         and proj.dilation == (1, 1)
         and proj.groups == 1
