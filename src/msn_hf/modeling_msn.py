@@ -157,6 +157,11 @@ def random_keep_indices(
     return noise.argsort(dim=1)[:, :num_keep].expand(batch_size, -1)
 
 
+def bf16_autocast_on_cpu(device: torch.device) -> bool:
+    """Whether work on `device` runs under bfloat16 autocast on a CPU, where oneDNN's fused kernels can be slow."""
+    return device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
     """
     The scaled-dot-product-attention kernels the blocks may run on `device`, as a context manager.
@@ -165,7 +170,7 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
     CPU kernel takes several times longer for bf16 than for fp32, most of it in the backward pass, and made a bf16
     step slower than an fp32 one (`benchmarks/step_kernels.py`). Elsewhere torch chooses.
     """
-    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+    if bf16_autocast_on_cpu(device):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 
@@ -181,12 +186,7 @@ def embed_patches(patch_embed: nn.Module, pixel_values: torch.Tensor) -> torch.T
     training step (`benchmarks/step_kernels.py`). In fp32 the whole step gained nothing, so the module runs, as on
     other devices, for other embeddings and for inputs that need timm's padding or size checks.
     """
-    bf16_on_cpu = (
-        pixel_values.device.type == "cpu"
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    )
-    if type(patch_embed) is not timm.layers.PatchEmbed or not bf16_on_cpu:
+    if type(patch_embed) is not timm.layers.PatchEmbed or not bf16_autocast_on_cpu(pixel_values.device):
         return patch_embed(pixel_values)
     proj = patch_embed.proj
     (patch_h, patch_w), (height, width) = proj.kernel_size, pixel_values.shape[-2:]
