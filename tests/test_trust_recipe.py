@@ -221,6 +221,43 @@ def test_the_accelerate_loop_stops_on_a_stream_after_max_skipped_batches(tmp_pat
     assert not (out / "model.safetensors").exists()
 
 
+class StoppedAfterTheCheckpoint(Exception):
+    """The run is cut off as a crash would: after the epoch's checkpoint, before its next batch."""
+
+
+def test_a_resumed_run_keeps_counting_the_batches_skipped_in_a_row_before_its_checkpoint(tmp_path, monkeypatch):
+    # 64 images in batches of 8: 8 batches an epoch. The last two of epoch 0 give no readable image, the epoch's
+    # checkpoint is written after them, and the run is cut off at the first batch of epoch 1. Resumed, that batch
+    # gives no readable image either: three in a row, the limit, as in a run that was never cut off.
+    out = tmp_path / "run"
+    args = [*RUN_ARGS, "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--max_train_steps", "30",
+            "--checkpointing_steps", "epoch", "--max_skipped_batches", "3", "--output_dir", out]  # fmt: skip
+    decide = pt.batch_decisions
+
+    def decisions(unusable_calls: set[int], cut_at: int | None = None):
+        calls = {"n": 0}
+
+        def scripted(accelerator, batch):
+            calls["n"] += 1
+            if calls["n"] == cut_at:
+                raise StoppedAfterTheCheckpoint
+            ran_out, skipped, unusable = decide(accelerator, batch)
+            return ran_out, skipped, unusable or calls["n"] in unusable_calls
+
+        return scripted
+
+    # Calls 1-8 are epoch 0's batches, call 9 finds it ended, call 10 is epoch 1's first batch.
+    monkeypatch.setattr(pt, "batch_decisions", decisions({7, 8}, cut_at=10))
+    with pytest.raises(StoppedAfterTheCheckpoint):
+        pt.main(list(map(str, args)))
+    assert [p.name for p in checkpointing.complete_checkpoints(out)] == ["checkpoint-6"]
+
+    monkeypatch.setattr(pt, "batch_decisions", decisions({1}))
+    with pytest.raises(ValueError, match=r"at least once in 3 batches in a row \(--max_skipped_batches\), got 3"):
+        pt.main(list(map(str, [*args, "--resume_from_checkpoint", "latest"])))
+    assert not (out / "model.safetensors").exists()
+
+
 def tiny_trainer(output_dir: Path, train_dataset, model: MSNModel | None = None, **overrides) -> MSNTrainer:
     values = dict(output_dir=str(output_dir), max_steps=10, per_device_train_batch_size=8, warmup_steps=1,
                   logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)  # fmt: skip

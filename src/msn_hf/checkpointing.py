@@ -41,6 +41,8 @@ class TrainingState:
         epoch: the pass over the data in progress.
         batches_in_epoch: batches of `epoch` consumed, skipped ones included (map-style resume skips them).
         skipped_images: unreadable images so far, all processes.
+        skipped_batches_in_a_row: batches without a readable image in a row just before this point: a checkpoint at
+            the end of an epoch can follow some, and a resumed run goes on counting them (`training.SkippedBatches`).
         consecutive_nonfinite: steps skipped in a row for a non-finite loss or gradient norm.
         window_nonfinite: a micro-batch of the current accumulation window had a non-finite loss (a flag on the
             device while the window is open, read with the step's decision).
@@ -52,6 +54,7 @@ class TrainingState:
     epoch: int = 0
     batches_in_epoch: int = 0
     skipped_images: int = 0
+    skipped_batches_in_a_row: int = 0
     consecutive_nonfinite: int = 0
     window_nonfinite: bool = False
     plan: dict | None = None

@@ -331,11 +331,12 @@ class SkippedBatches:
     The stop for data that gives no usable batch, in both loops: counts the batches skipped in a row (some process
     had no readable image in them) and raises a `ValueError` once they fill a whole epoch, or `max_skipped_batches`
     (a stream, whose epochs have no known length, or a long run of bad data). Every process counts the same batches.
+    `in_a_row` starts a resumed run where its checkpoint left the count.
     """
 
-    def __init__(self, max_skipped_batches: int):
+    def __init__(self, max_skipped_batches: int, in_a_row: int = 0):
         self.max_skipped_batches = max_skipped_batches
-        self.in_a_row = 0
+        self.in_a_row = in_a_row
 
     def update(self, unusable: bool, batches_per_epoch: int | None, skipped_images: int) -> None:
         """After each batch decision: `batches_per_epoch` is None for a stream; `skipped_images` so far, all processes."""
