@@ -302,6 +302,50 @@ def test_the_trainer_counts_windows_without_a_readable_image_toward_its_nonfinit
     assert trainer.lr_scheduler.last_epoch == 1  # only window 1 took a step
 
 
+@pytest.mark.parametrize(
+    "limits, error, message",
+    [
+        (dict(max_skipped_batches=3), ValueError, r"3 batches in a row \(--max_skipped_batches\), got 3 batches without "
+         r"one \(24 unreadable images skipped\)"),
+        (dict(max_skipped_batches=10, max_nonfinite_steps=3), RuntimeError,
+         "3 non-finite losses in a row, 3 of them with no readable image at step 5"),
+    ],
+)  # fmt: skip
+def test_a_resumed_trainer_keeps_counting_the_batches_skipped_before_its_checkpoint(tmp_path, monkeypatch, limits,
+                                                                                    error, message):  # fmt: skip
+    # Batches 4 and 5 have no readable image and the checkpoint of step 5 follows them; the run is cut off after it.
+    # Resumed, batch 6 has none either: three in a row and 24 images, as in a run that was never cut off.
+    data = load_digits_dataset("train").select(range(64))
+    collate = MSNViewsCollator.__call__
+
+    def scripted(unusable_calls: set[int], cut_at: int | None = None):
+        calls = {"n": 0}
+
+        def call(self, rows):
+            calls["n"] += 1
+            if calls["n"] == cut_at:
+                raise StoppedAfterTheCheckpoint
+            return {"num_skipped": len(rows)} if calls["n"] in unusable_calls else collate(self, rows)
+
+        return call
+
+    options = dict(save_strategy="steps", save_steps=5, **limits)
+    monkeypatch.setattr(MSNViewsCollator, "__call__", scripted({4, 5, 6}))
+    with pytest.raises(error, match=message):  # the run never cut off
+        tiny_trainer(tmp_path / "whole", data, **options).train()
+
+    # Accelerate's DataLoader collates one batch ahead: call 7 comes once step 5 and its checkpoint are done.
+    monkeypatch.setattr(MSNViewsCollator, "__call__", scripted({4, 5}, cut_at=7))
+    with pytest.raises(StoppedAfterTheCheckpoint):
+        tiny_trainer(tmp_path, data, **options).train()
+    assert (tmp_path / "checkpoint-5").is_dir() and not (tmp_path / "checkpoint-6").exists()
+
+    # The resumed run skips the first 5 batches without collating them: call 1 is batch 6.
+    monkeypatch.setattr(MSNViewsCollator, "__call__", scripted({1}))
+    with pytest.raises(error, match=message):
+        tiny_trainer(tmp_path, data, **options).train(resume_from_checkpoint=True)
+
+
 # --- a short last accumulation window: the mean of its micro-batches ------------------------------------------------
 
 

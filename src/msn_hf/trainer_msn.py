@@ -16,6 +16,7 @@ clipping, EMA and views) behind the `Trainer` API, so that callbacks, logging in
 ```
 """
 
+import json
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import is_datasets_available
 
 from .budget import MIN_PLANNED_STEPS, MSNTimeBudgetCallback, format_duration, parse_duration, time_model_steps
@@ -49,6 +50,10 @@ from .training import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The trainer's own counts, written beside each checkpoint's `trainer_state.json`, so that a resumed run goes on
+# counting skipped images and the windows skipped in a row where it stopped, as `msn-pretrain` does.
+COUNTS_FILE = "msn_counts.json"
 
 
 @dataclass
@@ -172,6 +177,11 @@ class _MSNStepHooks(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._decide_step()
 
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(checkpoint):
+            self.trainer._save_counts(checkpoint)
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         if trainer.accelerator.optimizer_step_was_skipped:
@@ -205,7 +215,8 @@ class MSNTrainer(Trainer):
       EMA, same schedule position); so does a window with a batch skipped because some process had no readable
       image in it. `max_nonfinite_steps` such windows in a row stop the run (`RuntimeError`), and so do skipped
       batches that fill a whole epoch or `max_skipped_batches` in a row (`ValueError`, [`SkippedBatches`]). The
-      Trainer still counts such windows in `global_step`;
+      Trainer still counts such windows in `global_step`. These counts and the skipped images are saved with each
+      checkpoint (`msn_counts.json`), so a resumed run stops where a whole one would;
     - the host reads the device once per optimiser step, for that decision ([`window_decision`]).
 
     Args:
@@ -277,19 +288,42 @@ class MSNTrainer(Trainer):
             self.add_callback(self._budget)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """[`Trainer.train`]; with `max_train_time`, `max_steps` is first set to the steps that fit the budget."""
+        """
+        [`Trainer.train`]; with `max_train_time`, `max_steps` is first set to the steps that fit the budget. A resumed
+        run takes back the counts of its checkpoint (skipped images, windows skipped in a row).
+        """
+        checkpoint = resume_from_checkpoint
+        if resume_from_checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says there is none
+        if checkpoint:
+            self._load_counts(checkpoint)
         if self._budget is not None:
-            self.args.max_steps = self._steps_in_budget(resume_from_checkpoint)
+            self.args.max_steps = self._steps_in_budget(checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _steps_in_budget(self, resume_from_checkpoint: str | bool | None) -> int:
+    def _save_counts(self, checkpoint: str) -> None:
+        counts = dict(skipped_images=self._skipped_images, skipped_batches_in_a_row=self._skipped_batches.in_a_row,
+                      consecutive_nonfinite=self._consecutive_nonfinite, unreadable_in_a_row=self._unreadable_in_a_row)  # fmt: skip
+        temporary = os.path.join(checkpoint, COUNTS_FILE + ".tmp")
+        with open(temporary, "w") as file:
+            json.dump(counts, file)
+        os.replace(temporary, os.path.join(checkpoint, COUNTS_FILE))
+
+    def _load_counts(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, COUNTS_FILE)
+        if not os.path.exists(path):  # a checkpoint of another trainer, or cut off before its counts: start at 0
+            return
+        with open(path) as file:
+            counts = json.load(file)
+        self._skipped_images = counts["skipped_images"]
+        self._skipped_batches.in_a_row = counts["skipped_batches_in_a_row"]
+        self._consecutive_nonfinite = counts["consecutive_nonfinite"]
+        self._unreadable_in_a_row = counts["unreadable_in_a_row"]
+
+    def _steps_in_budget(self, checkpoint: str | None) -> int:
         """The steps of the run's plan: a resumed run's as saved, or as many as fit when a few of them are timed."""
-        if resume_from_checkpoint:
-            checkpoint = resume_from_checkpoint
-            if resume_from_checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint is not None:  # else the Trainer says there is none
-                return TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).max_steps
+        if checkpoint:
+            return TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).max_steps
         loader = torch.utils.data.DataLoader(
             self.train_dataset, batch_size=self._train_batch_size, shuffle=True, drop_last=True,
             collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
