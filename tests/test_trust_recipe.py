@@ -247,13 +247,18 @@ def test_a_resumed_run_keeps_counting_the_batches_skipped_in_a_row_before_its_ch
         return scripted
 
     # Calls 1-8 are epoch 0's batches, call 9 finds it ended, call 10 is epoch 1's first batch.
+    stop = r"at least once in 3 batches in a row \(--max_skipped_batches\), got 3"
+    monkeypatch.setattr(pt, "batch_decisions", decisions({7, 8, 10}))
+    with pytest.raises(ValueError, match=stop):  # the run never cut off
+        pt.main(list(map(str, [*args[:-1], tmp_path / "whole"])))
+
     monkeypatch.setattr(pt, "batch_decisions", decisions({7, 8}, cut_at=10))
     with pytest.raises(StoppedAfterTheCheckpoint):
         pt.main(list(map(str, args)))
     assert [p.name for p in checkpointing.complete_checkpoints(out)] == ["checkpoint-6"]
 
     monkeypatch.setattr(pt, "batch_decisions", decisions({1}))
-    with pytest.raises(ValueError, match=r"at least once in 3 batches in a row \(--max_skipped_batches\), got 3"):
+    with pytest.raises(ValueError, match=stop):
         pt.main(list(map(str, [*args, "--resume_from_checkpoint", "latest"])))
     assert not (out / "model.safetensors").exists()
 
