@@ -4,6 +4,7 @@ short accumulation window, Sinkhorn's global batch, and no host sync on the hot 
 """
 
 import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -222,7 +223,20 @@ def test_the_accelerate_loop_stops_on_a_stream_after_max_skipped_batches(tmp_pat
 
 
 class StoppedAfterTheCheckpoint(Exception):
-    """The run is cut off as a crash would: after the epoch's checkpoint, before its next batch."""
+    """The run is cut off as a crash would: after a checkpoint, before its next batch."""
+
+
+def scripted_batches(unusable_calls: set[int], cut_at: int | None = None):
+    """Called once per batch: whether call n is to have no readable image; call `cut_at` cuts the run off."""
+    calls = itertools.count(1)
+
+    def unusable() -> bool:
+        n = next(calls)
+        if n == cut_at:
+            raise StoppedAfterTheCheckpoint
+        return n in unusable_calls
+
+    return unusable
 
 
 def test_a_resumed_run_keeps_counting_the_batches_skipped_in_a_row_before_its_checkpoint(tmp_path, monkeypatch):
@@ -235,14 +249,12 @@ def test_a_resumed_run_keeps_counting_the_batches_skipped_in_a_row_before_its_ch
     decide = pt.batch_decisions
 
     def decisions(unusable_calls: set[int], cut_at: int | None = None):
-        calls = {"n": 0}
+        unusable = scripted_batches(unusable_calls, cut_at)
 
         def scripted(accelerator, batch):
-            calls["n"] += 1
-            if calls["n"] == cut_at:
-                raise StoppedAfterTheCheckpoint
-            ran_out, skipped, unusable = decide(accelerator, batch)
-            return ran_out, skipped, unusable or calls["n"] in unusable_calls
+            made_unusable = unusable()
+            ran_out, skipped, any_unusable = decide(accelerator, batch)
+            return ran_out, skipped, any_unusable or made_unusable
 
         return scripted
 
@@ -324,15 +336,8 @@ def test_a_resumed_trainer_keeps_counting_the_batches_skipped_before_its_checkpo
     collate = MSNViewsCollator.__call__
 
     def scripted(unusable_calls: set[int], cut_at: int | None = None):
-        calls = {"n": 0}
-
-        def call(self, rows):
-            calls["n"] += 1
-            if calls["n"] == cut_at:
-                raise StoppedAfterTheCheckpoint
-            return {"num_skipped": len(rows)} if calls["n"] in unusable_calls else collate(self, rows)
-
-        return call
+        unusable = scripted_batches(unusable_calls, cut_at)
+        return lambda self, rows: {"num_skipped": len(rows)} if unusable() else collate(self, rows)
 
     options = dict(save_strategy="steps", save_steps=5, **limits)
     monkeypatch.setattr(MSNViewsCollator, "__call__", scripted({4, 5, 6}))

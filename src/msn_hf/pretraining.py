@@ -960,8 +960,9 @@ def epoch_batches(
             return
         state.batches_in_epoch += 1
         state.skipped_images += skipped
-        skipped_batches.update(any_unusable, None if streaming else len(dataloader), state.skipped_images)
-        state.skipped_batches_in_a_row = skipped_batches.in_a_row
+        state.skipped_batches_in_a_row = skipped_batches.count(
+            state.skipped_batches_in_a_row, any_unusable, None if streaming else len(dataloader), state.skipped_images
+        )
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             continue
@@ -1130,7 +1131,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     # Ctrl-C or SIGTERM: the step in progress ends, every process writes the checkpoint of the same step, and the
     # run stops (TrainingInterrupted). The handlers are those of the loop only.
     last_checkpoint = None
-    skipped_batches = SkippedBatches(args.max_skipped_batches, state.skipped_batches_in_a_row)
+    skipped_batches = SkippedBatches(args.max_skipped_batches)
     with StopSignals() as stop:
         model.train()
         keeper.start_clock()

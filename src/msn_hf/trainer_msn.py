@@ -273,7 +273,7 @@ class MSNTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.add_callback(_MSNStepHooks(self))
         self._epoch, self._batches_in_epoch = 0, 0
-        self._consecutive_nonfinite, self._unreadable_in_a_row = 0, 0
+        self._consecutive_nonfinite, self._unreadable_in_a_row, self._skipped_batches_in_a_row = 0, 0, 0
         # The window's losses' finiteness stays on the device until `_decide_step`.
         self._window_nonfinite, self._window_micro_batches, self._step_taken = False, 0, False
         # A window with a skipped micro-batch may miss its gradient all-reduce (DDP syncs on the last one only).
@@ -302,7 +302,7 @@ class MSNTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save_counts(self, checkpoint: str) -> None:
-        counts = dict(skipped_images=self._skipped_images, skipped_batches_in_a_row=self._skipped_batches.in_a_row,
+        counts = dict(skipped_images=self._skipped_images, skipped_batches_in_a_row=self._skipped_batches_in_a_row,
                       consecutive_nonfinite=self._consecutive_nonfinite, unreadable_in_a_row=self._unreadable_in_a_row)  # fmt: skip
         temporary = os.path.join(checkpoint, COUNTS_FILE + ".tmp")
         with open(temporary, "w") as file:
@@ -316,7 +316,7 @@ class MSNTrainer(Trainer):
         with open(path) as file:
             counts = json.load(file)
         self._skipped_images = counts["skipped_images"]
-        self._skipped_batches.in_a_row = counts["skipped_batches_in_a_row"]
+        self._skipped_batches_in_a_row = counts["skipped_batches_in_a_row"]
         self._consecutive_nonfinite = counts["consecutive_nonfinite"]
         self._unreadable_in_a_row = counts["unreadable_in_a_row"]
 
@@ -427,7 +427,9 @@ class MSNTrainer(Trainer):
         inputs = dict(inputs)
         _, skipped, any_unusable = batch_decisions(self.accelerator, inputs)
         self._skipped_images += skipped
-        self._skipped_batches.update(any_unusable, self._batches_per_epoch, self._skipped_images)
+        self._skipped_batches_in_a_row = self._skipped_batches.count(
+            self._skipped_batches_in_a_row, any_unusable, self._batches_per_epoch, self._skipped_images
+        )
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
             self._window_skipped_batch = True

@@ -331,25 +331,27 @@ class SkippedBatches:
     The stop for data that gives no usable batch, in both loops: counts the batches skipped in a row (some process
     had no readable image in them) and raises a `ValueError` once they fill a whole epoch, or `max_skipped_batches`
     (a stream, whose epochs have no known length, or a long run of bad data). Every process counts the same batches.
-    `in_a_row` starts a resumed run where its checkpoint left the count.
+    The count is kept by the loop, with the rest of what its checkpoints save, so that a resumed run goes on counting.
     """
 
-    def __init__(self, max_skipped_batches: int, in_a_row: int = 0):
+    def __init__(self, max_skipped_batches: int):
         self.max_skipped_batches = max_skipped_batches
-        self.in_a_row = in_a_row
 
-    def update(self, unusable: bool, batches_per_epoch: int | None, skipped_images: int) -> None:
-        """After each batch decision: `batches_per_epoch` is None for a stream; `skipped_images` so far, all processes."""
+    def count(self, in_a_row: int, unusable: bool, batches_per_epoch: int | None, skipped_images: int) -> int:
+        """
+        After each batch decision, the batches skipped in a row up to this one, from `in_a_row` before it.
+        `batches_per_epoch` is None for a stream; `skipped_images` so far, all processes.
+        """
         if not unusable:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
+            return 0
+        in_a_row += 1
         window, reason = self.max_skipped_batches, "--max_skipped_batches"
         if batches_per_epoch is not None and batches_per_epoch <= window:
             window, reason = batches_per_epoch, "a whole epoch"
-        if self.in_a_row >= window:
+        if in_a_row >= window:
             raise ValueError(
                 f"The training data must give every process a readable image at least once in {window} batches in a "
-                f"row ({reason}), got {self.in_a_row} batches without one ({skipped_images} unreadable images "
+                f"row ({reason}), got {in_a_row} batches without one ({skipped_images} unreadable images "
                 "skipped): check the data."
             )
+        return in_a_row
