@@ -16,17 +16,16 @@ clipping, EMA and views) behind the `Trainer` API, so that callbacks, logging in
 ```
 """
 
-import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
 from .budget import MIN_PLANNED_STEPS, MSNTimeBudgetCallback, format_duration, parse_duration, time_model_steps
@@ -50,10 +49,6 @@ from .training import (
 )
 
 logger = logging.getLogger(__name__)
-
-# The trainer's own counts, written beside each checkpoint's `trainer_state.json`, so that a resumed run goes on
-# counting skipped images and the windows skipped in a row where it stopped, as `msn-pretrain` does.
-COUNTS_FILE = "msn_counts.json"
 
 
 @dataclass
@@ -156,6 +151,35 @@ class MSNScheduler(torch.optim.lr_scheduler.LRScheduler):
         return {key: value for key, value in super().state_dict().items() if key != "schedules"}
 
 
+@dataclass
+class MSNRunCounts(TrainerCallback, ExportableState):
+    """
+    What the trainer counts across optimiser steps, saved in each checkpoint's `trainer_state.json` (the Trainer's
+    `stateful_callbacks`, written with the rest of its state), so that a resumed run goes on counting where it
+    stopped, as `msn-pretrain` does.
+
+    Args:
+        skipped_images: images that could not be read, since the start of the run.
+        skipped_batches_in_a_row: batches without a readable image on some process, in a row.
+        nonfinite_in_a_row: accumulation windows in a row that took no step (non-finite, or a skipped batch).
+        unreadable_in_a_row: those of them with a skipped batch.
+    """
+
+    skipped_images: int = 0
+    skipped_batches_in_a_row: int = 0
+    nonfinite_in_a_row: int = 0
+    unreadable_in_a_row: int = 0
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": asdict(self)}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
+        counts = saved["attributes"] if isinstance(saved, dict) else {}  # a checkpoint without them starts at 0
+        for count in fields(self):
+            setattr(self, count.name, counts.get(count.name, 0))
+
+
 class _MSNStepHooks(TrainerCallback):
     """The trainer's own bookkeeping: epoch and batch position (views and masks), and the EMA update."""
 
@@ -176,11 +200,6 @@ class _MSNStepHooks(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._decide_step()
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(checkpoint):
-            self.trainer._save_counts(checkpoint)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -216,7 +235,7 @@ class MSNTrainer(Trainer):
       image in it. `max_nonfinite_steps` such windows in a row stop the run (`RuntimeError`), and so do skipped
       batches that fill a whole epoch or `max_skipped_batches` in a row (`ValueError`, [`SkippedBatches`]). The
       Trainer still counts such windows in `global_step`. These counts and the skipped images are saved with each
-      checkpoint (`msn_counts.json`), so a resumed run stops where a whole one would;
+      checkpoint ([`MSNRunCounts`]), so a resumed run stops where a whole one would;
     - the host reads the device once per optimiser step, for that decision ([`window_decision`]).
 
     Args:
@@ -272,13 +291,13 @@ class MSNTrainer(Trainer):
         train_dataset = IndexedDataset(train_dataset, image_column, cache_bytes)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.add_callback(_MSNStepHooks(self))
+        self.add_callback(MSNRunCounts())
         self._epoch, self._batches_in_epoch = 0, 0
-        self._consecutive_nonfinite, self._unreadable_in_a_row, self._skipped_batches_in_a_row = 0, 0, 0
         # The window's losses' finiteness stays on the device until `_decide_step`.
         self._window_nonfinite, self._window_micro_batches, self._step_taken = False, 0, False
         # A window with a skipped micro-batch may miss its gradient all-reduce (DDP syncs on the last one only).
         self._window_skipped_batch = False
-        self._skipped_images, self._batches_per_epoch = 0, None
+        self._batches_per_epoch = None
         self._skipped_batches = SkippedBatches(args.max_skipped_batches)
         self._grad_norm = None
         self._step_values, self._batch_losses = {}, {}
@@ -288,37 +307,19 @@ class MSNTrainer(Trainer):
             self.add_callback(self._budget)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """
-        [`Trainer.train`]; with `max_train_time`, `max_steps` is first set to the steps that fit the budget. A resumed
-        run takes back the counts of its checkpoint (skipped images, windows skipped in a row).
-        """
-        checkpoint = resume_from_checkpoint
-        if resume_from_checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says there is none
-        if checkpoint:
-            self._load_counts(checkpoint)
+        """[`Trainer.train`]; with `max_train_time`, `max_steps` is first set to the steps that fit the budget."""
         if self._budget is not None:
+            checkpoint = resume_from_checkpoint
+            if resume_from_checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says there is none
             self.args.max_steps = self._steps_in_budget(checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _save_counts(self, checkpoint: str) -> None:
-        counts = dict(skipped_images=self._skipped_images, skipped_batches_in_a_row=self._skipped_batches_in_a_row,
-                      consecutive_nonfinite=self._consecutive_nonfinite, unreadable_in_a_row=self._unreadable_in_a_row)  # fmt: skip
-        temporary = os.path.join(checkpoint, COUNTS_FILE + ".tmp")
-        with open(temporary, "w") as file:
-            json.dump(counts, file)
-        os.replace(temporary, os.path.join(checkpoint, COUNTS_FILE))
-
-    def _load_counts(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, COUNTS_FILE)
-        if not os.path.exists(path):  # a checkpoint of another trainer, or cut off before its counts: start at 0
-            return
-        with open(path) as file:
-            counts = json.load(file)
-        self._skipped_images = counts["skipped_images"]
-        self._skipped_batches_in_a_row = counts["skipped_batches_in_a_row"]
-        self._consecutive_nonfinite = counts["consecutive_nonfinite"]
-        self._unreadable_in_a_row = counts["unreadable_in_a_row"]
+    @property
+    def _counts(self) -> MSNRunCounts:
+        """The run's counts (skipped images, windows skipped in a row)."""
+        # Looked up each time: `restore_callback_states_from_checkpoint` replaces the callback by a restored copy.
+        return next(callback for callback in self.callback_handler.callbacks if isinstance(callback, MSNRunCounts))
 
     def _steps_in_budget(self, checkpoint: str | None) -> int:
         """The steps of the run's plan: a resumed run's as saved, or as many as fit when a few of them are timed."""
@@ -404,21 +405,22 @@ class MSNTrainer(Trainer):
         self._step_taken = not (skipped_batch or loss_nonfinite or (grad_nonfinite and accelerator.scaler is None))
         self._window_nonfinite, self._window_micro_batches, self._window_skipped_batch = False, 0, False
         self._grad_norm = None
+        counts = self._counts
         if self._step_taken:
-            self._consecutive_nonfinite, self._unreadable_in_a_row = 0, 0
+            counts.nonfinite_in_a_row, counts.unreadable_in_a_row = 0, 0
             return
         self.model.zero_grad(set_to_none=True)  # the optimiser step that follows changes nothing
-        self._consecutive_nonfinite += 1
-        self._unreadable_in_a_row += skipped_batch
+        counts.nonfinite_in_a_row += 1
+        counts.unreadable_in_a_row += skipped_batch
         if not skipped_batch:  # a skipped batch was reported when it was skipped
             logger.warning(
                 f"Non-finite loss or gradient at step {self.state.global_step}: step skipped "
-                f"({self._consecutive_nonfinite} in a row)."
+                f"({counts.nonfinite_in_a_row} in a row)."
             )
-        if self._consecutive_nonfinite >= self.args.max_nonfinite_steps:
-            unreadable = f", {self._unreadable_in_a_row} of them with no readable image" if self._unreadable_in_a_row else ""
+        if counts.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            unreadable = f", {counts.unreadable_in_a_row} of them with no readable image" if counts.unreadable_in_a_row else ""
             raise RuntimeError(
-                f"{self._consecutive_nonfinite} non-finite losses in a row{unreadable} at step "
+                f"{counts.nonfinite_in_a_row} non-finite losses in a row{unreadable} at step "
                 f"{self.state.global_step}: stopping. Lower the learning rate or check the data."
             )
 
@@ -426,9 +428,10 @@ class MSNTrainer(Trainer):
         self._batches_in_epoch += 1
         inputs = dict(inputs)
         _, skipped, any_unusable = batch_decisions(self.accelerator, inputs)
-        self._skipped_images += skipped
-        self._skipped_batches_in_a_row = self._skipped_batches.count(
-            self._skipped_batches_in_a_row, any_unusable, self._batches_per_epoch, self._skipped_images
+        counts = self._counts
+        counts.skipped_images += skipped
+        counts.skipped_batches_in_a_row = self._skipped_batches.count(
+            counts.skipped_batches_in_a_row, any_unusable, self._batches_per_epoch, counts.skipped_images
         )
         if any_unusable:
             logger.warning("A batch without any readable image on some process: skipped on every process.")
@@ -454,8 +457,8 @@ class MSNTrainer(Trainer):
         if "loss" in logs:
             # The two parts of the loss are those of the last batch; `loss` is the mean since the last log.
             batch_losses = {name: value.item() for name, value in self._batch_losses.items()}
-            logs = {**logs, **batch_losses, **self._step_values, "skipped_images": self._skipped_images}
+            logs = {**logs, **batch_losses, **self._step_values, "skipped_images": self._counts.skipped_images}
         super().log(logs, start_time)
 
 
-__all__ = ["MSNScheduler", "MSNTrainer", "MSNTrainingArguments"]
+__all__ = ["MSNRunCounts", "MSNScheduler", "MSNTrainer", "MSNTrainingArguments"]
