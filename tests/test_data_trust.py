@@ -10,6 +10,7 @@ import logging
 import datasets
 import numpy as np
 import pytest
+import torch
 from accelerate import Accelerator
 from PIL import Image
 
@@ -251,6 +252,44 @@ def test_every_mode_decodes_to_its_8_bit_grey_ramp_in_decoding_collator_and_reci
     # The auto recipe sees a grey image of the same size, whether it reads the file or the decoded image.
     opened = Image.open(io.BytesIO(data))
     assert describe_images([opened]) == describe_images([decode_image(record)]) == (SIDE, True)
+
+    # The image processor given the file's image, as a library user would, reads the same 8 bits.
+    processor = MSNImageProcessor(size=SIDE, crop_size=SIDE, do_normalize=False)
+    from_file = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
+    assert np.abs(from_file.numpy() * 255 - expected[None]).max() <= 2.5, from_file.mean()
+
+
+def test_an_image_is_decoded_upright_as_its_exif_orientation_says():
+    # Cameras store the pixels as shot and the way to turn them in EXIF: orientation 6 is "turn 90 degrees clockwise".
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", exif=exif)
+    record = {"bytes": buffer.getvalue(), "path": None}
+    as_stored = np.asarray(Image.open(io.BytesIO(record["bytes"])).convert("RGB"))  # 40 high, 80 wide
+    upright = np.ascontiguousarray(np.rot90(as_stored, k=-1))  # clockwise: 80 high, 40 wide
+    for image in (decode_image(record), decode_image(Image.open(io.BytesIO(record["bytes"])))):
+        np.testing.assert_array_equal(np.asarray(image), upright)
+
+    processor = MSNImageProcessor(size=40, crop_size=40)
+    from_file = processor(Image.open(io.BytesIO(record["bytes"])), return_tensors="pt")["pixel_values"]
+    assert torch.equal(from_file, processor(upright, return_tensors="pt")["pixel_values"])
+
+
+def test_the_transparent_colour_of_an_rgb_png_is_composited_on_white():
+    # PNG's tRNS chunk marks one RGB colour transparent, as it marks a grey level or a palette entry.
+    pixels = np.zeros((SIDE, SIDE, 3), dtype=np.uint8)
+    pixels[:, : SIDE // 2] = (200, 30, 30)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", transparency=(0, 0, 0))
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "RGB"
+    expected = np.where(pixels.any(axis=-1, keepdims=True), pixels, 255)
+    decoded = decode_image({"bytes": buffer.getvalue(), "path": None})
+    np.testing.assert_array_equal(np.asarray(decoded), expected)
+    processor = MSNImageProcessor(size=SIDE, crop_size=SIDE, do_normalize=False)
+    from_file = processor(Image.open(io.BytesIO(buffer.getvalue())), return_tensors="pt")["pixel_values"][0]
+    assert np.abs(from_file.permute(1, 2, 0).numpy() * 255 - expected).max() < 0.5
 
 
 def test_describe_images_tells_colour_from_grey_in_every_mode():

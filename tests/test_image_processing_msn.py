@@ -303,6 +303,19 @@ def test_input_types_give_the_same_result(tmp_path):
     assert batch.shape == (2, 3, 32, 32) and torch.equal(batch[1], reference[0])
 
 
+def test_16_bit_arrays_are_scaled_by_their_type_and_wider_integers_are_checked():
+    processor = MSNImageProcessor(**TINY)
+    gray = np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8)
+    as_16_bit = gray.astype(np.uint16) * 257  # the same grey levels in 16 bits: 255 -> 65535
+    expected = processor(gray, return_tensors="pt")["pixel_values"]
+    for image in (as_16_bit, torch.from_numpy(as_16_bit)):
+        assert torch.equal(processor(image, return_tensors="pt")["pixel_values"], expected)
+    for dtype in (np.uint32, np.uint64):
+        assert torch.equal(processor(gray.astype(dtype), return_tensors="pt")["pixel_values"], expected)
+        with pytest.raises(ValueError, match=r"image 0: integer images must have values in \[0, 255\], got \[0, 300\]"):
+            processor(np.array([[0, 300]], dtype=dtype))
+
+
 def test_grayscale_rgba_palette_become_rgb():
     processor = MSNImageProcessor(**TINY)
     gray = np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8)

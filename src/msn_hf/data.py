@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 from PIL import Image
-from transformers.image_transforms import convert_to_rgb
+
+from .image_processing_msn import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -313,56 +314,11 @@ def split_name(split: str, max_samples: int | None = None) -> str:
     return split if max_samples is None else f"{split}[:{max_samples}]"
 
 
-# The largest value of PIL's 16-bit integer modes ("I;16", "I;16B", "I;16L", "I;16N"): 65535 / 257 = 255 exactly.
-UINT16_MAX = 65535
-
-
-def to_8_bit(image: Image.Image) -> Image.Image:
-    """
-    A grey mode "L" image of a 16-bit ("I;16", "I;16B", ...), 32-bit integer ("I") or float ("F") image, its values
-    scaled to [0, 255] rather than clipped as PIL's conversions do (a 16-bit ramp comes out 99.6 % white, a [0, 1]
-    float one black). Other images are returned as they are.
-
-    - 16-bit: by the range of the type, 65535 -> 255 (microscopy, medical and astronomy PNG / TIFF files).
-    - "I": by the 16-bit range when every value is in [0, 65535], else by the image's own min..max.
-    - "F": x 255 when every value is in [0, 1], else by the image's own min..max (non-finite values clipped to it).
-
-    Why not the int32 range for "I": "I" is mostly 16-bit data widened to 32 bits (`convert("I")`, older Pillow
-    versions opening 16-bit PNGs, many TIFF writers), which the int32 range would turn black, and it should decode
-    as the same file saved as "I;16" does. Values no bit depth explains (negative, or above 65535) have no scale but
-    their own, hence the image's range, as for floats outside [0, 1]; a constant such image is black.
-    """
-    if image.mode.startswith("I;16"):
-        return Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) / (UINT16_MAX / 255)).astype(np.uint8))
-    if image.mode not in ("I", "F"):
-        return image
-    pixels = np.asarray(image, dtype=np.float64)
-    finite = pixels[np.isfinite(pixels)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    pixels = np.clip(np.nan_to_num(pixels, nan=low), low, high)
-    if image.mode == "I" and low >= 0 and high <= UINT16_MAX:
-        low, high = 0.0, float(UINT16_MAX)
-    elif image.mode == "F" and low >= 0 and high <= 1:
-        low, high = 0.0, 1.0
-    scaled = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """
-    An RGB image of any PIL mode: 16/32-bit and float images scaled to 8 bits (see [`to_8_bit`]), transparency
-    composited on white as the image processor does, palettes and other colour spaces converted.
-    """
-    if image.mode == "RGB":
-        return image
-    return Image.fromarray(convert_to_rgb(to_8_bit(image), return_numpy=True))
-
-
 def decode_image(value) -> Image.Image | None:
     """
-    An RGB PIL image (see [`to_rgb`]) from a decoded image or an undecoded `{"bytes", "path"}` record; `None` when
-    the image cannot be read (corrupt or missing file, or a decompression bomb), so that callers can skip it instead
-    of crashing mid-epoch.
+    An upright RGB PIL image (see [`to_rgb`]) from a decoded image or an undecoded `{"bytes", "path"}` record; `None`
+    when the image cannot be read (corrupt or missing file, or a decompression bomb), so that callers can skip it
+    instead of crashing mid-epoch.
     """
     try:
         if isinstance(value, Image.Image):

@@ -5,10 +5,12 @@ import os
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature, get_size_dict
+from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -68,12 +70,65 @@ class MSNImageProcessorKwargs(ImagesKwargs, total=False):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The largest value of PIL's 16-bit integer modes ("I;16", "I;16B", "I;16L", "I;16N"): 65535 / 257 = 255 exactly.
+UINT16_MAX = 65535
+EXIF_ORIENTATION = 0x0112
+
+
+def to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """
+    A grey mode "L" image of a 16-bit ("I;16", "I;16B", ...), 32-bit integer ("I") or float ("F") image, its values
+    scaled to [0, 255] rather than clipped as PIL's conversions do (a 16-bit ramp comes out 99.6 % white, a [0, 1]
+    float one black). Other images are returned as they are.
+
+    - 16-bit: by the range of the type, 65535 -> 255 (microscopy, medical and astronomy PNG / TIFF files).
+    - "I": by the 16-bit range when every value is in [0, 65535], else by the image's own min..max.
+    - "F": x 255 when every value is in [0, 1], else by the image's own min..max (non-finite values clipped to it).
+
+    Why not the int32 range for "I": "I" is mostly 16-bit data widened to 32 bits (`convert("I")`, older Pillow
+    versions opening 16-bit PNGs, many TIFF writers), which the int32 range would turn black, and it should decode
+    as the same file saved as "I;16" does. Values no bit depth explains (negative, or above 65535) have no scale but
+    their own, hence the image's range, as for floats outside [0, 1]; a constant such image is black.
+    """
+    if image.mode.startswith("I;16"):
+        return PIL.Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) / (UINT16_MAX / 255)).astype(np.uint8))
+    if image.mode not in ("I", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    finite = pixels[np.isfinite(pixels)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    pixels = np.clip(np.nan_to_num(pixels, nan=low), low, high)
+    if image.mode == "I" and low >= 0 and high <= UINT16_MAX:
+        low, high = 0.0, float(UINT16_MAX)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scaled = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
+    return PIL.Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """
+    An upright RGB image of a PIL image of any mode: turned as its EXIF orientation says (as `datasets` and
+    `transformers.image_utils.load_image` do), 16/32-bit and float images scaled to 8 bits (see [`to_8_bit`]),
+    transparency (an alpha band, or the transparent colour of a palette, grey or RGB image) composited on white,
+    palettes and other colour spaces converted.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    if image.mode == "RGB" and "transparency" in image.info:
+        image = image.convert("RGBA")  # `convert_to_rgb` returns an RGB image as it is, its transparent colour too
+    if image.mode == "RGB":
+        return image
+    return PIL.Image.fromarray(convert_to_rgb(to_8_bit(image), return_numpy=True))
+
+
 def _image_item_error(index: int, message: str) -> ValueError:
     return ValueError(f"MSNImageProcessor: image {index}: {message}")
 
 
 def _open_image(index: int, image):
-    """A PIL image from a file path, loaded (so that broken files fail here, naming the image)."""
+    """An RGB PIL image (see [`to_rgb`]) from a PIL image or a file path, decoded here so that broken files fail
+    naming the image; arrays are returned as they are."""
     if isinstance(image, (str, os.PathLike)):
         try:
             image = PIL.Image.open(image)
@@ -81,7 +136,7 @@ def _open_image(index: int, image):
             raise _image_item_error(index, f"could not open image file {os.fspath(image)!r} ({error}).") from error
     if isinstance(image, PIL.Image.Image):
         try:
-            image.load()
+            image = to_rgb(image)
         except Exception as error:  # PIL raises OSError, SyntaxError, ... for broken files
             raise _image_item_error(index, f"could not decode the image ({type(error).__name__}: {error}).") from error
     elif not is_valid_image(image):
@@ -94,8 +149,8 @@ def _open_image(index: int, image):
 
 def _check_array(index: int, array: torch.Tensor, input_data_format) -> torch.Tensor:
     """
-    Check the shape and values of an array image and bring it to `uint8` (integers, `[0, 255]`) or `float32`
-    (floating point, `[0, 1]`), the two kinds the backend's RGB conversion understands.
+    Check the shape and values of an array image and bring it to `uint8` (integers, `[0, 255]`; `uint16` scaled by
+    its range) or `float32` (floating point, `[0, 1]`), the two kinds the backend's RGB conversion understands.
     """
     shape = tuple(array.shape)
     if array.ndim not in (2, 3):
@@ -110,6 +165,10 @@ def _check_array(index: int, array: torch.Tensor, input_data_format) -> torch.Te
         return array
     if array.dtype == torch.bool or array.is_complex():
         raise _image_item_error(index, f"unsupported dtype {array.dtype}; expected uint8 or floating point.")
+    if array.dtype == torch.uint16:  # 16-bit data (`np.asarray` of a 16-bit file): the type's range, as `to_8_bit`
+        return torch.round(array.double() / (UINT16_MAX / 255)).to(torch.uint8)
+    if not array.is_floating_point() and not array.is_signed():
+        array = array.long()  # torch has no min / max for uint32 and uint64
     if array.is_floating_point():
         array = array.float()
         if not bool(torch.isfinite(array).all()):
@@ -553,4 +612,4 @@ class MSNImageProcessor(TorchvisionBackend):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
 
-__all__ = ["MSNImageProcessor"]
+__all__ = ["MSNImageProcessor", "to_8_bit", "to_rgb"]

@@ -405,7 +405,7 @@ def describe_images(images: Iterable) -> tuple[int, bool]:
     """
     import numpy as np
 
-    from .data import to_rgb
+    from .image_processing_msn import to_rgb
 
     sides, grey = [], True
     for image in images:
