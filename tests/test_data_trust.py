@@ -22,7 +22,8 @@ from msn_hf.evaluation import evaluate_lowshot, extract_features, load_evaluatio
 from msn_hf.recipe import describe_images
 
 # Visually distinct classes: a classifier on raw pixels separates them perfectly when labels match.
-COLOURS = {"cat": (220, 30, 30), "dog": (30, 200, 40), "fox": (40, 60, 230), "wolf": (230, 230, 40)}
+COLOURS = {"cat": (220, 30, 30), "dog": (30, 200, 40), "fox": (40, 60, 230), "wolf": (230, 230, 40),
+           "train": (120, 120, 120), "test": (30, 30, 30), **{str(i): (20 * i, 255 - 20 * i, 90) for i in range(12)}}
 CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n not an image at all"
 
 
@@ -196,6 +197,67 @@ def test_a_test_class_unknown_in_training_is_named(tmp_path):
     # Matching the same classes changes nothing.
     train = load_image_dataset(train_dir=str(train_dir))
     assert match_labels(train, train).dataset["label"] == train.dataset["label"]
+
+
+@pytest.mark.parametrize("split_named_class", ["train", "test"])
+def test_a_class_folder_named_like_a_split_is_a_class(tmp_path, split_named_class):
+    # PASCAL VOC and COCO have a "train" class; `datasets` reads a top-level "train" folder as the train split.
+    root = image_folder(tmp_path / "images", ["cat", "dog", split_named_class], per_class=2)
+    data = load_image_dataset(train_dir=str(root))
+    assert data.label_names == sorted(["cat", "dog", split_named_class])
+    rows = data.dataset.cast_column("image", datasets.Image(decode=False))
+    assert sorted(folder_of(row["image"]["path"]) for row in rows) == sorted(["cat", "dog", split_named_class] * 2)
+    assert [data.label_names[row["label"]] for row in rows] == [folder_of(row["image"]["path"]) for row in rows]
+
+
+def test_a_folder_of_split_folders_still_gives_its_train_split(tmp_path):
+    image_folder(tmp_path / "images" / "train", ["cat", "dog"], per_class=3)
+    image_folder(tmp_path / "images" / "test", ["cat", "dog"], per_class=2, seed=1)
+    data = load_image_dataset(train_dir=str(tmp_path / "images"))
+    assert data.label_names == ["cat", "dog"] and len(data.dataset) == 6
+    paths = data.dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    assert all("/train/" in record["path"].replace("\\", "/") for record in paths)
+
+
+def saved_dataset(path, labels: list, feature) -> str:
+    features = datasets.Features(image=datasets.Image(), label=feature)
+    images = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(len(labels))]
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(path))
+    return str(path)
+
+
+def test_test_folders_named_by_integer_labels_are_matched_by_number(tmp_path):
+    # Training labels are integers without names; the test folders are named by them. `imagefolder` numbers the
+    # folders in string order ("0", "1", "10", "11", "2", ...), so its ids would put folder "2" in class 4.
+    train = saved_dataset(tmp_path / "train", [i % 12 for i in range(24)], datasets.Value("int64"))
+    test_dir = image_folder(tmp_path / "test", [str(i) for i in range(12)], per_class=1)
+    _, test = load_evaluation_datasets(dataset_name=train, test_dir=str(test_dir))
+    rows = test.dataset.cast_column("image", datasets.Image(decode=False))
+    assert [row["label"] for row in rows] == [int(folder_of(row["image"]["path"])) for row in rows]
+
+
+def test_test_class_names_that_unnamed_training_labels_cannot_match_are_an_error(tmp_path):
+    train = saved_dataset(tmp_path / "train", [0, 1, 0, 1], datasets.Value("int64"))
+    test_dir = image_folder(tmp_path / "test", ["cat", "dog"], per_class=1)
+    with pytest.raises(ValueError, match=r"test set's classes are named \['cat', 'dog'\].*training labels are integers"):
+        load_evaluation_datasets(dataset_name=train, test_dir=str(test_dir))
+
+
+def test_an_evaluation_split_that_is_asked_for_must_exist_with_labels(tmp_path):
+    labelled = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b"]))
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    split = lambda n, labels: datasets.Dataset.from_dict({"image": [image] * n, "label": labels}, features=labelled)  # noqa: E731
+    path = str(tmp_path / "saved")
+    datasets.DatasetDict(train=split(20, [0, 1] * 10), validation=split(6, [0, 1] * 3),
+                         test=split(4, [-1] * 4)).save_to_disk(path)  # fmt: skip
+    _, test = load_evaluation_datasets(dataset_name=path, test_split="validation")
+    assert test.split == "validation" and len(test.dataset) == 6
+    with pytest.raises(ValueError, match=r"--eval_split 'valdation' must be a split of .* with labels, got no such split"):
+        load_evaluation_datasets(dataset_name=path, test_split="valdation")
+    with pytest.raises(ValueError, match=r"--eval_split 'test' must be a split of .* with labels, got one without"):
+        load_evaluation_datasets(dataset_name=path, test_split="test")
+    # Not asked for: the first labelled split of validation and test.
+    assert load_evaluation_datasets(dataset_name=path)[1].split == "validation"
 
 
 # --- 16 and 32-bit images are scaled to 8 bits, not clipped (issue 14) -----------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
+from datasets.data_files import SPLIT_KEYWORDS
 from PIL import Image
 
 from .image_processing_msn import to_rgb
@@ -238,6 +239,19 @@ def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
     return SHARD_BUILDERS[extensions.pop()], files
 
 
+def folder_files(folder: str) -> dict | None:
+    """
+    The `data_files` of an image folder: every file as the train split, unless every sub-folder is named like a
+    split (`train/`, `test/`, ...; `None`: `datasets` then reads them as splits). A class may be named like a split:
+    PASCAL VOC and COCO have a "train" class, which `datasets` alone would read as the folder's only split.
+    """
+    split_words = {word for words in SPLIT_KEYWORDS.values() for word in words}
+    subfolders = [entry.name for entry in os.scandir(folder) if entry.is_dir()]
+    if subfolders and all(name.lower() in split_words for name in subfolders):
+        return None
+    return {"train": "**"}
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -270,7 +284,9 @@ def load_image_dataset(
             raise ValueError(f"--train_dir {train_dir!r} does not exist (looked at {os.path.abspath(train_dir)}).")
         if not os.path.isdir(train_dir):
             raise ValueError(f"--train_dir must be a folder of images, got the file {train_dir!r}.")
-        dataset = datasets.load_dataset("imagefolder", data_dir=train_dir, split="train", streaming=streaming)
+        dataset = datasets.load_dataset(
+            "imagefolder", data_dir=train_dir, data_files=folder_files(train_dir), split="train", streaming=streaming
+        )
     elif dataset_name is not None and os.path.isdir(dataset_name):
         dataset = datasets.load_from_disk(dataset_name)
         if isinstance(dataset, datasets.DatasetDict):
@@ -353,24 +369,34 @@ def match_labels(train: ImageDataset, test: ImageDataset) -> ImageDataset:
     """
     `test` with its class ids renumbered to those of `train`, matched by class name. A set loaded on its own numbers
     the classes it holds: an image folder of [cat, fox] gives fox the id 1, which a training folder of [cat, dog, fox]
-    gives dog. Labels < 0 (no label) are kept. `test` is returned as it is when both have the same class names, or
-    when either has none (integer labels are then taken to share their ids). A test class that is not a training
-    class is a ValueError naming it.
+    gives dog. Labels < 0 (no label) are kept. Training labels without names are matched by number to test classes
+    named by numbers (folders `0/ 1/ ... 10/`, which the folder numbers "0", "1", "10", ...); other test class names
+    are then a ValueError. `test` is returned as it is when both have the same class names, or when the test labels
+    have none (integer labels are then taken to share their ids). A test class that is not a training class is a
+    ValueError naming it.
     """
     train_names, test_names = train.label_names, test.label_names
-    if train_names is None or test_names is None or train_names == test_names:
+    if test_names is None or train.label_column is None or train_names == test_names:
         return test
-    unknown = [name for name in test_names if name not in train_names]
-    if unknown:
-        raise ValueError(
-            f"The test set's classes must be training classes (labels are matched by name), got {unknown} "
-            f"outside the training classes {train_names}."
-        )
-    index = {name: i for i, name in enumerate(train_names)}
-    new_ids = np.array([index[name] for name in test_names], dtype=np.int64)
+    if train_names is None:
+        if not all(name.isdecimal() for name in test_names):
+            raise ValueError(
+                f"The test set's classes are named {test_names}, but the training labels are integers without names: "
+                "name the test classes by the training labels (folders 0/, 1/, ...) or give the training classes names."
+            )
+        new_ids, names = np.array([int(name) for name in test_names], dtype=np.int64), None
+    else:
+        unknown = [name for name in test_names if name not in train_names]
+        if unknown:
+            raise ValueError(
+                f"The test set's classes must be training classes (labels are matched by name), got {unknown} "
+                f"outside the training classes {train_names}."
+            )
+        index = {name: i for i, name in enumerate(train_names)}
+        new_ids, names = np.array([index[name] for name in test_names], dtype=np.int64), train_names
     column = test.label_column
     features = test.dataset.features.copy()
-    features[column] = datasets.ClassLabel(names=train_names)
+    features[column] = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
 
     def renumber(labels: list) -> dict:
         labels = np.asarray(labels, dtype=np.int64)
@@ -385,20 +411,31 @@ def load_labelled_split(
 ) -> ImageDataset | None:
     """
     The labelled evaluation split of a Hub dataset, a `save_to_disk` folder or the built-in digits: `split`, or else
-    the first of 'validation' and 'test' that exists with real labels (see [`has_labels`]). `None` when there is none.
+    the first of 'validation' and 'test' that exists with real labels (see [`has_labels`]). `None` when there is none;
+    a `split` asked for that does not exist or has no labels is a ValueError (`--eval_split`), not a fallback.
     """
+
+    def missing(got: str) -> None:
+        if split:
+            source = repr(dataset_name) if dataset_name else "the built-in digits"
+            raise ValueError(f"--eval_split {split!r} must be a split of {source} with labels, got {got}.")
+
     for name in [split] if split else EVAL_SPLITS:
         if dataset_name is not None and os.path.isdir(dataset_name):
             saved = datasets.load_from_disk(dataset_name)  # memory-mapped: cheap to open twice
             if not isinstance(saved, datasets.DatasetDict) or name not in saved:
+                splits = list(saved) if isinstance(saved, datasets.DatasetDict) else "none, one dataset"
+                missing(f"no such split (splits: {splits})")
                 continue
         try:
             data = load_image_dataset(dataset_name, dataset_config_name, split=name, **kwargs)
         except (ValueError, KeyError) as error:
+            missing(f"one that could not be loaded ({error})")
             logger.debug("No split %r: %s", name, error)
             continue
         if has_labels(data):
             return data
+        missing("one without labels (or with labels < 0)")
         logger.info("Split %r has no labels (or labels < 0): not used for evaluation.", name)
     return None
 
