@@ -352,6 +352,80 @@ def decode_image(value) -> Image.Image | None:
         return None
 
 
+def _names_a_class(label) -> bool:
+    """Whether one label value names a class: an id >= 0 or a non-empty name (< 0, None and "" mark no label)."""
+    if isinstance(label, (int, float, np.number)):
+        return bool(label >= 0)
+    return label not in (None, "")
+
+
+def _is_labelled(labels) -> np.ndarray:
+    """Which of `labels` name a class (see `_names_a_class`), as a boolean array."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iuf":  # ids, as a ClassLabel column holds them: no loop over a large split
+        return labels >= 0
+    return np.fromiter(map(_names_a_class, labels.tolist()), dtype=bool, count=len(labels))
+
+
+def separate_unlabelled(data: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """
+    `(labelled, unlabelled)` rows of the map-style `data`, in their order and under its split name. A label < 0
+    marks an image without one (a semi-supervised set's extra images, ImageNet's test split): evaluation leaves it
+    out, so that no classifier takes "-1" for one more class. How many are left out is logged.
+    """
+    labelled = _is_labelled(data.dataset[data.label_column])
+    if not labelled.all():
+        logger.info(
+            f"{int((~labelled).sum())} of the {len(labelled)} images of {data.split or 'the data'!r} have no label "
+            "(label < 0): left out of the evaluation."
+        )
+
+    def rows(mask: np.ndarray) -> ImageDataset:
+        return ImageDataset(data.dataset.select(np.flatnonzero(mask)), data.image_column, data.label_column, data.split)
+
+    return rows(labelled), rows(~labelled)
+
+
+def labelled_rows(data: ImageDataset, role: str) -> ImageDataset:
+    """The labelled rows of `data`, the `role` ("training", "test") set of an evaluation; none is a ValueError."""
+    if data.label_column is None:
+        return data  # `extract_features` names the missing column
+    if isinstance(data.dataset, datasets.IterableDataset):
+        # A stream has no count without a pass: its unlabelled rows are dropped as they come.
+        rows = data.dataset.filter(lambda labels: _is_labelled(labels).tolist(), input_columns=data.label_column,
+                                   batched=True)  # fmt: skip
+        return ImageDataset(rows, data.image_column, data.label_column, data.split)
+    labelled, _ = separate_unlabelled(data)
+    if not len(labelled.dataset):
+        raise ValueError(
+            f"The {role} split {data.split!r} must hold labelled images for evaluation (labels >= 0), got "
+            f"{len(data.dataset)} images, none labelled."
+        )
+    return labelled
+
+
+def load_test_dir(test_dir: str, **columns) -> ImageDataset:
+    """
+    The image folder `test_dir` as a labelled test set, its labelled rows named `"test_dir <folder>"`; `columns`:
+    `image_column_name`, `label_column_name`, `cache_dir`. The labels are the names of its class folders, which
+    `imagefolder` reads from two classes on (it drops them for one): a folder that gives none is a ValueError here,
+    when the data are loaded, rather than when the evaluation needs them (at the end of a pretraining run).
+    """
+    if not os.path.isdir(test_dir):
+        raise ValueError(f"--test_dir must be a folder of class folders, got {test_dir!r}, which is not a folder.")
+    test = load_image_dataset(train_dir=test_dir, **columns)
+    test.split = f"test_dir {test_dir}"
+    if test.label_column is None:
+        folders = sorted(entry.name for entry in os.scandir(test_dir) if entry.is_dir())
+        shown = f"{folders[:5]}{' ...' if len(folders) > 5 else ''}"
+        raise ValueError(
+            f"--test_dir must hold one folder per class with at least 2 classes, got {len(folders)} {shown} in "
+            f"{test_dir!r}, from which no label could be read (the labels are the names of the folders that hold "
+            "the images)."
+        )
+    return labelled_rows(test, "test")
+
+
 def has_labels(data: ImageDataset) -> bool:
     """Whether a split has real labels: a label column and, when it can be read without streaming, no label < 0
     (ImageNet's test split, for one, labels every image -1)."""
@@ -359,10 +433,8 @@ def has_labels(data: ImageDataset) -> bool:
         return False
     if isinstance(data.dataset, datasets.IterableDataset):
         return True
-    labels = np.asarray(data.dataset[data.label_column])
-    if labels.dtype.kind not in "iuf":  # class names (a hand-made ImageDataset): every row must have one
-        return labels.size > 0 and all(label is not None and label != "" for label in labels.tolist())
-    return labels.size > 0 and labels.min() >= 0
+    labelled = _is_labelled(data.dataset[data.label_column])
+    return labelled.size > 0 and bool(labelled.all())
 
 
 def match_labels(train: ImageDataset, test: ImageDataset) -> ImageDataset:

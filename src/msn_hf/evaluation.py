@@ -44,8 +44,10 @@ from .data import (
     ImageDataset,
     decode_image,
     hold_out,
+    labelled_rows,
     load_image_dataset,
     load_labelled_split,
+    load_test_dir,
     match_labels,
     seen_in_pretraining,
 )
@@ -418,7 +420,8 @@ def evaluate_lowshot(
         model_or_path: an `MSNModel` (or any model accepted by [`extract_features`]) or a checkpoint folder / Hub
             id for [`load_feature_model`].
         train: labelled images the classifiers are trained on (subsets of them for the low-shot settings).
-        test: labelled images the accuracies are measured on; None holds out a stratified 20 % of `train`.
+        test: labelled images the accuracies are measured on; None holds out a stratified 20 % of `train`. Rows
+            of either without a label (label < 0) are left out (see [`separate_unlabelled`]).
         image_processor: evaluation preprocessing (`image_processor(images, return_tensors="pt")`); by default
             the one saved with `model_or_path` when it is a path.
         shots: images per class of the few-shot logistic regressions.
@@ -444,8 +447,10 @@ def evaluate_lowshot(
     """
     shots, seeds, baselines = tuple(shots), tuple(seeds), tuple(baselines)
     _check_settings(shots, label_fraction, seeds, knn_k, baselines, l2_reg, protocol)
+    train = labelled_rows(train, "training")
     if test is None:
         train, test = hold_out(train, DEFAULT_TEST_SIZE)
+    test = labelled_rows(test, "test")
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_feature_model(str(model_or_path), trust_remote_code=trust_remote_code)
         if device is None:
@@ -614,7 +619,8 @@ def load_evaluation_datasets(
     folder, shards, or the built-in digits with their test split). The test set is `test_dir`, `test_split`, or
     else the first labelled one of 'validation' and 'test'; without any, a stratified `test_size` of the training
     images is held out with `seed` (the split `msn-pretrain` holds out before pretraining). A test set loaded on its
-    own has its class ids matched to the training classes by name (see [`match_labels`]).
+    own has its class ids matched to the training classes by name (see [`match_labels`]). Rows without a label
+    (label < 0) are left out before any hold-out (see [`separate_unlabelled`]); a split with none is a ValueError.
     """
     common = dict(image_column_name=image_column_name, label_column_name=label_column_name, cache_dir=cache_dir)
     # Truncated before any hold-out, as `msn-pretrain` does, so that the same flags hold out the same images.
@@ -627,9 +633,9 @@ def load_evaluation_datasets(
             f"Evaluation needs labels, but no label column was found among {list(train.dataset.features)}; "
             "pass `label_column_name`."
         )
+    train = labelled_rows(train, "training")
     if test_dir is not None:
-        test = load_image_dataset(train_dir=test_dir, **common)
-        test.split = f"test_dir {test_dir}"
+        test = load_test_dir(test_dir, **common)
     elif train_dir is not None or train_files:
         test = None
     else:

@@ -65,11 +65,12 @@ from .data import (
     ImageDataset,
     data_record,
     decode_image,
-    has_labels,
     hold_out,
     load_image_dataset,
     load_labelled_split,
+    load_test_dir,
     match_labels,
+    separate_unlabelled,
 )
 from .files import write_text_atomically
 from .image_processing_msn import MSNImageProcessor
@@ -381,8 +382,8 @@ class TrainData:
         image_column: the column the collator decodes.
         evaluation: labelled (train, test) sets for the final low-shot evaluation, or None.
         no_evaluation_reason: why there is no evaluation, when there is none.
-        sample: up to 32 undecoded images, the same on every process (the first rows, before any shuffle or split),
-            from which the auto recipe reads the image size and colour mode.
+        sample: up to 32 undecoded images, the same on every process, from which the auto recipe reads the image
+            size and colour mode (see `_recipe_sample`).
     """
 
     dataset: torch.utils.data.Dataset | datasets.IterableDataset
@@ -400,34 +401,55 @@ def _evaluation_sets(
     data: ImageDataset, data_args: DataArguments, max_eval_samples: int
 ) -> tuple[ImageDataset, tuple[ImageDataset, ImageDataset] | None, str | None]:
     """
-    The labelled test set of the final evaluation: `--test_dir`, the labelled evaluation split, or else a stratified
-    `--test_size` held out of `data` BEFORE pretraining (the split `msn-evaluate` makes of the same flags), so that
-    no test image is pretrained on; nothing is held out of data too large to evaluate. Returns the data to pretrain
-    on, the (train, test) sets or None, and the reason when None.
+    The labelled sets of the final evaluation, those `msn-evaluate` loads from the same flags: the labelled rows of
+    `data` (rows labelled < 0 are pretrained on, not evaluated on) and `--test_dir`, the labelled evaluation split,
+    or else a stratified `--test_size` of the labelled rows held out of `data` BEFORE pretraining, so that no test
+    image is pretrained on; nothing is held out of data too large to evaluate. A `--test_dir` that gives no labels
+    is a ValueError here, before the first step. Returns the data to pretrain on, the (train, test) sets or None,
+    and the reason when None.
     """
-    if data.label_column is None or not has_labels(data):
+    if data.label_column is None:
         return data, None, "the training data has no labels"
+    labelled, unlabelled = separate_unlabelled(data)
+    if not len(labelled.dataset):
+        return data, None, "the training data has no labels (every label is < 0)"
     common = dict(image_column_name=data_args.image_column_name, label_column_name=data_args.label_column_name,
                   cache_dir=data_args.cache_dir)  # fmt: skip
     test = None
     if data_args.test_dir is not None:
-        test = load_image_dataset(train_dir=data_args.test_dir, **common)
-        test.split = f"test_dir {data_args.test_dir}"
+        test = load_test_dir(data_args.test_dir, **common)
     elif not (data_args.train_dir or data_args.train_files):
         test = load_labelled_split(data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split, **common)
     if test is not None:
-        test = match_labels(data, test)  # loaded on its own, it numbers its classes on its own
+        test = match_labels(labelled, test)  # loaded on its own, it numbers its classes on its own
     if test is None:
-        if len(data.dataset) > max_eval_samples:
-            return data, None, f"{len(data.dataset)} labelled images exceed --max_eval_samples {max_eval_samples}"
-        logger.info(f"No labelled evaluation split: holding out {data_args.test_size:.0%} of the images before pretraining.")
+        if len(labelled.dataset) > max_eval_samples:
+            return data, None, f"{len(labelled.dataset)} labelled images exceed --max_eval_samples {max_eval_samples}"
+        logger.info(f"No labelled evaluation split: holding out {data_args.test_size:.0%} of the labelled images before pretraining.")
         try:
-            data, test = hold_out(data, data_args.test_size)
+            labelled, test = hold_out(labelled, data_args.test_size)
         except ValueError as error:  # e.g. a class with a single image cannot be stratified
             return data, None, f"no stratified hold-out of {data_args.test_size:.0%} is possible ({error})"
+        data = labelled
+        if len(unlabelled.dataset):  # only labelled images are held out: the unlabelled ones are pretrained on too
+            rows = datasets.concatenate_datasets([labelled.dataset, unlabelled.dataset])
+            data = ImageDataset(rows, labelled.image_column, labelled.label_column, labelled.split)
     if data_args.max_test_samples is not None:
         test.dataset = test.dataset.select(range(min(data_args.max_test_samples, len(test.dataset))))
-    return data, (data, test), None
+    return data, (labelled, test), None
+
+
+def _recipe_sample(rows: datasets.Dataset | datasets.IterableDataset, image_column: str) -> list:
+    """
+    Up to `RECIPE_SAMPLE_SIZE` undecoded images, the same on every process and for every seed, from which the auto
+    recipe reads the image size and colour mode: rows evenly spaced over a map-style dataset, whose first rows can
+    be one class (an image folder lists its classes one after the other, and a first class of grey images would
+    make a colour set look grey); the first rows of a stream, which has no length to spread over.
+    """
+    if not isinstance(rows, datasets.IterableDataset):
+        count = min(RECIPE_SAMPLE_SIZE, len(rows))
+        rows = rows.select([i * len(rows) // count for i in range(count)])
+    return [row[image_column] for row in rows.take(RECIPE_SAMPLE_SIZE)]
 
 
 def build_train_data(data_args: DataArguments, args: PretrainingArguments, accelerator: Accelerator) -> TrainData:
@@ -456,7 +478,7 @@ def build_train_data(data_args: DataArguments, args: PretrainingArguments, accel
     elif not args.skip_evaluation:
         data, evaluation, reason = _evaluation_sets(data, data_args, args.max_eval_samples)
     rows = data.dataset.cast_column(data.image_column, datasets.Image(decode=False))
-    sample = [row[data.image_column] for row in rows.take(RECIPE_SAMPLE_SIZE)]
+    sample = _recipe_sample(rows, data.image_column)
     if data_args.streaming:
         if data_args.shuffle_buffer_size:
             rows = rows.shuffle(seed=args.seed, buffer_size=data_args.shuffle_buffer_size)
