@@ -272,6 +272,25 @@ def test_checkpoints_rotate_keep_the_newest_and_overwrite_removes_the_old_run(tm
     assert (state["epoch"], state["batches_in_epoch"], state["completed_steps"]) == (2, 0, 4)
 
 
+def test_a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_and_sets_the_later_ones_aside(tmp_path):
+    # Retrying from checkpoint 1 of a 4-step run: the retry's checkpoints are the newest, whatever their step numbers.
+    out = tmp_path / "run"
+    common = [*RUN_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32", "--output_dir", str(out),
+              "--checkpointing_steps", "1"]  # fmt: skip
+    pt.main([*common, "--max_train_steps", "4", "--checkpoints_total_limit", "0"])
+    first_run = {step: (out / f"checkpoint-{step}" / "model.safetensors").read_bytes() for step in (3, 4)}
+
+    pt.main([*common, "--max_train_steps", "2", "--checkpoints_total_limit", "2",
+             "--resume_from_checkpoint", str(out / "checkpoint-1")])  # fmt: skip
+    assert sorted(p.name for p in out.glob("checkpoint-*") if checkpointing.CHECKPOINT_PATTERN.match(p.name)) == [
+        "checkpoint-1", "checkpoint-2"]  # fmt: skip
+    assert checkpointing.find_latest_checkpoint(out) == out / "checkpoint-2"
+    # Set aside, not removed: the first run's later checkpoints are still there, under names no resume takes.
+    for step, weights in first_run.items():
+        (aside,) = out.glob(f"checkpoint-{step}.abandoned-*")
+        assert (aside / "model.safetensors").read_bytes() == weights
+
+
 def test_dataloader_workers_draw_the_same_views_and_bf16_trains(tmp_path):
     common = [*RUN_ARGS, "--per_device_train_batch_size", "8", "--max_train_samples", "32",
               "--max_train_steps", "3", "--seed", "5"]  # fmt: skip

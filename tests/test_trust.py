@@ -44,7 +44,9 @@ def test_atomic_writes_follow_the_umask(tmp_path):
 
 def test_a_run_and_a_conversion_write_files_colleagues_can_read(tmp_path, umask_022):
     out = tmp_path / "run"
-    pt.main([*TINY_RUN, "--max_train_steps", "1", "--output_dir", str(out)])
+    pt.main([*TINY_RUN, "--max_train_steps", "1", "--checkpointing_steps", "1", "--output_dir", str(out)])
+    checkpoint = out / "checkpoint-1"
+    assert mode(checkpoint) == 0o755 and {p.name: mode(p) for p in checkpoint.iterdir() if mode(p) != 0o644} == {}
     written = {path.name: mode(path) for path in out.iterdir() if path.is_file()}
     assert {"model.safetensors", "msn_recipe.json", "README.md", "config.json"} <= set(written) or {
         "model.safetensors", "README.md", "config.json"} <= set(written)  # fmt: skip

@@ -21,6 +21,7 @@ from accelerate.logging import get_logger
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .collectives import host_sum
+from .files import give_default_permissions
 
 logger = get_logger(__name__)
 
@@ -126,6 +127,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / TRAINING_STATE_FILE).write_text(state.to_json())
+        give_default_permissions(temporary)  # safetensors writes the weights owner-only
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -158,6 +160,10 @@ def resume(
             f"(no {TRAINING_STATE_FILE})."
         )
     accelerator.print(f"Resuming from {checkpoint}")
+    state = TrainingState(**json.loads((checkpoint / TRAINING_STATE_FILE).read_text()))
+    if accelerator.is_main_process:
+        set_aside_later_checkpoints(output_dir, state.completed_steps, accelerator)
+    accelerator.wait_for_everyone()
     if isinstance(dataloader, StatefulDataLoader):
         # Checked by every process alike, so that all of them stop rather than some wait for the others.
         saved = len(list(checkpoint.glob(DATALOADER_STATE_FILE.format(rank="*"))))
@@ -175,7 +181,22 @@ def resume(
                 f"{accelerator.process_index}: resume a stream with the number of processes that saved it."
             )
         dataloader.load_state_dict(json.loads(path.read_text()))
-    return TrainingState(**json.loads((checkpoint / TRAINING_STATE_FILE).read_text()))
+    return state
+
+
+def set_aside_later_checkpoints(output_dir: Path, step: int, accelerator: Accelerator) -> None:
+    """
+    Rename the complete checkpoints of `output_dir` past `step` to `checkpoint-N.abandoned-<time>`, when a run goes on
+    from `step`: they belong to the run that went on from there before, and ranked by step they would pass for the
+    newest, so that `--checkpoints_total_limit` removed the new run's checkpoints and `latest` resumed the old run.
+    Renamed, not removed: they may be what the user wants to compare against.
+    """
+    later = [path for path in complete_checkpoints(output_dir) if int(CHECKPOINT_PATTERN.match(path.name)[1]) > step]
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for path in later:
+        aside = path.with_name(f"{path.name}.abandoned-{stamp}")
+        os.replace(path, aside)
+        accelerator.print(f"{path.name} is past the resumed step {step}: set aside as {aside.name}.")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
