@@ -17,7 +17,16 @@ from PIL import Image
 from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
-from msn_hf.data import DataArguments, ImageDataset, decode_image, has_labels, load_image_dataset, match_labels
+from msn_hf.data import (
+    DataArguments,
+    ImageDataset,
+    data_record,
+    decode_image,
+    has_labels,
+    load_image_dataset,
+    match_labels,
+    seen_in_pretraining,
+)
 from msn_hf.evaluation import evaluate_lowshot, extract_features, load_evaluation_datasets
 from msn_hf.recipe import describe_images
 
@@ -258,6 +267,43 @@ def test_an_evaluation_split_that_is_asked_for_must_exist_with_labels(tmp_path):
         load_evaluation_datasets(dataset_name=path, test_split="test")
     # Not asked for: the first labelled split of validation and test.
     assert load_evaluation_datasets(dataset_name=path)[1].split == "validation"
+
+
+def test_the_evaluation_split_is_never_the_training_split(tmp_path):
+    labelled = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b"]))
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    split = lambda n: datasets.Dataset.from_dict({"image": [image] * n, "label": [0, 1] * (n // 2)}, features=labelled)  # noqa: E731
+    path = str(tmp_path / "saved")
+    datasets.DatasetDict(train=split(20), validation=split(6), test=split(4)).save_to_disk(path)
+    # Looked for: the first labelled split of validation and test that is not the training split.
+    assert load_evaluation_datasets(dataset_name=path, train_split="validation")[1].split == "test"
+    train_data = pt.build_train_data(DataArguments(dataset_name=path, train_split="validation"),
+                                     pt.PretrainingArguments(per_device_train_batch_size=2), Accelerator(cpu=True))  # fmt: skip
+    assert train_data.evaluation[1].split == "test"
+    with pytest.raises(ValueError, match=r"--eval_split 'test' must not be .*--train_split 'test'"):
+        load_evaluation_datasets(dataset_name=path, train_split="test", test_split="test")
+    # The built-in digits' "all" holds their test split: nothing left to look for, a hold-out of "all" instead.
+    _, test = load_evaluation_datasets(train_split="all", max_train_samples=200)
+    assert test.split.startswith("held-out") and "of all" in test.split
+    with pytest.raises(ValueError, match=r"--eval_split 'test' must not be .*--train_split 'all'"):
+        load_evaluation_datasets(train_split="all", test_split="test")
+
+
+def test_a_test_folder_the_model_was_pretrained_on_is_seen_whatever_the_training_folder(tmp_path):
+    pretrained_on = image_folder(tmp_path / "images" / "train", ["cat", "dog"], per_class=2)
+    other = image_folder(tmp_path / "images" / "test", ["cat", "dog"], per_class=2, seed=1)
+    record = data_record(DataArguments(train_dir=str(pretrained_on)), None)
+    for test_dir in (pretrained_on, tmp_path / "images"):  # the folder itself, or one that holds it
+        flags = DataArguments(train_dir=str(other), test_dir=str(test_dir))
+        test = ImageDataset(datasets.Dataset.from_dict({"image": []}), "image", split=f"test_dir {test_dir}")
+        assert "--test_dir" in seen_in_pretraining(record, flags, test), test_dir
+    flags = DataArguments(train_dir=str(pretrained_on), test_dir=str(other))
+    assert seen_in_pretraining(record, flags, ImageDataset(datasets.Dataset.from_dict({"image": []}), "image")) is None
+    # Pretrained on a folder of split folders: its train folder's images only.
+    record = data_record(DataArguments(train_dir=str(tmp_path / "images")), None)
+    for test_dir, seen in ((other, False), (pretrained_on, True)):
+        flags = DataArguments(train_dir=str(tmp_path / "images"), test_dir=str(test_dir))
+        assert bool(seen_in_pretraining(record, flags, ImageDataset(datasets.Dataset.from_dict({"image": []}), "image"))) is seen
 
 
 # --- 16 and 32-bit images are scaled to 8 bits, not clipped (issue 14) -----------------------------------------------

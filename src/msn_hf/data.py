@@ -478,13 +478,34 @@ def match_labels(train: ImageDataset, test: ImageDataset) -> ImageDataset:
     return ImageDataset(dataset, test.image_column, column, test.split)
 
 
+def splits_overlap(split: str, other: str) -> bool:
+    """
+    Whether two split expressions of `datasets` may share rows: the same expression, `"all"` on either side, or a
+    split named on both sides and whole on one (`"train+test"` and `"test"`; `"train[:80%]"` and `"train[80%:]"`
+    are taken to be apart).
+    """
+    if split == other:
+        return True
+    parts, other_parts = _split_parts(split), _split_parts(other)
+    if "all" in {name for name, _ in parts + other_parts}:
+        return True
+    return any(name == other_name and not (sliced and other_sliced)
+               for name, sliced in parts for other_name, other_sliced in other_parts)  # fmt: skip
+
+
+def _split_parts(split: str) -> list[tuple[str, bool]]:
+    """`(name, sliced)` of each split of a `+` expression: `"train[:10%]+test"` -> `[("train", True), ("test", False)]`."""
+    return [(part.split("[")[0].strip(), "[" in part) for part in split.split("+")]
+
+
 def load_labelled_split(
-    dataset_name: str | None, dataset_config_name: str | None, split: str | None, **kwargs
+    dataset_name: str | None, dataset_config_name: str | None, split: str | None, train_split: str, **kwargs
 ) -> ImageDataset | None:
     """
     The labelled evaluation split of a Hub dataset, a `save_to_disk` folder or the built-in digits: `split`, or else
-    the first of 'validation' and 'test' that exists with real labels (see [`has_labels`]). `None` when there is none;
-    a `split` asked for that does not exist or has no labels is a ValueError (`--eval_split`), not a fallback.
+    the first of 'validation' and 'test' that exists with real labels (see [`has_labels`]) and is apart from the
+    training split `train_split` (see [`splits_overlap`]). `None` when there is none; a `split` asked for that does
+    not exist, has no labels or overlaps the training split is a ValueError (`--eval_split`), not a fallback.
     """
 
     def missing(got: str) -> None:
@@ -492,7 +513,12 @@ def load_labelled_split(
             source = repr(dataset_name) if dataset_name else "the built-in digits"
             raise ValueError(f"--eval_split {split!r} must be a split of {source} with labels, got {got}.")
 
-    for name in [split] if split else EVAL_SPLITS:
+    if split and splits_overlap(split, train_split):
+        raise ValueError(
+            f"--eval_split {split!r} must not be (or share images with) the training split, got --train_split "
+            f"{train_split!r}: the classifiers would be scored on the images they were trained on."
+        )
+    for name in [split] if split else [name for name in EVAL_SPLITS if not splits_overlap(name, train_split)]:
         if dataset_name is not None and os.path.isdir(dataset_name):
             saved = datasets.load_from_disk(dataset_name)  # memory-mapped: cheap to open twice
             if not isinstance(saved, datasets.DatasetDict) or name not in saved:
@@ -576,14 +602,34 @@ def seen_in_pretraining(record: dict | None, data_args: DataArguments, test: Ima
     """
     Why the test images `test` (loaded from the flags `data_args`) include images that the run of `record` (its
     `data_record`) pretrained on, in words; None when the flags give images it did not pretrain on: another data
-    source, another split, another folder, or the very hold-out the run made.
+    source, a split apart from the one it pretrained on (see [`splits_overlap`]), another folder, or the very
+    hold-out the run made.
     """
-    if record is None or record["source"] != data_source(data_args) or test.split == record["held_out"]:
+    if record is None:
         return None
     trained_on = record["split"] + (f" less the {record['held_out']}" if record["held_out"] else "")
-    if data_args.test_dir is not None:
-        same_folder = os.path.abspath(data_args.test_dir) == record["source"]["train_dir"]
-        return f"--test_dir is the folder it pretrained on ({trained_on})" if same_folder else None
-    if (test.split or "").startswith(HELD_OUT) or test.split == record["source"]["train_split"]:
+    if data_args.test_dir is not None:  # whatever the training images of the evaluation are
+        if _folder_holds_pretrained_images(os.path.abspath(data_args.test_dir), record["source"]["train_dir"]):
+            return f"--test_dir holds images of the folder it pretrained on ({trained_on})"
+        return None
+    source, pretrained_source = data_source(data_args), dict(record["source"])
+    pretrained_split = pretrained_source.pop("train_split")
+    if {**source, "train_split": None} != {**pretrained_source, "train_split": None} or test.split == record["held_out"]:
+        return None
+    # A hold-out other than the run's own is drawn from the evaluation's training split; a split is its own.
+    tested = data_args.train_split if (test.split or "").startswith(HELD_OUT) else test.split
+    if tested and splits_overlap(tested, pretrained_split):
         return f"the test images ({test.split}) overlap the images it pretrained on ({trained_on})"
     return None
+
+
+def _folder_holds_pretrained_images(test_dir: str, pretrained_on: str | None) -> bool:
+    """Whether the folder `test_dir` is, holds or lies in the images of the image folder a run pretrained on: the
+    folder, or its train split's folder when it was a folder of split folders (see [`folder_files`])."""
+    if not pretrained_on:
+        return False
+    folders = [pretrained_on]
+    if os.path.isdir(pretrained_on) and folder_files(pretrained_on) is None:
+        train_words = SPLIT_KEYWORDS[datasets.Split.TRAIN]
+        folders = [entry.path for entry in os.scandir(pretrained_on) if entry.name.lower() in train_words]
+    return any(os.path.commonpath([folder, test_dir]) in (folder, test_dir) for folder in folders)

@@ -639,7 +639,7 @@ def load_evaluation_datasets(
     elif train_dir is not None or train_files:
         test = None
     else:
-        test = load_labelled_split(dataset_name, dataset_config_name, test_split, **common)
+        test = load_labelled_split(dataset_name, dataset_config_name, test_split, train_split, **common)
     if test is not None:
         test = match_labels(train, test)  # loaded on its own, it numbers its classes on its own
     if test is None:
