@@ -228,6 +228,21 @@ def test_a_folder_of_split_folders_still_gives_its_train_split(tmp_path):
     assert all("/train/" in record["path"].replace("\\", "/") for record in paths)
 
 
+def test_a_folder_of_split_folders_gives_the_splits_asked_for(tmp_path):
+    root = tmp_path / "images"
+    image_folder(root / "train", ["cat", "dog"], per_class=5)
+    image_folder(root / "test", ["cat", "dog"], per_class=2, seed=1)
+    assert len(load_image_dataset(train_dir=str(root), split="test").dataset) == 4
+    # Evaluated on the folder's test split, not on a hold-out of its train split.
+    train, test = load_evaluation_datasets(train_dir=str(root))
+    assert (len(train.dataset), test.split, len(test.dataset)) == (10, "test", 4)
+    train_data = pt.build_train_data(DataArguments(train_dir=str(root)),
+                                     pt.PretrainingArguments(per_device_train_batch_size=2), Accelerator(cpu=True))  # fmt: skip
+    assert len(train_data.dataset) == 10 and train_data.evaluation[1].split == "test"
+    with pytest.raises(ValueError, match=r"`split` 'validation' is not a split of the folder .*: its splits are \['test', 'train'\]"):
+        load_image_dataset(train_dir=str(root), split="validation")
+
+
 def saved_dataset(path, labels: list, feature) -> str:
     features = datasets.Features(image=datasets.Image(), label=feature)
     images = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(len(labels))]

@@ -252,6 +252,13 @@ def folder_files(folder: str) -> dict | None:
     return {"train": "**"}
 
 
+def folder_splits(folder: str) -> list[str]:
+    """The splits `datasets` reads from the sub-folders of a folder of split folders: `train/` and `training/` are
+    "train", `val/` and `dev/` "validation", `eval/` and `testing/` "test" (see `datasets.data_files.SPLIT_KEYWORDS`)."""
+    words = {word: str(split) for split, words in SPLIT_KEYWORDS.items() for word in words}
+    return sorted({words[entry.name.lower()] for entry in os.scandir(folder) if entry.name.lower() in words})
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -284,8 +291,15 @@ def load_image_dataset(
             raise ValueError(f"--train_dir {train_dir!r} does not exist (looked at {os.path.abspath(train_dir)}).")
         if not os.path.isdir(train_dir):
             raise ValueError(f"--train_dir must be a folder of images, got the file {train_dir!r}.")
+        data_files = folder_files(train_dir)
+        splits = ["train"] if data_files is not None else folder_splits(train_dir)
+        if any(name not in splits for name, _ in _split_parts(split)):
+            raise ValueError(
+                f"`split` {split!r} is not a split of the folder {train_dir!r}: its splits are {sorted(splits)} (a "
+                "folder of class folders is one train split; sub-folders named train/, validation/, test/ are splits)."
+            )
         dataset = datasets.load_dataset(
-            "imagefolder", data_dir=train_dir, data_files=folder_files(train_dir), split="train", streaming=streaming
+            "imagefolder", data_dir=train_dir, data_files=data_files, split=split, streaming=streaming
         )
     elif dataset_name is not None and os.path.isdir(dataset_name):
         dataset = datasets.load_from_disk(dataset_name)
@@ -502,7 +516,8 @@ def load_labelled_split(
     dataset_name: str | None, dataset_config_name: str | None, split: str | None, train_split: str, **kwargs
 ) -> ImageDataset | None:
     """
-    The labelled evaluation split of a Hub dataset, a `save_to_disk` folder or the built-in digits: `split`, or else
+    The labelled evaluation split of a Hub dataset, a `save_to_disk` folder, an image folder of split folders, shards
+    (`kwargs` `train_dir`, `train_files`, as for [`load_image_dataset`]) or the built-in digits: `split`, or else
     the first of 'validation' and 'test' that exists with real labels (see [`has_labels`]) and is apart from the
     training split `train_split` (see [`splits_overlap`]). `None` when there is none; a `split` asked for that does
     not exist, has no labels or overlaps the training split is a ValueError (`--eval_split`), not a fallback.
@@ -510,7 +525,8 @@ def load_labelled_split(
 
     def missing(got: str) -> None:
         if split:
-            source = repr(dataset_name) if dataset_name else "the built-in digits"
+            given = dataset_name or kwargs.get("train_dir") or kwargs.get("train_files")
+            source = repr(given) if given else "the built-in digits"
             raise ValueError(f"--eval_split {split!r} must be a split of {source} with labels, got {got}.")
 
     if split and splits_overlap(split, train_split):

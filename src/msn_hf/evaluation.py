@@ -636,10 +636,9 @@ def load_evaluation_datasets(
     train = labelled_rows(train, "training")
     if test_dir is not None:
         test = load_test_dir(test_dir, **common)
-    elif train_dir is not None or train_files:
-        test = None
     else:
-        test = load_labelled_split(dataset_name, dataset_config_name, test_split, train_split, **common)
+        test = load_labelled_split(dataset_name, dataset_config_name, test_split, train_split, train_dir=train_dir,
+                                   train_files=train_files, **common)  # fmt: skip
     if test is not None:
         test = match_labels(train, test)  # loaded on its own, it numbers its classes on its own
     if test is None:

@@ -418,9 +418,10 @@ def _evaluation_sets(
     test = None
     if data_args.test_dir is not None:
         test = load_test_dir(data_args.test_dir, **common)
-    elif not (data_args.train_dir or data_args.train_files):
+    else:
         test = load_labelled_split(data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split,
-                                   data_args.train_split, **common)  # fmt: skip
+                                   data_args.train_split, train_dir=data_args.train_dir,
+                                   train_files=data_args.train_files, **common)  # fmt: skip
     if test is not None:
         test = match_labels(labelled, test)  # loaded on its own, it numbers its classes on its own
     if test is None:
