@@ -13,7 +13,7 @@ import json
 import time
 
 from msn_hf import MSNConfig, MSNImageProcessor, MSNModel
-from msn_hf.data import ImageDataset, load_digits_dataset
+from msn_hf.data import ImageDataset, load_digits_dataset, load_image_dataset
 from msn_hf.evaluation import evaluate_lowshot
 from msn_hf.modelcard import headline, write_model_card
 from msn_hf.recipe import auto_recipe
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per_device_train_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=float, default=22, help="Steps (one epoch), or a fraction below 1.")
-    parser.add_argument("--max_train_samples", type=int, help="Pretrain on the first N training images only.")
+    parser.add_argument("--max_train_samples", type=int, help="Pretrain on N training images only.")
     parser.add_argument("--backbone_kwargs", type=json.loads, help="JSON timm kwargs merged into the recipe's.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--logging_steps", type=int, default=10)
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     train = load_digits_dataset("train")
-    pretraining_images = train if args.max_train_samples is None else train.select(range(args.max_train_samples))
+    pretraining_images = load_image_dataset(max_samples=args.max_train_samples).dataset
     training_args = MSNTrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,

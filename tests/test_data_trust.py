@@ -6,6 +6,7 @@ named as the image column, test folders whose classes are numbered on their own,
 import io
 import json
 import logging
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -126,7 +127,9 @@ def test_string_labels_from_a_metadata_csv_are_encoded_as_class_labels(tmp_path)
     assert has_labels(data)
     # Truncation keeps the ids of the whole split, so that a truncated run numbers classes as a full one does.
     first = load_image_dataset(train_dir=str(folder), max_samples=1)
-    assert first.label_names == ["cat", "dog", "fox"] and first.dataset["label"] == [2]
+    (row,) = first.dataset.cast_column("image", datasets.Image(decode=False))
+    assert first.label_names == ["cat", "dog", "fox"]
+    assert first.label_names[row["label"]] == names[int(Path(row["image"]["path"]).stem)]
     # A hand-made ImageDataset with string labels does not crash `has_labels` either.
     raw = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(folder / "0.png")}], "label": ["fox"]},
                                      features=datasets.Features(image=datasets.Image(), label=datasets.Value("string")))  # fmt: skip
@@ -241,6 +244,23 @@ def test_a_folder_of_split_folders_gives_the_splits_asked_for(tmp_path):
     assert len(train_data.dataset) == 10 and train_data.evaluation[1].split == "test"
     with pytest.raises(ValueError, match=r"`split` 'validation' is not a split of the folder .*: its splits are \['test', 'train'\]"):
         load_image_dataset(train_dir=str(root), split="validation")
+
+
+def test_fewer_images_asked_for_are_drawn_from_every_class_and_named_so(tmp_path):
+    # An image folder lists its classes one after the other: its first rows are its first classes.
+    names = [str(i) for i in range(10)]
+    folder = image_folder(tmp_path / "images", names, per_class=10)
+    data = load_image_dataset(train_dir=str(folder), max_samples=30)
+    assert len(data.dataset) == 30 and len(set(data.dataset["label"])) >= 8  # the first 30 rows hold 3 classes
+    assert data.split == "30 random rows of train"
+    assert load_image_dataset(train_dir=str(folder), max_samples=30).dataset["label"] == data.dataset["label"]
+
+    test_dir = image_folder(tmp_path / "test", ["0", "1"], per_class=10, seed=1)
+    _, test = load_evaluation_datasets(train_dir=str(folder), test_dir=str(test_dir), max_test_samples=10)
+    assert len(test.dataset) == 10 and len(set(test.dataset["label"])) == 2  # the first 10 rows are all of class 0
+    assert test.split == f"10 random rows of test_dir {test_dir}"
+    stream = load_image_dataset(train_dir=str(folder), max_samples=30, streaming=True)
+    assert stream.split == "train[:30]"  # a stream has no length to draw from: its first rows
 
 
 def saved_dataset(path, labels: list, feature) -> str:

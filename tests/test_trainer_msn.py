@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from conftest import tiny_config
 from msn_hf import MSNImageProcessor, MSNModel
 from msn_hf import pretraining as pt
-from msn_hf.data import load_digits_dataset
+from msn_hf.data import load_digits_dataset, load_image_dataset
 from msn_hf.recipe import auto_recipe
 from msn_hf.trainer_msn import MSNTrainer, MSNTrainingArguments
 
@@ -43,7 +43,7 @@ def make_trainer(folder, output_dir, max_steps, seed=3, model=None, **overrides)
         seed=seed, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
     )
     args = MSNTrainingArguments(**{**values, **overrides})
-    dataset = load_digits_dataset("train").select(range(NUM_SAMPLES))
+    dataset = load_image_dataset(max_samples=NUM_SAMPLES).dataset  # the rows `--max_train_samples` gives the loop
     return MSNTrainer(model, args, dataset, MSNImageProcessor.from_pretrained(folder))
 
 

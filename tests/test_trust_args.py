@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL_ARGS, logged_rows, tiny_config, train_in_process
-from msn_hf import MSNForImageClassification
+from msn_hf import MSNForImageClassification, MSNModel
 from msn_hf import pretraining as pt
 from msn_hf.recipe import RECIPE_FILE, auto_recipe, imagenet_recipe, save_recipe
 
@@ -69,6 +69,18 @@ def test_a_classifier_folder_is_refused_naming_its_class_before_anything_is_crea
     args, data_args = pt.parse_args(["--model_name_or_path", str(folder)])
     with pytest.raises(ValueError, match="MSNForImageClassification"):
         pt.build_model_and_processor(args, data_args)
+
+
+def test_the_folder_of_the_starting_weights_is_refused_as_the_output_folder(tmp_path):
+    # With --overwrite_output_dir the run removed the weights it was about to start from.
+    folder = tmp_path / "msn"
+    MSNModel(tiny_config()).save_pretrained(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    for output_dir in (folder, tmp_path / "." / "msn"):
+        with pytest.raises(ValueError, match=r"--output_dir must be another folder than --model_name_or_path"):
+            pt.main(["--model_name_or_path", str(folder), "--output_dir", str(output_dir), "--overwrite_output_dir",
+                     *TINY_RUN[-5:], "--max_train_steps", "1"])  # fmt: skip
+    assert (folder / "model.safetensors").read_bytes() == weights
 
 
 # --- --backbone_kwargs reach the views --------------------------------------------------------------------------

@@ -469,8 +469,8 @@ def test_a_separate_split_is_scored_and_named_on_the_card(tmp_path):
     pt.main([*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32",
              "--max_train_steps", "1", "--skip_evaluation", "--output_dir", str(out)])  # fmt: skip
     record = json.loads((out / DATA_RECORD).read_text())
-    assert record["held_out"] is None and record["split"] == "train[:32]"
+    assert record["held_out"] is None and record["split"] == "32 random rows of train"
     evaluation.main(["--model_name_or_path", str(out), "--max_train_samples", "100", "--max_test_samples", "50",
                      *EVALUATE_FAST])  # fmt: skip
     facts = json.loads((out / CARD_FACTS_FILE).read_text())
-    assert facts["eval_split"] == "test" and facts["eval_dataset"] == "scikit-learn digits (built in)"
+    assert facts["eval_split"] == "50 random rows of test" and facts["eval_dataset"] == "scikit-learn digits (built in)"

@@ -118,7 +118,7 @@ class DataArguments:
 class ImageDataset:
     """
     A dataset with the name of its image column and, when it has one, of its label column. `split` names its rows
-    within their source, as a model card states it: a split (`"test"`), its first rows (`"train[:64]"`), a hold-out
+    within their source, as a model card states it: a split (`"test"`), rows drawn from it (`"64 random rows of train"`), a hold-out
     (`"held-out 20 % of train (seed 0)"`) or a folder (`"test_dir ./images/test"`); None when unknown.
     """
 
@@ -332,16 +332,38 @@ def load_image_dataset(
     names = None
     if label_column is not None and _is_string(features[label_column]) and not streaming:
         names = class_names(dataset, label_column)
-    if max_samples is not None:
-        dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
     if names is not None:
         dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
-    return ImageDataset(dataset, image_column, label_column, split_name(split, max_samples))
+    return keep_rows(ImageDataset(dataset, image_column, label_column, split), max_samples)
 
 
-def split_name(split: str, max_samples: int | None = None) -> str:
-    """How `split` truncated to its first `max_samples` rows is named: `"train[:64]"` (datasets' slice syntax)."""
-    return split if max_samples is None else f"{split}[:{max_samples}]"
+# Fixed, not the run's seed: `msn-pretrain` and `msn-evaluate` given the same flags must read the same images.
+ROWS_SEED = 0
+
+
+def keep_rows(data: ImageDataset, count: int | None) -> ImageDataset:
+    """
+    `data` cut to `count` rows (`--max_train_samples`, `--max_test_samples`), named so (see [`split_name`]): rows
+    drawn at random over the whole split with a fixed seed, in their order, since the first rows of an image folder
+    are its first classes; a stream's first rows, since it has no length to draw from.
+    """
+    dataset = data.dataset
+    if count is None or (not isinstance(dataset, datasets.IterableDataset) and count >= len(dataset)):
+        return data
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    if streaming:
+        dataset = dataset.take(count)
+    else:
+        dataset = dataset.select(np.sort(np.random.default_rng(ROWS_SEED).choice(len(dataset), count, replace=False)))
+    return ImageDataset(dataset, data.image_column, data.label_column, split_name(data.split, count, streaming))
+
+
+def split_name(split: str, count: int | None = None, streaming: bool = False) -> str:
+    """How `split` cut to `count` rows by [`keep_rows`] is named: `"64 random rows of train"`, or for a stream
+    `"train[:64]"` (datasets' slice syntax for its first rows)."""
+    if count is None:
+        return split
+    return f"{split}[:{count}]" if streaming else f"{count} random rows of {split}"
 
 
 def decode_image(value) -> Image.Image | None:
@@ -607,7 +629,7 @@ def data_record(data_args: DataArguments, test: ImageDataset | None) -> dict:
     held_out = test.split if test is not None and (test.split or "").startswith(HELD_OUT) else None
     return dict(
         source=data_source(data_args),
-        split=split_name(data_args.train_split, data_args.max_train_samples),
+        split=split_name(data_args.train_split, data_args.max_train_samples, data_args.streaming),
         streaming=data_args.streaming,
         held_out=held_out,
         eval_split=test.split if test is not None else None,

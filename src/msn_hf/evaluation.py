@@ -44,6 +44,7 @@ from .data import (
     ImageDataset,
     decode_image,
     hold_out,
+    keep_rows,
     labelled_rows,
     load_image_dataset,
     load_labelled_split,
@@ -644,9 +645,7 @@ def load_evaluation_datasets(
     if test is None:
         logger.warning("No labelled evaluation split: holding out %.0f%% of %r.", 100 * test_size, train_split)
         train, test = hold_out(train, test_size, seed=seed)
-    if max_test_samples is not None:
-        test.dataset = test.dataset.select(range(min(max_test_samples, len(test.dataset))))
-    return train, test
+    return train, keep_rows(test, max_test_samples)
 
 
 def evaluated_on(data_args: DataArguments, eval_split: str | None) -> dict:

@@ -66,6 +66,7 @@ from .data import (
     data_record,
     decode_image,
     hold_out,
+    keep_rows,
     load_image_dataset,
     load_labelled_split,
     load_test_dir,
@@ -296,6 +297,10 @@ class PretrainingArguments:
                 "given without --recipe auto/imagenet, --recipe_file or --backbone_pretrained (its weights are the model)",
                 self.model_name_or_path,
             )
+        starting_folder = Path(self.model_name_or_path) if self.model_name_or_path else None
+        if starting_folder and starting_folder.is_dir() and Path(self.output_dir).resolve() == starting_folder.resolve():
+            fail("output_dir", "another folder than --model_name_or_path (the run writes its model over the weights "
+                 "it starts from)", self.output_dir)  # fmt: skip
         for flag in ("backbone", "backbone_kwargs"):
             if self.model_name_or_path and getattr(self, flag):
                 fail(flag, "unset with --model_name_or_path (the weights fix the backbone)", getattr(self, flag))
@@ -436,9 +441,7 @@ def _evaluation_sets(
         if len(unlabelled.dataset):  # only labelled images are held out: the unlabelled ones are pretrained on too
             rows = datasets.concatenate_datasets([labelled.dataset, unlabelled.dataset])
             data = ImageDataset(rows, labelled.image_column, labelled.label_column, labelled.split)
-    if data_args.max_test_samples is not None:
-        test.dataset = test.dataset.select(range(min(data_args.max_test_samples, len(test.dataset))))
-    return data, (labelled, test), None
+    return data, (labelled, keep_rows(test, data_args.max_test_samples)), None
 
 
 def _recipe_sample(rows: datasets.Dataset | datasets.IterableDataset, image_column: str) -> list:
