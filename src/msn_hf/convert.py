@@ -50,6 +50,7 @@ from .configuration_msn import MSNConfig
 from .files import atomic_folder, check_output_dir
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNForImageClassification, MSNModel
+from .recipe import check_known_keys
 
 logger = logging.get_logger(__name__)
 
@@ -67,6 +68,8 @@ _HEADS_BY_WIDTH = {dims[0]: dims[2] for dims in TIMM_VITS.values()}
 _DEFAULT_HEAD_DIM = 64
 # The original pretrains 224 px views with 96 px focal views; other sizes keep that ratio.
 _FOCAL_RATIO = 96 / 224
+# The original evaluates on a 224 px centre crop of images resized to 256 px; other sizes keep that ratio.
+_RESIZE_RATIO = 256 / 224
 # Tolerance of the numerical self-check run after each cross-library conversion (float32, one random image).
 _VERIFY_TOLERANCE = 1e-3
 # The LayerNorm epsilon of every timm ViT block and final norm (not configurable through `backbone_kwargs`).
@@ -88,6 +91,13 @@ _VIT_MSN_RENAMES = (
 _TIMM_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
 _VIT_MSN_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 _QKV_PARTS = ("query", "key", "value")
+# The first bytes of what `torch.save` writes: a zip archive (the default since PyTorch 1.6), or a pickle of protocol
+# 2 or more (`_use_new_zipfile_serialization=False`, older releases such as the authors').
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = b"\x80"
+_SNIFFED_BYTES = 512
+# The part of torch's weights-only error that names the class a checkpoint would need to import.
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -466,15 +476,59 @@ def read_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{model_dir} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
 
 
-def load_tensor_file(path: str | os.PathLike) -> dict:
-    """`torch.load` restricted to tensors and plain containers: a checkpoint that needs unpickling code is refused."""
+def load_tensor_file(
+    path: str | os.PathLike, *, argument: str | None = None, expected: str = "a PyTorch checkpoint (torch.save)"
+) -> dict:
+    """
+    `torch.load` restricted to tensors and plain containers: a checkpoint that needs unpickling code is refused.
+
+    A file that is not a checkpoint (a truncated download, a saved HTML error page, text) is refused by its first
+    bytes or by the failed load, in one line: `argument` (the path itself when None) must be `expected`, and what the
+    file is instead. Raises `FileNotFoundError` for a missing file and `ValueError` otherwise.
+    """
+    path = Path(path)
+    # "`checkpoint_path` (--checkpoint) must be ...; /x.pth.tar is an HTML page" or "/x.bin must be ...; it is ...".
+    subject = f"{argument} must be {expected}; {path}" if argument else f"{path} must be {expected}; it"
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument or path} must be {expected}; no such file: {path}.")
+    kind = _serialization_kind(path)
+    if kind not in ("zip", "pickle"):
+        raise ValueError(f"{subject} is {kind}.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch's long multi-line advice (load with weights_only=False) is left out; the class it needs is named.
+        needs = _UNSUPPORTED_GLOBAL.search(str(error))
+        named = f" ({needs.group(1)})" if needs else ""
         raise ValueError(
-            f"{path} holds objects other than tensors and plain containers; it is not loaded, since unpickling them "
-            f"could run arbitrary code. ({error})"
+            f"{subject} holds objects other than tensors and plain containers{named}; it is not loaded, since "
+            "unpickling them could run arbitrary code."
         ) from error
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:
+        # torch's readers fail with these on a cut or corrupted file; the details stay in the chained traceback.
+        raise ValueError(f"{subject} is a truncated or damaged {kind} checkpoint (a cut download?).") from error
+
+
+def _serialization_kind(path: Path) -> str:
+    """
+    "zip" or "pickle" for the two formats `torch.save` writes (by their first bytes), else a description of what
+    the file is, for an error message ("an HTML page, not a zip/pickle checkpoint", "an empty file", ...).
+    """
+    with open(path, "rb") as file:
+        head = file.read(_SNIFFED_BYTES)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(_PICKLE_PROTOCOL):
+        return "pickle"
+    if not head:
+        return "an empty file"
+    if head.lstrip().startswith(b"<"):  # what a server sends instead of the file: an HTML (or XML) error page
+        return "an HTML page (an error page saved by a failed download?), not a zip/pickle checkpoint"
+    try:
+        first_line = head.decode("utf-8").strip().splitlines()[0][:40]
+    except (UnicodeDecodeError, IndexError):
+        return f"not a zip/pickle checkpoint: it starts with the bytes {head[:8]!r}"
+    return f"not a zip/pickle checkpoint: a text file starting with {first_line!r}"
 
 
 def is_classifier_weights(weights: dict[str, torch.Tensor]) -> bool:
@@ -506,6 +560,19 @@ def load_msn_classifier(model_dir: Path, weights: dict[str, torch.Tensor]) -> MS
     return model.eval()
 
 
+def _processor_view_sizes(config: MSNConfig) -> dict:
+    """
+    The view sizes of an `MSNImageProcessor` for `config`, as every conversion writes them: the shorter side resized
+    in the authors' 256 / 224 ratio, then centre crops of `image_size` (target and random anchor views) and
+    `focal_image_size` (focal views).
+    """
+    return dict(
+        size={"shortest_edge": round(config.image_size * _RESIZE_RATIO)},
+        crop_size=config.image_size,
+        focal_crop_size=config.focal_image_size,
+    )
+
+
 def evaluation_processor_settings(model_dir: Path, config: MSNConfig) -> dict:
     """
     The evaluation preprocessing of an msn_hf folder, from its saved `MSNImageProcessor` (or the defaults it would
@@ -514,9 +581,7 @@ def evaluation_processor_settings(model_dir: Path, config: MSNConfig) -> dict:
     if (model_dir / "preprocessor_config.json").is_file():
         processor = MSNImageProcessor.from_pretrained(model_dir)
     else:
-        processor = MSNImageProcessor(
-            size={"shortest_edge": round(config.image_size * 256 / 224)}, crop_size=config.image_size
-        )
+        processor = MSNImageProcessor(**_processor_view_sizes(config))
     return dict(
         do_resize=processor.do_resize,
         size={key: value for key, value in vars(processor.size).items() if value is not None},
@@ -562,6 +627,30 @@ def _msn_target_features(model: MSNModel) -> Callable[[torch.Tensor], torch.Tens
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _check_output_apart_from_source(output_dir: str | os.PathLike, source: str | os.PathLike, argument: str) -> None:
+    """
+    Refuse an output folder that is the source (`argument` names it), holds it or lies inside it: with `overwrite`
+    the output folder is replaced whole, so the source would be lost or changed. Real paths are compared (links and
+    `..` resolved). A source that is not a local path (a Hub id) cannot be hit.
+    """
+    source_path = Path(source).expanduser()
+    if not source_path.exists():
+        return
+    source_path, output = source_path.resolve(), Path(output_dir).expanduser().resolve()
+    if output == source_path:
+        where = "is"
+    elif output in source_path.parents:
+        where = "holds"
+    elif source_path in output.parents:
+        where = "is inside"
+    else:
+        return
+    raise ValueError(
+        f"`output_dir` (--output) must be a folder apart from the source, got {output_dir}, which {where} "
+        f"{argument} {source_path}: writing it would replace the source."
+    )
+
+
 def to_vit_msn(
     model_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True
 ) -> Path:
@@ -577,6 +666,7 @@ def to_vit_msn(
     filter and normalisation). Raises a `ValueError` naming what ViTMSN cannot express.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
+    _check_output_apart_from_source(output_dir, model_dir, "`model_dir` (--model)")
     check_output_dir(output_dir, overwrite)
     _read_config_dict(model_dir, MSNConfig.model_type, "Use `from-vit-msn` for ViTMSN folders.")
     weights = read_weights(model_dir)
@@ -642,7 +732,7 @@ def timm_hub_config(config: MSNConfig, num_features: int, preprocessing: dict | 
     size = config.image_size
     if preprocessing is None:
         preprocessing = dict(
-            resample=PILImageResampling.BILINEAR, size={"shortest_edge": round(size * 256 / 224)},
+            resample=PILImageResampling.BILINEAR, size={"shortest_edge": round(size * _RESIZE_RATIO)},
             crop_size={"height": size, "width": size}, image_mean=list(IMAGENET_DEFAULT_MEAN),
             image_std=list(IMAGENET_DEFAULT_STD),
         )  # fmt: skip
@@ -680,6 +770,7 @@ def to_timm(
     pretrained_cfg_overlay=dict(file=".../model.safetensors"))`.
     """
     output_dir = Path(output_dir)
+    _check_output_apart_from_source(output_dir, model_dir, "`model_dir` (--model)")
     check_output_dir(output_dir, overwrite)
     model = load_msn_model(model_dir)
     weights = {key: tensor.clone() for key, tensor in model.target_encoder.state_dict().items()}
@@ -709,6 +800,12 @@ def load_timm_export(export_dir: str | os.PathLike) -> timm.models.VisionTransfo
     )
 
 
+# What `from_original` reads, as its error messages describe it.
+_ORIGINAL_CHECKPOINT = (
+    "a PyTorch checkpoint of the authors' MSN code (a dict with encoder, target_encoder, prototypes)"
+)
+
+
 def _original_msn_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     """
     The `MSNModel` state dict of an original checkpoint: `encoder` / `target_encoder` (DistributedDataParallel
@@ -736,12 +833,19 @@ def from_original(
     """
     Convert a checkpoint of the authors' release (`.pth.tar` with `encoder`, `target_encoder`, `prototypes`) into a
     full msn_hf `MSNModel` folder: both encoders, both projection heads with their BatchNorm statistics, the
-    prototypes, and a config whose backbone is inferred from the weight shapes. `num_heads` is needed only for widths
-    other than those of ViT-Ti/S/B/L/H; `backbone_kwargs` and `config_kwargs` override the inferred config.
+    prototypes, a config whose backbone is inferred from the weight shapes, and the `MSNImageProcessor` of its views
+    (sized as by the other conversions, normalised as the authors did). `num_heads` is needed only for widths other
+    than those of ViT-Ti/S/B/L/H; `backbone_kwargs` and `config_kwargs` override the inferred config.
     """
     output_dir = Path(output_dir)
+    argument = "`checkpoint_path` (--checkpoint)"
+    _check_output_apart_from_source(output_dir, checkpoint_path, argument)
     check_output_dir(output_dir, overwrite)
-    checkpoint = load_tensor_file(checkpoint_path)
+    checkpoint = load_tensor_file(checkpoint_path, argument=argument, expected=_ORIGINAL_CHECKPOINT)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{argument} must be {_ORIGINAL_CHECKPOINT}; {checkpoint_path} holds a {type(checkpoint).__name__}."
+        )
     absent = [entry for entry in ("encoder", "target_encoder", "prototypes") if entry not in checkpoint]
     if absent:
         raise ValueError(f"{checkpoint_path} is not an MSN checkpoint: it lacks {absent} (has {sorted(checkpoint)}).")
@@ -767,8 +871,11 @@ def from_original(
     model = MSNModel(config)
     source = f"{checkpoint_path} (keys under msn_hf names: encoder.* = checkpoint['encoder'] without `module.`)"
     _load_exactly(model, state, source)
+    # The authors normalise with the ImageNet mean and std: the processor's defaults.
+    processor = MSNImageProcessor(**_processor_view_sizes(config))
     with atomic_folder(output_dir, overwrite) as staging:
         model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     logger.info(f"Converted {checkpoint_path} ({config.backbone} {config.backbone_kwargs}) to {output_dir}.")
     return output_dir
 
@@ -784,6 +891,7 @@ def from_vit_msn(
     `MSNImageProcessor` that normalises images as the source model expects.
     """
     output_dir = Path(output_dir)  # `model_dir` stays a string: it may be a Hub id
+    _check_output_apart_from_source(output_dir, model_dir, "`model_dir` (--model)")
     check_output_dir(output_dir, overwrite)
     model, processor_kwargs = msn_model_from_vit(model_dir, verify=verify, **config_kwargs)
     with atomic_folder(output_dir, overwrite) as staging:
@@ -941,9 +1049,7 @@ def _vit_processor_kwargs(folder: Path, config: MSNConfig, num_channels: int) ->
         return [float(value)] * num_channels if isinstance(value, (int, float)) else [float(v) for v in value]
 
     return dict(
-        size={"shortest_edge": round(config.image_size * 256 / 224)},  # the crop ratio `msn-pretrain` uses
-        crop_size=config.image_size,
-        focal_crop_size=config.focal_image_size,
+        **_processor_view_sizes(config),
         do_normalize=bool(settings.get("do_normalize", defaults.do_normalize)),
         image_mean=per_channel("image_mean"),
         image_std=per_channel("image_std"),
@@ -1050,6 +1156,23 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _config_fields(config: dict) -> dict:
+    """`--config` as `MSNConfig` fields; an unknown (misspelt) field is refused as `msn-pretrain --config_overrides`
+    refuses it, rather than stored in config.json next to the default it was meant to replace."""
+    fields = [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
+    return check_known_keys(dict(config), fields, "--config", "MSNConfig fields")
+
+
+def _original_backbone_kwargs(from_flag: dict | None, from_config: dict | None) -> dict | None:
+    """`from-original`'s timm kwargs, from `--backbone_kwargs` or from `backbone_kwargs` in `--config`, not both."""
+    if from_flag is not None and from_config is not None:
+        raise ValueError(
+            f"backbone_kwargs must be given once, by --backbone_kwargs or in --config, got both: "
+            f"--backbone_kwargs {json.dumps(from_flag)} and --config {json.dumps(from_config)}."
+        )
+    return from_config if from_config is not None else from_flag
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msn-convert", description=__doc__.split("\n\n")[0].strip())
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1091,12 +1214,14 @@ def _run_command(args: argparse.Namespace) -> Path:
         return to_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
     if args.command == "to-timm":
         return to_timm(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
+    config = _config_fields(args.config)
     if args.command == "from-original":
+        backbone_kwargs = _original_backbone_kwargs(args.backbone_kwargs, config.pop("backbone_kwargs", None))
         return from_original(
-            args.checkpoint, args.output, num_heads=args.num_heads, backbone_kwargs=args.backbone_kwargs,
-            overwrite=args.overwrite, **args.config,
+            args.checkpoint, args.output, num_heads=args.num_heads, backbone_kwargs=backbone_kwargs,
+            overwrite=args.overwrite, **config,
         )
-    return from_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify, **args.config)
+    return from_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify, **config)
 
 
 if __name__ == "__main__":

@@ -438,11 +438,16 @@ def parse_overrides(text: str | None, valid_keys: Iterable[str], flag_name: str,
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    return check_known_keys(overrides, valid_keys, flag_name, what)
+
+
+def check_known_keys(values: dict, valid_keys: Iterable[str], flag_name: str, what: str = "keys") -> dict:
+    """`values` as they are, or a ValueError naming `flag_name` and the keys outside `valid_keys` (misspelt)."""
     valid = set(valid_keys)
-    unknown = sorted(set(overrides) - valid)
+    unknown = sorted(set(values) - valid)
     if unknown:
         raise ValueError(f"{flag_name} has unknown {what}: {unknown}; expected some of {sorted(valid)}.")
-    return overrides
+    return values
 
 
 def _split_items(text: str) -> list[str]:
@@ -513,6 +518,6 @@ def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
 
 __all__ = [
     "auto_recipe", "backbone_geometry", "continue_recipe", "describe_images", "fit_views", "imagenet_recipe",
-    "load_recipe", "new_heads", "parse_overrides", "recipe_table", "save_recipe", "GROWTH", "step_cost",
+    "check_known_keys", "load_recipe", "new_heads", "parse_overrides", "recipe_table", "save_recipe", "GROWTH", "step_cost",
     "target_grid", "view_geometry", "CONTINUE_TRAINING",
 ]
