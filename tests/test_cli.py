@@ -132,8 +132,7 @@ def test_evaluate_exits_0_and_updates_the_card(model_folder, tmp_path, call_tool
     write_model_card(model_folder, MSNModel.from_pretrained(model_folder), MSNImageProcessor.from_pretrained(model_folder),
                      dict(dataset="digits", steps=0))  # fmt: skip
     result = call_tool("msn-evaluate", "--model_name_or_path", model_folder, "--max_train_samples", "200",
-                      "--max_test_samples", "60", "--shots", "1", "--seeds", "0", "--no_progress",
-                      "--output_file", tmp_path / "results.json")  # fmt: skip
+                      "--max_test_samples", "60", "--shots", "1", "--seeds", "0", "--no_progress")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Model card updated" in result.stdout
     assert "| MSN (this model) |" in (model_folder / "README.md").read_text()

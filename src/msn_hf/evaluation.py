@@ -92,6 +92,8 @@ PROTOCOLS = {
 }
 DEFAULT_PROTOCOL = "msn"
 BASELINES = ("random", "pixels")
+# `--baselines none`: the model alone (argparse cannot take a list flag given without values).
+NO_BASELINES = "none"
 # The results file of `msn-pretrain`'s final evaluation and of `msn-evaluate`.
 RESULTS_FILE = "eval_results.json"
 # Raw-pixel features are average-pooled to at most this side, so that 224 px images stay affordable.
@@ -254,15 +256,37 @@ def sample_per_class(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def fraction_size(num_images: int, fraction: float) -> int:
+    """How many labelled images the label-fraction setting draws: `fraction` of them, rounded."""
+    return round(fraction * num_images)
+
+
 def sample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a stratified `fraction` of the images, at least one per class (like ImageNet's 1 % subset)."""
+    """
+    Indices of `fraction_size(len(labels), fraction)` random images, stratified by class as evenly as the count
+    allows (like ImageNet's 1 % subset): every class its share rounded down, the rest one each to the classes with
+    the largest remainders, ties drawn with `seed`. A class whose share is below one may get none.
+    """
+    total = fraction_size(len(labels), fraction)
+    if total < 1:
+        raise ValueError(f"`fraction` must give at least one of the {len(labels)} images, got {fraction!r} (none).")
     rng = np.random.default_rng(seed)
+    classes, sizes = np.unique(labels, return_counts=True)
+    counts = _largest_remainder_counts(sizes, total, rng)
     chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = max(1, round(fraction * len(members)))
-        chosen.append(rng.choice(members, size=count, replace=False))
+    for label, count in zip(classes, counts):
+        chosen.append(rng.choice(np.flatnonzero(labels == label), size=count, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def _largest_remainder_counts(sizes: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    """`total` split among classes of `sizes` in proportion (Hamilton's method); equal remainders in `rng`'s order."""
+    # Integer numerators of the shares total * size / N: equal remainders compare equal, as floats may not.
+    floors, remainders = np.divmod(total * sizes, sizes.sum())
+    random_order = rng.permutation(len(sizes))
+    by_remainder = random_order[np.argsort(-remainders[random_order], kind="stable")]
+    floors[by_remainder[: total - floors.sum()]] += 1
+    return floors
 
 
 def logistic_classifier(protocol: str, l2_reg: float, num_samples: int, max_iter: int = 1000) -> LogisticRegression:
@@ -426,7 +450,9 @@ def evaluate_lowshot(
         image_processor: evaluation preprocessing (`image_processor(images, return_tensors="pt")`); by default
             the one saved with `model_or_path` when it is a path.
         shots: images per class of the few-shot logistic regressions.
-        label_fraction: stratified fraction of the training labels for one more logistic regression (None: skip).
+        label_fraction: stratified fraction of the training labels for one more logistic regression (None: skip);
+            `settings["label_fraction_images"]` states how many labels that is (see [`sample_fraction`]). It is
+            left out (with `settings["label_fraction_note"]`) when it is fewer than one labelled image per class.
         seeds: one labelled subset per seed for every setting; results report mean and standard deviation.
         knn_k: neighbours of the cosine kNN classifier on all training labels (None: skip).
         baselines: among `"random"` (a randomly initialised model of the same class and configuration) and
@@ -438,8 +464,6 @@ def evaluate_lowshot(
         protocol: `"msn"` (the authors': centred, L2-normalised features, `C = 1 / l2_reg`, no intercept) or
             `"standardized"` (standardised features, `C = 1 / (l2_reg * n)`); stated in `settings`.
         pictures_dir: where to draw the pictures of what was learnt (see [`write_pictures`]); None: none.
-            `label_fraction` is left out (with `settings["label_fraction_note"]`) when it is fewer than one labelled
-            image per class.
 
     Returns:
         `{"settings": {...}, "encoders": {"msn": {...}, "random": {...}, "pixels": {...}}}` where every encoder
@@ -502,6 +526,7 @@ def evaluate_lowshot(
     results["settings"] = {
         "shots": list(shots),
         "label_fraction": label_fraction,
+        "label_fraction_images": None if label_fraction is None else fraction_size(len(train_y), label_fraction),
         "seeds": list(seeds),
         "knn_k": knn_k,
         "l2_reg": l2_reg,
@@ -524,15 +549,15 @@ def evaluate_lowshot(
 
 def _usable_label_fraction(label_fraction: float, train_labels: np.ndarray) -> tuple[float | None, str | None]:
     """
-    `label_fraction`, or None with the reason when it is fewer than one labelled image per class on average: every
-    class would then get the one image `sample_fraction` guarantees, and the setting would repeat the 1-shot one.
+    `label_fraction`, or None with the reason when it is fewer than one labelled image per class on average: the
+    setting would then have fewer labels than the 1-shot one, and some classes none.
     """
     per_class = label_fraction * len(train_labels) / len(np.unique(train_labels))
     if per_class >= 1:
         return label_fraction, None
     return None, (
         f"{fraction_name(label_fraction)} of {len(train_labels)} labelled images is {per_class:.2f} per class, fewer "
-        "than one: left out (it would repeat the 1-shot setting)."
+        "than one: left out (fewer labels than the 1-shot setting, some classes without any)."
     )
 
 
@@ -696,7 +721,10 @@ class EvaluationArguments:
     )
     baselines: list[str] = field(
         default_factory=lambda: list(BASELINES),
-        metadata={"help": f"Among {BASELINES} (default: both; none given: none).", "choices": BASELINES, "nargs": "*"},
+        metadata={
+            "help": f"Among {BASELINES} (default: both), or '{NO_BASELINES}' for no baseline.",
+            "choices": (*BASELINES, NO_BASELINES),
+        },
     )
     batch_size: int = field(default=64, metadata={"help": "Feature extraction batch size."})
     device: str | None = field(default=None, metadata={"help": "Default: CUDA when available."})
@@ -716,10 +744,36 @@ class EvaluationArguments:
         },
     )
 
+    def __post_init__(self):
+        if NO_BASELINES in self.baselines:
+            if len(self.baselines) > 1:
+                raise ValueError(
+                    f"--baselines: '{NO_BASELINES}' (no baseline) goes alone, got {self.baselines}; give "
+                    f"'{NO_BASELINES}' or names among {BASELINES}."
+                )
+            self.baselines = []
+
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[EvaluationArguments, DataArguments]:
     parser = HfArgumentParser((EvaluationArguments, DataArguments), description=__doc__.split("\n\n")[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    _check_map_style(data_args)
+    return args, data_args
+
+
+def _check_map_style(data_args: DataArguments) -> None:
+    """
+    Refuse the streaming flags that `DataArguments` shares with msn-pretrain: an evaluation samples labelled images
+    per class and reads images by row, which needs map-style data (a Hub set is downloaded once, then read locally).
+    """
+    given = {"--streaming": data_args.streaming, "--shuffle_buffer_size": data_args.shuffle_buffer_size}
+    for flag, value in given.items():
+        if value:
+            shown = flag if value is True else f"{flag} {value}"
+            raise ValueError(
+                f"{flag} is for streaming pretraining only: msn-evaluate needs map-style data (it samples labelled "
+                f"images per class and reads them by row), got {shown}; drop it."
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -786,10 +840,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in results.get("pictures", {}).get("files", []):
         print(f"Picture: {os.path.join(os.path.dirname(os.path.abspath(output_file)), name)}")
     if os.path.isdir(args.model_name_or_path):
-        card = update_model_card(args.model_name_or_path, results, evaluated_on(data_args, eval_split))
-        if card is not None:
-            print(f"Model card updated: {card}")
+        _update_folder_card(args.model_name_or_path, output_file, results, evaluated_on(data_args, eval_split))
     return results
+
+
+def _update_folder_card(model_dir: str, output_file: str, results: dict, evaluation_facts: dict) -> None:
+    """
+    Re-render the card of the evaluated folder `model_dir`, but only when the results were written into it: the
+    card sits next to that folder's results file and embeds the pictures there, so results sent elsewhere would make
+    it state numbers that neither its results file nor its pictures show. Then it is left as it is, and the log says.
+    """
+    if Path(output_file).resolve().parent != Path(model_dir).resolve():
+        logger.info(
+            f"Model card of {model_dir} left as it is: the results went to --output_file {output_file}, outside the "
+            "model folder (without --output_file they go into it and update its card)."
+        )
+        return
+    card = update_model_card(model_dir, results, evaluation_facts)
+    if card is not None:
+        print(f"Model card updated: {card}")
 
 
 if __name__ == "__main__":

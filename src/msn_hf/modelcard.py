@@ -82,6 +82,37 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
+    """
+    A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions), one row per
+    encoder, named by `labels` where it has the encoder's name.
+    """
+    encoders = results["encoders"]
+    columns = list(next(iter(encoders.values()))["logistic"])
+    has_knn = any("knn" in values for values in encoders.values())
+    knn_name = f"kNN (k={results['settings']['knn_k']})"
+    titles = [_column_title(name, results["settings"]) for name in columns]
+    header = ["encoder", *titles, *([knn_name] if has_knn else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, values in encoders.items():
+        cells = [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" for r in values["logistic"].values()]
+        if has_knn:
+            cells.append(f"{100 * values['knn']:.1f}" if "knn" in values else "-")
+        lines.append("| " + " | ".join([(labels or {}).get(name, name), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _column_title(setting: str, settings: dict) -> str:
+    """
+    A setting as its column is titled: the label fraction with the labels it drew (`'1% (14 labels)'`), which a
+    percentage alone does not tell on a small set; results written before that count was kept show the name only.
+    """
+    images = settings.get("label_fraction_images")
+    if setting.endswith("-shot") or images is None:
+        return setting
+    return f"{setting} ({images} labels)"
+
+
 def results_table(results: dict) -> str:
     """Markdown table, one row per encoder (MSN first) and one column per setting; accuracies in %, mean ± std."""
     return format_table(results, labels=ENCODER_LABELS)
@@ -99,7 +130,7 @@ def eval_results(results: dict, facts: dict) -> list[EvalResult]:
         # The evaluation data's own id (None: local images, `custom`); card facts written before that key existed
         # fall back to the pretraining data's.
         dataset_type=(facts.get("eval_dataset_id") if "eval_dataset_id" in facts else facts.get("dataset_id")) or "custom",
-        dataset_name=dataset_title(facts.get("eval_dataset") or facts.get("dataset")),
+        dataset_name=_evaluation_data_title(facts),
         dataset_split=facts.get("eval_split", "test"),
         metric_type="accuracy",
     )
@@ -160,6 +191,14 @@ def dataset_title(source: str | None) -> str:
     return ", ".join(dict.fromkeys(titled))
 
 
+def _evaluation_data_title(facts: dict) -> str:
+    """
+    The data set the card's results come from: the one stated for the evaluation (`eval_dataset`: msn-evaluate's
+    data, a --test_dir), else the pretraining data (`dataset`), whose labelled split was evaluated.
+    """
+    return dataset_title(facts.get("eval_dataset") or facts.get("dataset"))
+
+
 def _is_hub_id(name: str) -> bool:
     """`user/name` (one slash, no path syntax) that is not a folder here."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
@@ -212,7 +251,7 @@ def render_model_card(facts: dict, results: dict | None = None, output_dir: str 
     if results:
         split = f", {facts['eval_split']}" if facts.get("eval_split") else ""
         results_section = (
-            f"Low-shot evaluation of the frozen target encoder on {dataset_title(facts.get('eval_dataset')) or dataset}{split} "
+            f"Low-shot evaluation of the frozen target encoder on {_evaluation_data_title(facts)}{split} "
             f"({settings.get('num_train', '?')} training / {settings.get('num_test', '?')} test images, "
             f"{settings.get('num_labels', '?')} classes). Top-1 accuracy in %, logistic regression on the class "
             f"token with k images per class or a fraction of the labels, mean ± std over seeds "
@@ -349,21 +388,3 @@ def _save_card(card: ModelCard, output_dir: Path) -> Path:
 
 
 __all__ = ["headline", "render_model_card", "results_table", "update_model_card", "write_model_card"]
-def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
-    """
-    A markdown table of top-1 accuracies in % (mean ± std over seeds for the logistic regressions), one row per
-    encoder, named by `labels` where it has the encoder's name.
-    """
-    encoders = results["encoders"]
-    columns = list(next(iter(encoders.values()))["logistic"])
-    has_knn = any("knn" in values for values in encoders.values())
-    knn_name = f"kNN (k={results['settings']['knn_k']})"
-    header = ["encoder", *columns, *([knn_name] if has_knn else [])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, values in encoders.items():
-        cells = [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" for r in values["logistic"].values()]
-        if has_knn:
-            cells.append(f"{100 * values['knn']:.1f}" if "knn" in values else "-")
-        lines.append("| " + " | ".join([(labels or {}).get(name, name), *cells]) + " |")
-    return "\n".join(lines)
-

@@ -179,7 +179,8 @@ def plot_lowshot(results: Mapping, path: str | os.PathLike, labels: Mapping[str,
     """
     Low-shot top-1 accuracy against labelled images per class, one line per encoder (the model and each baseline),
     error bars one standard deviation over seeds; the label-fraction setting (e.g. "1%") is a separate point at
-    the right, its tick stating the labels per class it amounts to on average. The legend gives kNN accuracies.
+    the right, its tick stating the labels it drew and what they amount to per class on average. The legend gives
+    kNN accuracies.
 
     Args:
         results: what `msn_hf.evaluation.evaluate_lowshot` returns: `{"settings": {...}, "encoders": {name:
@@ -352,12 +353,14 @@ def _to_image(image, where: str) -> np.ndarray:
 
 
 def _fraction_tick(name: str, settings: Mapping) -> str:
-    """'1%' -> '1%\\n(~1.4)': the labels per class a fraction of the training labels amounts to, when known."""
-    try:
-        per_class = float(name.rstrip("%")) / 100 * settings["num_train"] / settings["num_labels"]
-    except (KeyError, ValueError, TypeError, ZeroDivisionError):
+    """
+    '1%' -> '1% = 14 labels\\n~1.4 per class': the labels the setting drew (`settings["label_fraction_images"]`),
+    and what they amount to per class on the axis of the shots; the name alone when the results do not say.
+    """
+    images, classes = settings.get("label_fraction_images"), settings.get("num_labels")
+    if not images or not classes:
         return name
-    return f"{name}\n(~{per_class:.2g})"
+    return f"{name} = {images} labels\n~{images / classes:.2g} per class"
 
 
 def _describe(value) -> str:
