@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNModel, convert
 from msn_hf import pretraining as pt
-from msn_hf.files import write_text_atomically
+from msn_hf.files import atomic_folder, write_text_atomically
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--skip_evaluation"]
 
@@ -40,6 +40,19 @@ def test_atomic_writes_follow_the_umask(tmp_path):
             os.umask(previous)
         assert mode(path) == 0o666 & ~mask
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_a_folder_written_over_a_link_replaces_the_link_and_leaves_its_target(tmp_path):
+    target = tmp_path / "kept"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    link = tmp_path / "export"
+    link.symlink_to(target, target_is_directory=True)
+    with atomic_folder(link, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert not link.is_symlink() and [p.name for p in link.iterdir()] == ["new.txt"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "kept"]  # nothing set aside is left
 
 
 def test_a_run_and_a_conversion_write_files_colleagues_can_read(tmp_path, umask_022):

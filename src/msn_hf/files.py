@@ -75,9 +75,9 @@ def replace_folder(staging: str | os.PathLike, output_dir: str | os.PathLike) ->
     except BaseException:
         os.replace(previous, output_dir)
         raise
-    if previous.is_dir():
+    if previous.is_dir() and not previous.is_symlink():
         shutil.rmtree(previous)
-    else:
+    else:  # a file, or a link: the link goes, not what it points to
         previous.unlink()
 
 
