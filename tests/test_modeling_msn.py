@@ -515,6 +515,21 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
         (dict(backbone_kwargs=dict(class_token=False, global_pool="avg")), "backbone"),
         (dict(ema_momentum=1.5), "ema_momentum"),
         (dict(label_smoothing=1.0), "label_smoothing"),
+        # Not finite: a NaN or infinite loss from the first step.
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(target_sharpen_temperature=float("inf")), "target_sharpen_temperature"),
+        (dict(initializer_range=float("inf")), "initializer_range"),
+        (dict(me_max_weight=float("nan")), "me_max_weight"),
+        (dict(entropy_weight=float("inf")), "entropy_weight"),
+        (dict(power_law_exponent=float("nan")), "power_law_exponent"),
+        # Strings are not flags ("false" is truthy), and flags are not numbers.
+        (dict(projection_batch_norm="false"), "projection_batch_norm"),
+        (dict(mask_focal_views="no"), "mask_focal_views"),
+        (dict(me_max_weight=True), "me_max_weight"),
+        (dict(sinkhorn_iterations=True), "sinkhorn_iterations"),
+        # Sides the model cannot take: not multiples of its patch (8).
+        (dict(image_size=36, backbone_kwargs=dict(embed_dim=64, depth=2, num_heads=2, patch_size=8)), "image_size"),
+        (dict(focal_image_size=12), "focal_image_size"),
     ],
 )
 def test_invalid_config_values_raise_value_error_naming_the_field(overrides, field):

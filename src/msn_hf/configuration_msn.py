@@ -1,5 +1,6 @@
 """MSN model configuration."""
 
+import math
 from dataclasses import field
 
 import timm
@@ -136,34 +137,40 @@ class MSNConfig(PreTrainedConfig):
         def fail(name, expected):
             raise ValueError(f"MSNConfig: `{name}` must be {expected}, got {getattr(self, name)!r}.")
 
+        def number(name) -> float | None:
+            # A flag is not a number, and NaN or infinity would make every loss NaN or infinite.
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return value if is_number else None
+
         for name in ("image_size", "focal_image_size", "projection_hidden_size", "projection_output_size",
                      "num_prototypes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 fail(name, "a positive integer")
-        for name in ("temperature", "target_sharpen_temperature", "initializer_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                fail(name, "a positive number")
+        for name in ("temperature", "target_sharpen_temperature", "initializer_range", "power_law_exponent"):
+            if number(name) is None or number(name) <= 0:
+                fail(name, "a positive finite number")
         for name in ("me_max_weight", "entropy_weight"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                fail(name, "a non-negative number")
-        if not isinstance(self.sinkhorn_iterations, int) or self.sinkhorn_iterations < 0:
+            if number(name) is None or number(name) < 0:
+                fail(name, "a non-negative finite number")
+        if isinstance(self.sinkhorn_iterations, bool) or not isinstance(self.sinkhorn_iterations, int) or (
+            self.sinkhorn_iterations < 0
+        ):
             fail("sinkhorn_iterations", "a non-negative integer")
         for name in ("mask_ratio", "label_smoothing"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if number(name) is None or not 0 <= number(name) < 1:
                 fail(name, "a number in [0, 1)")
         for name in ("ema_momentum", "ema_momentum_end"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            if number(name) is None or not 0 <= number(name) <= 1:
                 fail(name, "a number in [0, 1]")
+        for name in ("projection_batch_norm", "mask_focal_views", "pos_embed_antialias"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
         if self.mask_strategy not in MASK_STRATEGIES:
             fail("mask_strategy", f"one of {MASK_STRATEGIES}")
         if self.mask_sampling not in MASK_SAMPLINGS:
             fail("mask_sampling", f"one of {MASK_SAMPLINGS}")
-        if not isinstance(self.pos_embed_antialias, bool):
-            fail("pos_embed_antialias", "True or False")
         if self.classifier_pooling not in CLASSIFIER_POOLINGS:
             fail("classifier_pooling", f"one of {CLASSIFIER_POOLINGS}")
         for name, choices in (
@@ -171,9 +178,6 @@ class MSNConfig(PreTrainedConfig):
         ):
             if getattr(self, name) not in choices:
                 fail(name, f"one of {choices}")
-        value = self.power_law_exponent
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            fail("power_law_exponent", "a positive number")
         if self.backbone_pretrained is not None and (
             not isinstance(self.backbone_pretrained, str) or not self.backbone_pretrained.strip()
         ):
@@ -199,6 +203,13 @@ class MSNConfig(PreTrainedConfig):
                 "MSNConfig: `backbone` must be a timm VisionTransformer with a patch embedding and a class token, "
                 f"got {self.backbone!r} ({type(model).__name__}, class token: {getattr(model, 'cls_token', None) is not None})."
             )
+        patch = model.patch_embed.patch_size[0]
+        for name in ("image_size", "focal_image_size"):
+            if getattr(self, name) % patch:
+                raise ValueError(
+                    f"MSNConfig: `{name}` must be a multiple of the backbone's patch size {patch}, got "
+                    f"{getattr(self, name)!r}."
+                )
 
     def timm_kwargs(self) -> dict:
         """Arguments for `timm.create_model(self.backbone, **kwargs)`: no classifier, any input resolution."""
