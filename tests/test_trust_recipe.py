@@ -57,6 +57,24 @@ def test_the_edges_of_the_rules_are_accepted_by_both_loops(tmp_path):
     assert MSNTrainingArguments(output_dir=str(tmp_path), **edges).schedule_stretch == 1.0
 
 
+@pytest.mark.parametrize("flag, value", [("num_warmup_steps", -5), ("num_warmup_epochs", -1.0),
+                                         ("num_warmup_epochs", float("nan"))])  # fmt: skip
+def test_a_warmup_below_zero_or_not_a_number_is_refused_naming_the_flag(flag, value):
+    # -5 steps started at half the peak with no warmup; NaN failed after the output folder was made.
+    with pytest.raises(ValueError, match=rf"^--{flag} must be >= 0, got {value!r}\.$"):
+        pt.PretrainingArguments(**{flag: value})
+    with pytest.raises(ValueError, match=f"^--{flag} must be >= 0"):
+        pt.parse_args([f"--{flag}", str(value)])
+
+
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_the_trainer_refuses_a_run_of_no_epochs(tmp_path, epochs):
+    # 0 raised ZeroDivisionError in the schedules; -1 returned after no step.
+    with pytest.raises(ValueError, match=rf"^`num_train_epochs` must be > 0 without `max_steps` or `max_train_time`, got {epochs}\.$"):
+        MSNTrainingArguments(output_dir=str(tmp_path), num_train_epochs=epochs)
+    assert MSNTrainingArguments(output_dir=str(tmp_path), num_train_epochs=epochs, max_steps=3).max_steps == 3
+
+
 # --- one random stream per batch and process ------------------------------------------------------------------------
 
 

@@ -270,6 +270,9 @@ class PretrainingArguments:
         for name in ("max_train_steps", "per_device_train_batch_size", "num_train_epochs"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 fail(name, "a positive integer", getattr(self, name))
+        for name in ("num_warmup_steps", "num_warmup_epochs"):  # None: the recipe's
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:  # NaN too
+                fail(name, ">= 0", getattr(self, name))
         parse_duration(self.max_train_time, "--max_train_time")
         if self.max_train_time is not None and self.max_train_steps is not None:
             fail("max_train_time", "given without --max_train_steps (one run length)", self.max_train_time)

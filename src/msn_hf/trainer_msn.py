@@ -116,6 +116,10 @@ class MSNTrainingArguments(TrainingArguments):
             self.data_seed = self.seed
         check_recipe_arguments(self)
         parse_duration(self.max_train_time, "`max_train_time`")
+        if self.max_steps <= 0 and self.max_train_time is None and not self.num_train_epochs > 0:
+            raise ValueError(
+                f"`num_train_epochs` must be > 0 without `max_steps` or `max_train_time`, got {self.num_train_epochs}."
+            )
         if self.max_train_time is not None and self.max_steps > 0:
             raise ValueError(
                 f"`max_train_time` sets the run's length: give it without `max_steps`, got max_train_time="
