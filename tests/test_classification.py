@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification
+from transformers import AutoModel, AutoModelForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -126,6 +126,18 @@ def test_bad_pixel_values_name_the_argument():
     model = MSNForImageClassification(tiny_config(num_labels=2))
     with pytest.raises(ValueError, match="pixel_values.*\\(2, 1, 32, 32\\)"):
         model(torch.randn(2, 1, 32, 32))
+
+
+def test_a_classifier_folder_is_refused_as_a_pretraining_model(tmp_path):
+    # Its one encoder is saved as vit.*: an MSNModel would find none of its weights and start at random.
+    folder = tmp_path / "classifier"
+    MSNForImageClassification(tiny_config(num_labels=3)).save_pretrained(folder)
+    for load in (MSNModel.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ValueError, match=r"that of an MSNForImageClassification .*AutoModelForImageClassification"):
+            load(folder)
+    assert isinstance(AutoModelForImageClassification.from_pretrained(folder), MSNForImageClassification)
+    MSNModel(tiny_config()).save_pretrained(tmp_path / "msn")
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "msn"), MSNModel)
 
 
 def test_finetune_script_trains_and_saves_a_classifier(pretraining_folder, finetuned_folder):

@@ -488,6 +488,14 @@ class MSNModel(MSNPreTrainedModel):
     """
 
     def __init__(self, config: MSNConfig):
+        if "MSNForImageClassification" in (config.architectures or []):
+            # `from_pretrained` (`AutoModel`, `pipeline("image-feature-extraction")`) on a classifier's folder would
+            # find none of this model's weights there and start every one at random, with a load report only.
+            raise ValueError(
+                "MSNModel: `config` must be a pretraining model's, got that of an MSNForImageClassification (its "
+                "`architectures`), a fine-tuned classifier whose one encoder is saved as vit.*: load its folder with "
+                "MSNForImageClassification or AutoModelForImageClassification (its pooled output is the features)."
+            )
         super().__init__(config)
         self.encoder = create_backbone(config)
         self.target_encoder = create_backbone(config)
