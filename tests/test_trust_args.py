@@ -35,6 +35,37 @@ def test_a_flag_typed_with_dashes_or_an_equals_sign_wins_over_the_recipe_file(tm
     assert (args.learning_rate, args.max_train_steps) == (0.01, 7)
 
 
+@pytest.mark.parametrize(
+    "typed, steps, epochs, time",
+    [(["--num_train_epochs", "2"], None, 2, None), (["--max_train_time", "90s"], None, None, "90s"),
+     (["--max_train_steps", "5"], 5, None, None)],
+)  # fmt: skip
+def test_a_run_length_typed_replaces_the_recipe_files(tmp_path, typed, steps, epochs, time):
+    # The file's 74 steps won over typed epochs: the run lasted 74 steps instead of 2 epochs.
+    save_recipe(dict(imagenet_recipe(), training=dict(max_train_steps=74, num_train_epochs=9)), tmp_path / "r.json")
+    args, _ = pt.parse_args(["--recipe_file", str(tmp_path / "r.json"), *typed])
+    assert (args.max_train_steps, args.max_train_time) == (steps, time)
+    assert epochs is None or args.num_train_epochs == epochs
+
+
+def test_the_recipes_warmup_is_at_most_a_twentieth_of_a_short_run_and_a_typed_one_stands(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    config = tiny_config()
+    # The ImageNet recipe's 15 warmup epochs, on a run of 5 epochs of 4 steps: it was all warmup, no cosine.
+    args, _ = pt.parse_args(["--train_dir", str(folder), "--recipe", "imagenet", "--num_train_epochs", "5"])
+    assert pt.build_schedules(args, config, steps_per_epoch=4).warmup_steps == 1  # 5 % of 20 steps
+    args, _ = pt.parse_args(["--train_dir", str(folder), "--recipe", "imagenet"])  # the paper's 800 epochs: 15 stay
+    assert pt.build_schedules(args, config, steps_per_epoch=4).warmup_steps == 60
+    args, _ = pt.parse_args(["--train_dir", str(folder), "--recipe", "imagenet", "--num_train_epochs", "5",
+                             "--num_warmup_epochs", "2"])  # fmt: skip
+    assert pt.build_schedules(args, config, steps_per_epoch=4).warmup_steps == 8  # typed: it stands
+    # A recipe file's warmup is a recipe's: the saved recipe of the short run gives the same warmup again.
+    save_recipe(dict(imagenet_recipe(), training=dict(num_warmup_epochs=15, num_train_epochs=5)), tmp_path / "r.json")
+    args, _ = pt.parse_args(["--train_dir", str(folder), "--recipe_file", str(tmp_path / "r.json")])
+    assert pt.build_schedules(args, config, steps_per_epoch=4).warmup_steps == 1
+
+
 # --- a broken recipe file ---------------------------------------------------------------------------------------
 
 

@@ -81,6 +81,7 @@ from .recipe import (
     CONTINUE_TRAINING,
     IMAGENET_TRAINING,
     RECIPE_FILE,
+    WARMUP_SHARE,
     auto_recipe,
     backbone_geometry,
     continue_recipe,
@@ -124,6 +125,8 @@ logger = get_logger(__name__)
 RECIPE_SAMPLE_SIZE = 32
 # Arguments that never reach a tracker, a log, a file or a checkpoint.
 SECRET_ARGUMENTS = ("hub_token",)
+# The flags that set a run's length: one typed replaces all those of a `--recipe_file`.
+RUN_LENGTHS = {"num_train_epochs", "max_train_steps", "max_train_time"}
 
 # The built-in digits (1,437 training images of 32 px, grey, upscaled from 8 x 8) train for 70 epochs of 64 images
 # (1,540 steps, benchmarks/RESULTS.md); the auto rule picks their model and views from that run length.
@@ -339,13 +342,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    # The flags typed, as `--learning_rate`, `--learning-rate` or `--learning-rate=...` (HfArgumentParser takes all).
+    typed = {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
     training = {}
     if args.recipe_file is not None:
-        # The file's optimisation settings, below the flags given on the command line, typed `--learning_rate`,
-        # `--learning-rate` or `--learning-rate=...` alike (HfArgumentParser accepts all three).
-        given = {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
-        if "max_train_time" in given:  # the budget typed replaces the file's run length
-            given |= {"max_train_steps", "num_train_epochs"}
+        # The file's optimisation settings, below the flags given on the command line.
+        given = set(typed)
+        if given & RUN_LENGTHS:  # a run length typed replaces the file's, whichever flag each names it by
+            given |= RUN_LENGTHS
         training = load_recipe(args.recipe_file)["training"]
         unknown = sorted(set(training) - set(RECIPE_TRAINING_FIELDS))
         if unknown:
@@ -374,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     for name, value in defaults.items():
         if getattr(args, name) is None and name not in training:  # a recipe file's None stays None
             setattr(args, name, value)
+    # A recipe's warmup in epochs (built in or from a file), not one typed: it must leave a short run its cosine
+    # (see `build_schedules`).
+    args.warmup_defaulted = "num_warmup_epochs" not in typed and args.num_warmup_steps is None
     return args, data_args
 
 
@@ -935,7 +942,8 @@ def prepare_output_dir(
 def build_schedules(args: PretrainingArguments, config: MSNConfig, steps_per_epoch: int | None) -> MSNSchedules:
     """
     The schedules of the run, in optimiser steps. Without epochs (a stream), the warmup is the same fraction of the
-    run as `--num_warmup_epochs` of `--num_train_epochs`.
+    run as `--num_warmup_epochs` of `--num_train_epochs`. A warmup the recipe chose in epochs (the paper's 15, not
+    typed) is at most `WARMUP_SHARE` of the run, so that a short run still has its cosine; a typed one stands.
     """
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     if args.num_warmup_steps is not None:
@@ -944,6 +952,8 @@ def build_schedules(args: PretrainingArguments, config: MSNConfig, steps_per_epo
         warmup_steps = round(args.num_warmup_epochs * steps_per_epoch)
     else:
         warmup_steps = round(total_steps * args.num_warmup_epochs / args.num_train_epochs)
+    if getattr(args, "warmup_defaulted", False):
+        warmup_steps = min(warmup_steps, max(1, round(WARMUP_SHARE * total_steps)))
     return MSNSchedules(
         total_steps=total_steps,
         warmup_steps=min(warmup_steps, total_steps),
@@ -1144,8 +1154,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
         # Accelerate also ends an accumulation window at the end of the data: a short last window is a step.
         steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     unwrapped = accelerator.unwrap_model(model)
-    # A budget's warmup is a fraction of its planned steps, not epochs that could outlast it.
-    schedules = build_schedules(args, unwrapped.config, None if plan is not None else steps_per_epoch)
+    schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
     if args.report_to != "none":
         config = {k: str(v) for k, v in {**vars(data_args), **vars(args)}.items() if k not in SECRET_ARGUMENTS}
         accelerator.init_trackers("msn_pretraining", config=config)

@@ -70,6 +70,8 @@ _PAPER_SIDE, _PAPER_FOCAL_SIDE, _PAPER_BLUR = 224, 96, (0.1, 2.0)
 # (1e-3 and 2e-4, `PretrainingArguments`), a 2 % warmup and an EMA that starts slow, so that the start is kept.
 CONTINUE_TRAINING = dict(learning_rate=2.5e-4, warmup_start_learning_rate=5e-5)
 _CONTINUE_WARMUP = 0.02
+# A from-scratch warmup: 5 % of the planned steps (the auto recipe's; the most a recipe's warmup in epochs may take).
+WARMUP_SHARE = 0.05
 _CONTINUE_EMA_START = 0.999
 
 
@@ -236,7 +238,7 @@ def auto_recipe(image_size: int, grey: bool, num_images: int, global_batch: int,
         backbone_kwargs=dict(img_size=side, patch_size=patch, **backbone_kwargs),
         config=config,
         processor=processor,
-        training=dict(num_warmup_steps=max(1, round(0.05 * planned_steps))),
+        training=dict(num_warmup_steps=max(1, round(WARMUP_SHARE * planned_steps))),
     )
 
 
@@ -519,5 +521,5 @@ def save_recipe(recipe: dict, path: str | os.PathLike) -> None:
 __all__ = [
     "auto_recipe", "backbone_geometry", "continue_recipe", "describe_images", "fit_views", "imagenet_recipe",
     "check_known_keys", "load_recipe", "new_heads", "parse_overrides", "recipe_table", "save_recipe", "GROWTH", "step_cost",
-    "target_grid", "view_geometry", "CONTINUE_TRAINING",
+    "target_grid", "view_geometry", "CONTINUE_TRAINING", "WARMUP_SHARE",
 ]
