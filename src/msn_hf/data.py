@@ -118,8 +118,9 @@ class DataArguments:
 class ImageDataset:
     """
     A dataset with the name of its image column and, when it has one, of its label column. `split` names its rows
-    within their source, as a model card states it: a split (`"test"`), rows drawn from it (`"64 random rows of train"`), a hold-out
-    (`"held-out 20 % of train (seed 0)"`) or a folder (`"test_dir ./images/test"`); None when unknown.
+    within their source, as a model card states it: a split (`"test"`), rows drawn from it (`"64 random rows of
+    train"`), a hold-out (`"held-out 20 % of train (seed 0)"`) or a folder (`"test_dir ./images/test"`); None when
+    unknown.
     """
 
     dataset: datasets.Dataset | datasets.IterableDataset
@@ -254,7 +255,7 @@ def folder_files(folder: str) -> dict | None:
 
 def folder_splits(folder: str) -> list[str]:
     """The splits `datasets` reads from the sub-folders of a folder of split folders: `train/` and `training/` are
-    "train", `val/` and `dev/` "validation", `eval/` and `testing/` "test" (see `datasets.data_files.SPLIT_KEYWORDS`)."""
+    "train", `val/` and `dev/` "validation", `eval/` and `testing/` "test" (`datasets.data_files.SPLIT_KEYWORDS`)."""
     words = {word: str(split) for split, words in SPLIT_KEYWORDS.items() for word in words}
     return sorted({words[entry.name.lower()] for entry in os.scandir(folder) if entry.name.lower() in words})
 
@@ -530,7 +531,8 @@ def splits_overlap(split: str, other: str) -> bool:
 
 
 def _split_parts(split: str) -> list[tuple[str, bool]]:
-    """`(name, sliced)` of each split of a `+` expression: `"train[:10%]+test"` -> `[("train", True), ("test", False)]`."""
+    """`(name, sliced)` of each split of a `+` expression: `"train[:10%]+test"` -> `[("train", True), ("test", False)]`.
+    """
     return [(part.split("[")[0].strip(), "[" in part) for part in split.split("+")]
 
 
@@ -652,7 +654,8 @@ def seen_in_pretraining(record: dict | None, data_args: DataArguments, test: Ima
         return None
     source, pretrained_source = data_source(data_args), dict(record["source"])
     pretrained_split = pretrained_source.pop("train_split")
-    if {**source, "train_split": None} != {**pretrained_source, "train_split": None} or test.split == record["held_out"]:
+    same_source = {**source, "train_split": None} == {**pretrained_source, "train_split": None}
+    if not same_source or test.split == record["held_out"]:
         return None
     # A hold-out other than the run's own is drawn from the evaluation's training split; a split is its own.
     tested = data_args.train_split if (test.split or "").startswith(HELD_OUT) else test.split
