@@ -306,6 +306,30 @@ def test_a_plan_laid_again_moves_the_schedules_to_the_new_total_and_keeps_a_fini
     late = MSNSchedules(total_steps=100, warmup_steps=10)
     budget.relay_schedules(late, 30, completed_steps=8)
     assert late.warmup_steps == 8 and late.lr(8) == pytest.approx(late.learning_rate)  # the peak at once
+    typed = MSNSchedules(total_steps=100, warmup_steps=10, keep_warmup=True)  # `--num_warmup_steps 10`
+    budget.relay_schedules(typed, 150, completed_steps=2)
+    assert typed.warmup_steps == 10
+    budget.relay_schedules(typed, 6, completed_steps=2)
+    assert typed.warmup_steps == 6  # within the total
+
+
+def test_a_typed_warmup_keeps_its_length_under_a_time_budget(tmp_path):
+    from accelerate import Accelerator
+
+    from msn_hf.checkpointing import TrainingState
+    from msn_hf.configuration_msn import MSNConfig
+
+    def warmup(*flags: str) -> int:
+        args, _ = pt.parse_args(["--train_dir", str(tmp_path), "--max_train_time", "60s", *flags])
+        args.max_train_steps = 74  # the model's run length, as the planner sets it
+        schedules = pt.build_schedules(args, MSNConfig(), steps_per_epoch=4)
+        plan = budget.BudgetPlan(93, 93, budget_seconds=60.0, seconds_per_step=0.5, model_steps=74)
+        budget.BudgetKeeper(Accelerator(cpu=True), schedules, plan, TrainingState())
+        return schedules.warmup_steps
+
+    assert warmup("--num_warmup_steps", "8") == 8  # it became 10: 8 x 93 / 74
+    assert warmup("--num_warmup_epochs", "2") == 8
+    assert warmup("--recipe", "imagenet") == round(min(15 * 4, round(0.05 * 74)) * 93 / 74)  # a recipe's follows
 
 
 def keep_a_steady_pace(monkeypatch, planned_seconds: float, run_seconds: float, budget_seconds: float = 600.0):

@@ -408,9 +408,12 @@ def relay_schedules(schedules: MSNSchedules, total_steps: int, completed_steps: 
     """
     Lay `schedules` over `total_steps` instead of its total (cosine, weight decay and EMA momentum follow, being laid
     over `stretch x total_steps`). A warmup already done stays as it was; one in progress changes in proportion, but
-    not below the steps already taken (the learning rate then reaches its peak at once rather than skipping it).
+    not below the steps already taken (the learning rate then reaches its peak at once rather than skipping it). A
+    typed warmup (`schedules.keep_warmup`) keeps its length, within the new total.
     """
-    if schedules.warmup_steps > completed_steps:
+    if schedules.keep_warmup:
+        schedules.warmup_steps = min(schedules.warmup_steps, total_steps)
+    elif schedules.warmup_steps > completed_steps:
         proportional = round(schedules.warmup_steps * total_steps / schedules.total_steps)
         schedules.warmup_steps = min(max(proportional, completed_steps), total_steps)
     schedules.total_steps = total_steps

@@ -378,9 +378,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainingArguments, Dat
     for name, value in defaults.items():
         if getattr(args, name) is None and name not in training:  # a recipe file's None stays None
             setattr(args, name, value)
-    # A recipe's warmup in epochs (built in or from a file), not one typed: it must leave a short run its cosine
-    # (see `build_schedules`).
+    # A recipe's warmup in epochs (built in or from a file), not one typed: it must leave a short run its cosine; a
+    # typed one keeps its length under a time budget (see `build_schedules`).
     args.warmup_defaulted = "num_warmup_epochs" not in typed and args.num_warmup_steps is None
+    args.warmup_typed = bool(typed & {"num_warmup_steps", "num_warmup_epochs"})
     return args, data_args
 
 
@@ -943,7 +944,8 @@ def build_schedules(args: PretrainingArguments, config: MSNConfig, steps_per_epo
     """
     The schedules of the run, in optimiser steps. Without epochs (a stream), the warmup is the same fraction of the
     run as `--num_warmup_epochs` of `--num_train_epochs`. A warmup the recipe chose in epochs (the paper's 15, not
-    typed) is at most `WARMUP_SHARE` of the run, so that a short run still has its cosine; a typed one stands.
+    typed) is at most `WARMUP_SHARE` of the run, so that a short run still has its cosine; a typed one stands, also
+    when a time budget lays the schedules over another total (`keep_warmup`).
     """
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     if args.num_warmup_steps is not None:
@@ -965,6 +967,7 @@ def build_schedules(args: PretrainingArguments, config: MSNConfig, steps_per_epo
         momentum=config.ema_momentum,
         final_momentum=config.ema_momentum_end,
         stretch=args.schedule_stretch,
+        keep_warmup=getattr(args, "warmup_typed", False),
     )
 
 

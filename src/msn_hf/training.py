@@ -36,7 +36,8 @@ class MSNSchedules:
     """
     The three per-step schedules of the original recipe, laid over `stretch * total_steps` steps so that training
     stops at `1 / stretch` of each: learning rate (linear warmup then cosine), weight decay (cosine, rising) and
-    EMA momentum (linear).
+    EMA momentum (linear). `keep_warmup`: the warmup was typed, so that it keeps its length when a time budget lays
+    the schedules over another total (see `budget.relay_schedules`); a recipe's warmup follows the total.
     """
 
     total_steps: int
@@ -49,6 +50,7 @@ class MSNSchedules:
     momentum: float = 0.996
     final_momentum: float = 1.0
     stretch: float = 1.25
+    keep_warmup: bool = False
 
     @property
     def span(self) -> float:
