@@ -240,24 +240,19 @@ def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
     return SHARD_BUILDERS[extensions.pop()], files
 
 
-def folder_files(folder: str) -> dict | None:
+def split_folders(folder: str) -> dict[str, str] | None:
     """
-    The `data_files` of an image folder: every file as the train split, unless every sub-folder is named like a
-    split (`train/`, `test/`, ...; `None`: `datasets` then reads them as splits). A class may be named like a split:
-    PASCAL VOC and COCO have a "train" class, which `datasets` alone would read as the folder's only split.
+    `{sub-folder path: split}` of a folder of split folders, the splits `datasets` reads from their names (`train/`
+    and `training/` are "train", `val/` and `dev/` "validation", `eval/` and `testing/` "test":
+    `datasets.data_files.SPLIT_KEYWORDS`); None for a folder of class folders, one train split, which is any folder
+    with a sub-folder not named like a split. A class may be named like a split: PASCAL VOC and COCO have a "train"
+    class, which `datasets` alone would read as the folder's only split.
     """
-    split_words = {word for words in SPLIT_KEYWORDS.values() for word in words}
-    subfolders = [entry.name for entry in os.scandir(folder) if entry.is_dir()]
-    if subfolders and all(name.lower() in split_words for name in subfolders):
-        return None
-    return {"train": "**"}
-
-
-def folder_splits(folder: str) -> list[str]:
-    """The splits `datasets` reads from the sub-folders of a folder of split folders: `train/` and `training/` are
-    "train", `val/` and `dev/` "validation", `eval/` and `testing/` "test" (`datasets.data_files.SPLIT_KEYWORDS`)."""
     words = {word: str(split) for split, words in SPLIT_KEYWORDS.items() for word in words}
-    return sorted({words[entry.name.lower()] for entry in os.scandir(folder) if entry.name.lower() in words})
+    subfolders = [entry for entry in os.scandir(folder) if entry.is_dir()]
+    if not subfolders or any(entry.name.lower() not in words for entry in subfolders):
+        return None
+    return {entry.path: words[entry.name.lower()] for entry in subfolders}
 
 
 def load_image_dataset(
@@ -292,13 +287,15 @@ def load_image_dataset(
             raise ValueError(f"--train_dir {train_dir!r} does not exist (looked at {os.path.abspath(train_dir)}).")
         if not os.path.isdir(train_dir):
             raise ValueError(f"--train_dir must be a folder of images, got the file {train_dir!r}.")
-        data_files = folder_files(train_dir)
-        splits = ["train"] if data_files is not None else folder_splits(train_dir)
+        folders = split_folders(train_dir)
+        splits = sorted(set(folders.values())) if folders else ["train"]
         if any(name not in splits for name, _ in _split_parts(split)):
             raise ValueError(
-                f"`split` {split!r} is not a split of the folder {train_dir!r}: its splits are {sorted(splits)} (a "
-                "folder of class folders is one train split; sub-folders named train/, validation/, test/ are splits)."
+                f"`split` {split!r} is not a split of the folder {train_dir!r}: its splits are {splits} (a folder of "
+                "class folders is one train split; sub-folders named train/, validation/, test/ are splits)."
             )
+        # Every file of a folder of class folders is the train split, whatever the class folders are named.
+        data_files = None if folders else {"train": "**"}
         dataset = datasets.load_dataset(
             "imagefolder", data_dir=train_dir, data_files=data_files, split=split, streaming=streaming
         )
@@ -349,9 +346,9 @@ def keep_rows(data: ImageDataset, count: int | None) -> ImageDataset:
     are its first classes; a stream's first rows, since it has no length to draw from.
     """
     dataset = data.dataset
-    if count is None or (not isinstance(dataset, datasets.IterableDataset) and count >= len(dataset)):
-        return data
     streaming = isinstance(dataset, datasets.IterableDataset)
+    if count is None or (not streaming and count >= len(dataset)):
+        return data
     if streaming:
         dataset = dataset.take(count)
     else:
@@ -418,6 +415,8 @@ def separate_unlabelled(data: ImageDataset) -> tuple[ImageDataset, ImageDataset]
         )
 
     def rows(mask: np.ndarray) -> ImageDataset:
+        if mask.all():  # as it is: a `select` of every row would add an index mapping that every read goes through
+            return data
         return ImageDataset(data.dataset.select(np.flatnonzero(mask)), data.image_column, data.label_column, data.split)
 
     return rows(labelled), rows(~labelled)
@@ -666,11 +665,9 @@ def seen_in_pretraining(record: dict | None, data_args: DataArguments, test: Ima
 
 def _folder_holds_pretrained_images(test_dir: str, pretrained_on: str | None) -> bool:
     """Whether the folder `test_dir` is, holds or lies in the images of the image folder a run pretrained on: the
-    folder, or its train split's folder when it was a folder of split folders (see [`folder_files`])."""
+    folder, or its train split's folder when it was a folder of split folders (see [`split_folders`])."""
     if not pretrained_on:
         return False
-    folders = [pretrained_on]
-    if os.path.isdir(pretrained_on) and folder_files(pretrained_on) is None:
-        train_words = SPLIT_KEYWORDS[datasets.Split.TRAIN]
-        folders = [entry.path for entry in os.scandir(pretrained_on) if entry.name.lower() in train_words]
+    splits = split_folders(pretrained_on) if os.path.isdir(pretrained_on) else None
+    folders = [path for path, split in splits.items() if split == "train"] if splits else [pretrained_on]
     return any(os.path.commonpath([folder, test_dir]) in (folder, test_dir) for folder in folders)
