@@ -47,10 +47,10 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from .configuration_msn import MSNConfig
-from .files import atomic_folder, check_output_dir
+from .files import atomic_folder, check_output_dir, folder_relation
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNForImageClassification, MSNModel
-from .recipe import check_known_keys
+from .recipe import check_known_keys, config_fields
 
 logger = logging.get_logger(__name__)
 
@@ -630,25 +630,14 @@ def _msn_target_features(model: MSNModel) -> Callable[[torch.Tensor], torch.Tens
 def _check_output_apart_from_source(output_dir: str | os.PathLike, source: str | os.PathLike, argument: str) -> None:
     """
     Refuse an output folder that is the source (`argument` names it), holds it or lies inside it: with `overwrite`
-    the output folder is replaced whole, so the source would be lost or changed. Real paths are compared (links and
-    `..` resolved). A source that is not a local path (a Hub id) cannot be hit.
+    the output folder is replaced whole, so the source would be lost or changed.
     """
-    source_path = Path(source).expanduser()
-    if not source_path.exists():
-        return
-    source_path, output = source_path.resolve(), Path(output_dir).expanduser().resolve()
-    if output == source_path:
-        where = "is"
-    elif output in source_path.parents:
-        where = "holds"
-    elif source_path in output.parents:
-        where = "is inside"
-    else:
-        return
-    raise ValueError(
-        f"`output_dir` (--output) must be a folder apart from the source, got {output_dir}, which {where} "
-        f"{argument} {source_path}: writing it would replace the source."
-    )
+    where = folder_relation(output_dir, source)
+    if where is not None:
+        raise ValueError(
+            f"`output_dir` (--output) must be a folder apart from the source, got {output_dir}, which {where} "
+            f"{argument} {Path(source).expanduser().resolve()}: writing it would replace the source."
+        )
 
 
 def to_vit_msn(
@@ -1159,8 +1148,7 @@ def _json_dict(text: str) -> dict:
 def _config_fields(config: dict) -> dict:
     """`--config` as `MSNConfig` fields; an unknown (misspelt) field is refused as `msn-pretrain --config_overrides`
     refuses it, rather than stored in config.json next to the default it was meant to replace."""
-    fields = [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
-    return check_known_keys(dict(config), fields, "--config", "MSNConfig fields")
+    return check_known_keys(dict(config), config_fields(), "--config", "MSNConfig fields")
 
 
 def _original_backbone_kwargs(from_flag: dict | None, from_config: dict | None) -> dict | None:

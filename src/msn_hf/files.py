@@ -28,6 +28,25 @@ def give_default_permissions(path: str | os.PathLike) -> None:
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
+def folder_relation(folder: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """
+    Where `folder` lies against `other`: "is" it, "holds" it, "is inside" it, or None when apart or when `other` is
+    not a local path (a Hub id). Real paths are compared (links and `..` resolved): the checks that keep a run from
+    writing over the weights it reads are phrased with it.
+    """
+    other = Path(other).expanduser()
+    if not other.exists():
+        return None
+    other, folder = other.resolve(), Path(folder).expanduser().resolve()
+    if folder == other:
+        return "is"
+    if folder in other.parents:
+        return "holds"
+    if other in folder.parents:
+        return "is inside"
+    return None
+
+
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder, renamed into place; returns `path`."""
     path = Path(path)

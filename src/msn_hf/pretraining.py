@@ -73,7 +73,7 @@ from .data import (
     match_labels,
     separate_unlabelled,
 )
-from .files import write_text_atomically
+from .files import folder_relation, write_text_atomically
 from .image_processing_msn import MSNImageProcessor
 from .modelcard import headline, write_model_card
 from .modeling_msn import MSNModel
@@ -84,6 +84,7 @@ from .recipe import (
     WARMUP_SHARE,
     auto_recipe,
     backbone_geometry,
+    config_fields,
     continue_recipe,
     describe_images,
     fit_views,
@@ -303,8 +304,7 @@ class PretrainingArguments:
                 "given without --recipe auto/imagenet, --recipe_file or --backbone_pretrained (its weights are the model)",
                 self.model_name_or_path,
             )
-        starting_folder = Path(self.model_name_or_path) if self.model_name_or_path else None
-        if starting_folder and starting_folder.is_dir() and Path(self.output_dir).resolve() == starting_folder.resolve():
+        if self.model_name_or_path and folder_relation(self.output_dir, self.model_name_or_path) == "is":
             fail("output_dir", "another folder than --model_name_or_path (the run writes its model over the weights "
                  "it starts from)", self.output_dir)  # fmt: skip
         for flag in ("backbone", "backbone_kwargs"):
@@ -595,8 +595,7 @@ def parse_model_overrides(args: PretrainingArguments) -> tuple[dict, dict]:
     `--config_overrides` and `--processor_overrides` as dicts, checked against MSNConfig / MSNImageProcessor, and
     against `--backbone_kwargs`: `img_size` there and `image_size` here both set the view side, so they must agree.
     """
-    config_keys = [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
-    overrides = parse_overrides(args.config_overrides, config_keys, "--config_overrides", "MSNConfig fields")
+    overrides = parse_overrides(args.config_overrides, config_fields(), "--config_overrides", "MSNConfig fields")
     img_size = (args.backbone_kwargs or {}).get("img_size")
     if img_size is not None and "image_size" in overrides and overrides["image_size"] != img_size:
         raise ValueError(

@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Iterable
 
+from .configuration_msn import MSNConfig
 from .files import write_text_atomically
 
 # `plan`: what a run of a time budget planned (budget, steps, seconds per step), for the record only.
@@ -441,6 +442,11 @@ def parse_overrides(text: str | None, valid_keys: Iterable[str], flag_name: str,
         except json.JSONDecodeError:
             overrides[key] = value
     return check_known_keys(overrides, valid_keys, flag_name, what)
+
+
+def config_fields() -> list[str]:
+    """The `MSNConfig` fields a user may set: `--config_overrides` and `msn-convert --config` check against these."""
+    return [name for name in MSNConfig.__annotations__ if not name.startswith("_")]
 
 
 def check_known_keys(values: dict, valid_keys: Iterable[str], flag_name: str, what: str = "keys") -> dict:
