@@ -13,6 +13,7 @@ The encoder comes from the TARGET encoder of an `MSNModel` pretraining folder (o
 """
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Train and/or evaluate; returns the metrics (`train_*`, `eval_*`)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.hub_token:
+        # The Trainer pickles its arguments into training_args.bin, saved with every checkpoint and uploaded by
+        # `push_to_hub`: the token reaches the Hub client through this process's environment instead.
+        os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
     # The transform builds `pixel_values` and `labels` from the image and label columns, which the Trainer must keep.
     training_args.remove_unused_columns = False
     logging.basicConfig(

@@ -153,13 +153,20 @@ def test_finetune_script_trains_and_saves_a_classifier(pretraining_folder, finet
     assert "AutoModel" not in config["auto_map"]  # MSNModel cannot load a classifier's weights
 
 
-def test_finetune_script_freeze_encoder_trains_only_the_classifier(pretraining_folder, tmp_path):
-    finetune(pretraining_folder, tmp_path, "--freeze_encoder", "--do_eval", "false")
+def test_finetune_script_freeze_encoder_trains_only_the_classifier(pretraining_folder, tmp_path, monkeypatch):
+    token = "hf_NotARealTokenButSecret0123"
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the script hands the token to the Hub client there
+    finetune(pretraining_folder, tmp_path, "--freeze_encoder", "--do_eval", "false", "--hub_token", token)
     model = MSNForImageClassification.from_pretrained(tmp_path)
     pretrained = load_file(pretraining_folder / "model.safetensors")
     for name, tensor in model.vit.state_dict().items():
         torch.testing.assert_close(tensor, pretrained[f"target_encoder.{name}"], rtol=0, atol=0)
     assert model.classifier.weight.abs().sum() > 0
+    # The Trainer pickles its arguments into training_args.bin, which `push_to_hub` uploads: not the token.
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert "training_args.bin" in {path.name for path in written}
+    assert [str(path) for path in written if token.encode() in path.read_bytes()] == []
+    assert os.environ["HF_TOKEN"] == token
 
 
 REMOTE_SCRIPT = """

@@ -180,6 +180,44 @@ def test_resume_from_checkpoint_continues_the_schedules_and_the_run(initial_fold
     assert_same_weights(resumed.model, straight.model, atol=1e-6)
 
 
+def test_resume_true_skips_a_checkpoint_that_a_kill_left_half_written(initial_folder, tmp_path):
+    # The Trainer writes a checkpoint in place, its state last: a kill mid-save left a folder that
+    # `resume_from_checkpoint=True` picked as the latest, and the resume died on its missing trainer_state.json.
+    straight = make_trainer(initial_folder, tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
+    straight.train()
+    cut = tmp_path / "run" / "checkpoint-4"
+    for name in ("trainer_state.json", "rng_state.pth", "scheduler.pt"):
+        (cut / name).unlink()
+    optimizer = (cut / "optimizer.pt").read_bytes()
+    (cut / "optimizer.pt").write_bytes(optimizer[: len(optimizer) // 2])
+    resumed = make_trainer(initial_folder, tmp_path / "run", max_steps=4)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed._initial_global_step == 2
+    assert trainer_schedule_log(resumed) == trainer_schedule_log(straight)
+    assert_same_weights(resumed.model, straight.model, atol=1e-6)
+    # A torn trainer_state.json (killed while it was written) is no more a checkpoint than a missing one.
+    (cut / "trainer_state.json").write_text('{"global_step": 4, "log_hist')
+    again = make_trainer(initial_folder, tmp_path / "run", max_steps=4)
+    again.train(resume_from_checkpoint=True)
+    assert again._initial_global_step == 2
+
+
+def test_the_hub_token_reaches_no_file_the_trainer_writes(initial_folder, tmp_path):
+    # The Trainer pickles its arguments into every checkpoint and export (training_args.bin), which `push_to_hub`
+    # uploads: the token was in them.
+    token = "hf_NotARealTokenButSecret0123"
+    trainer = make_trainer(initial_folder, tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=1,
+                           hub_token=token)  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(tmp_path / "run" / "final"))
+    written = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
+    assert sum(path.name == "training_args.bin" for path in written) == 3  # the two checkpoints and the export
+    assert [str(path) for path in written if token.encode() in path.read_bytes()] == []
+    assert trainer.args.hub_token == token  # kept in the process, for the uploads themselves
+    saved = torch.load(tmp_path / "run" / "final" / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and saved.learning_rate == trainer.args.learning_rate
+
+
 def test_bad_arguments_are_named(initial_folder, tmp_path):
     from transformers import TrainingArguments
 

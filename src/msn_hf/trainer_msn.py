@@ -16,16 +16,18 @@ clipping, EMA and views) behind the `Trainer` API, so that callbacks, logging in
 ```
 """
 
+import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerState
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_datasets_available
 
 from .budget import MIN_PLANNED_STEPS, MSNTimeBudgetCallback, format_duration, parse_duration, time_model_steps
@@ -49,6 +51,28 @@ from .training import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """
+    The newest `checkpoint-N` of `output_dir` that the `Trainer` finished writing, or None. The `Trainer` writes a
+    checkpoint in place with `trainer_state.json` last, so one cut short by a kill lacks it or holds a torn one;
+    it is skipped (with a warning), where `get_last_checkpoint` would resume from it and fail.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    pattern, steps = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$"), {}
+    for entry in os.scandir(output_dir):
+        if (match := pattern.match(entry.name)) and entry.is_dir():
+            steps[entry.path] = int(match.group(1))
+    for path in sorted(steps, key=steps.get, reverse=True):
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as state:
+                json.load(state)
+            return path
+        except (OSError, ValueError):
+            logger.warning(f"{path} was cut short (no complete trainer_state.json): not resumed from.")
+    return None
 
 
 @dataclass
@@ -108,6 +132,11 @@ class MSNTrainingArguments(TrainingArguments):
             "loss takes no step anyway (it shows in the logged mean loss)."
         },
     )
+
+    def __getstate__(self):
+        # The Trainer pickles its arguments into every checkpoint and export (training_args.bin), and `push_to_hub`
+        # uploads them: the token stays in this process, for its uploads.
+        return {**self.__dict__, "hub_token": None}
 
     def __post_init__(self):
         super().__post_init__()
@@ -311,12 +340,20 @@ class MSNTrainer(Trainer):
             self.add_callback(self._budget)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """[`Trainer.train`]; with `max_train_time`, `max_steps` is first set to the steps that fit the budget."""
+        """
+        [`Trainer.train`]; `resume_from_checkpoint=True` resumes from the newest complete checkpoint
+        ([`last_complete_checkpoint`]), and with `max_train_time`, `max_steps` is first set to the steps that fit the
+        budget.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"`resume_from_checkpoint=True` needs a complete checkpoint in `output_dir`, got none in "
+                    f"{self.args.output_dir}."
+                )
         if self._budget is not None:
-            checkpoint = resume_from_checkpoint
-            if resume_from_checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says there is none
-            self.args.max_steps = self._steps_in_budget(checkpoint)
+            self.args.max_steps = self._steps_in_budget(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @property
@@ -465,4 +502,6 @@ class MSNTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["MSNRunCounts", "MSNScheduler", "MSNTrainer", "MSNTrainingArguments"]
+__all__ = [
+    "MSNRunCounts", "MSNScheduler", "MSNTrainer", "MSNTrainingArguments", "last_complete_checkpoint",
+]  # fmt: skip
