@@ -11,12 +11,13 @@ Settings: `--dataloader_num_workers` 0, 1, 2 with the views drawn in the workers
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from msn_hf.run_outputs import METRICS_FILE, read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "pretrain_msn.py"
 
@@ -31,7 +32,7 @@ def run(steps: int, workers: int, on_device: bool, logging_steps: int, extra: li
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(result.stderr[-3000:])
-        records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(Path(output_dir) / METRICS_FILE)
     return statistics.mean(r["images_per_second"] for r in records[1:])
 
 

@@ -3,16 +3,24 @@ A user's own run: nothing lost, nothing silently computed other than asked. Each
 README (resume, refusals, clear errors, files others can read, secrets kept out of files).
 """
 
+import contextlib
+import json
 import os
+import resource
+import signal
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+from accelerate import Accelerator
 
 from conftest import TINY_MODEL_ARGS, tiny_config
 from msn_hf import MSNModel, convert
 from msn_hf import pretraining as pt
 from msn_hf.files import atomic_folder, write_text_atomically
+from msn_hf.pictures import plot_prototypes
+from msn_hf.run_outputs import plot_loss_curve, write_train_results
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--skip_evaluation"]
 
@@ -53,6 +61,63 @@ def test_a_folder_written_over_a_link_replaces_the_link_and_leaves_its_target(tm
     assert not link.is_symlink() and [p.name for p in link.iterdir()] == ["new.txt"]
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "kept"]  # nothing set aside is left
+
+
+@contextlib.contextmanager
+def disk_full_past(num_bytes: int):
+    """Any write past `num_bytes` of a file fails (EFBIG), as a write on a full disk fails with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def losses(steps: int) -> list[dict]:
+    return [dict(step=s, loss=4.0 / s, prediction_loss=3.9 / s, me_max_loss=0.1 / s) for s in range(1, steps + 1)]
+
+
+OUTPUTS_WRITTEN_AGAIN = {  # each writes its file from one set of values, then again from another
+    "loss_curve.png": lambda path, again: plot_loss_curve(losses(9 if again else 5), path),
+    "prototypes.png": lambda path, again: plot_prototypes(np.bincount(np.arange(40) % (7 if again else 3)), path),
+    "train_results.json": lambda path, again: write_train_results(path.parent, dict(completed_steps=2 if again else 1)),
+}
+
+
+@pytest.mark.parametrize("name", OUTPUTS_WRITTEN_AGAIN)
+def test_an_output_written_again_on_a_full_disk_leaves_the_previous_one_whole(tmp_path, name):
+    # msn-evaluate draws the pictures again in a model folder, and a resumed run writes its results and loss curve
+    # again: written in place, a full disk or a kill left an empty or cut file under the old one's name.
+    path = tmp_path / name
+    OUTPUTS_WRITTEN_AGAIN[name](path, False)
+    before = path.read_bytes()
+    with pytest.raises(OSError), disk_full_past(8):
+        OUTPUTS_WRITTEN_AGAIN[name](path, True)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left
+    OUTPUTS_WRITTEN_AGAIN[name](path, True)  # with room, the new one replaces it
+    assert path.read_bytes() != before
+
+
+def test_a_resumed_run_keeps_its_metrics_through_a_torn_last_line_and_a_full_disk(tmp_path):
+    # A run that died of a full disk while appending a record left half a line: `latest` then failed on it (an
+    # unnamed JSONDecodeError) until the user edited the file; and the resume rewrote the file in place.
+    path = tmp_path / pt.METRICS_FILE
+    records = [json.dumps(dict(step=s, loss=1.0 / s)) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(records) + records[0][:12])
+    log = pt.MetricsLog(Accelerator(cpu=True), path, completed_steps=2, report=False)
+    assert [m["step"] for m in log.history] == [1, 2]
+    assert path.read_text() == "".join(records[:2])
+    path.write_text("".join(records))
+    with pytest.raises(OSError), disk_full_past(16):
+        pt.MetricsLog(Accelerator(cpu=True), path, completed_steps=1, report=False)
+    assert path.read_text() == "".join(records)
+    path.write_text(records[0] + records[1][:12] + "\n" + records[2])  # not a torn end: refused, naming the file
+    with pytest.raises(ValueError, match=rf"{pt.METRICS_FILE}.*line 2"):
+        pt.MetricsLog(Accelerator(cpu=True), path, completed_steps=3, report=False)
 
 
 def test_a_run_and_a_conversion_write_files_colleagues_can_read(tmp_path, umask_022):

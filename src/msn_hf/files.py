@@ -47,21 +47,32 @@ def folder_relation(folder: str | os.PathLike, other: str | os.PathLike) -> str 
     return None
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder, renamed into place; returns `path`."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """
+    Yield a temporary path in the folder of `path` (created if needed) for the block to write; it is renamed to
+    `path` when the block succeeds and removed when it fails, so `path` is the old file or the complete new one.
+    Writers that take the format from the name must be told it (the temporary name ends in `.tmp`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
+        yield Path(temporary)
         give_default_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder, renamed into place; returns `path`."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)
 
 
 def move_files_into(staging: str | os.PathLike, output_dir: str | os.PathLike) -> None:

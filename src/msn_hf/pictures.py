@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .files import atomic_file
+
 # The file names a run and `msn-evaluate` write, linked from the model card.
 NEIGHBOURS_FILE = "neighbours.png"
 LOWSHOT_FILE = "lowshot.png"
@@ -292,9 +294,9 @@ def _figure(size_inches: tuple[float, float]):
 
 def _save(figure, path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # No bbox_inches="tight": the file's size is the figure's, whatever it holds.
-    figure.savefig(path, dpi=DPI, format="png")
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, format="png")
     return path
 
 

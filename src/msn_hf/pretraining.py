@@ -101,8 +101,10 @@ from .run_outputs import (
     export_final,
     plot_loss_curve,
     push_to_hub,
+    read_metrics,
     remove_run_files,
     run_files,
+    write_train_results,
 )
 from .sources import check_model_source
 from .training import (
@@ -1083,9 +1085,8 @@ class MetricsLog:
         self.history = []
         if accelerator.is_main_process and path.exists():
             # A resumed run drops what the interrupted one logged after its checkpoint.
-            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.history = [m for m in kept if m["step"] <= completed_steps]
-            path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+            self.history = [m for m in read_metrics(path) if m["step"] <= completed_steps]
+            write_text_atomically(path, "".join(json.dumps(m) + "\n" for m in self.history))
         self.images, self.start = 0, time.perf_counter()
 
     def log_step(self, output, state: TrainingState, schedules: MSNSchedules) -> dict:
@@ -1265,7 +1266,7 @@ def finish(
         if history:
             plot_loss_curve(history, output_dir / "loss_curve.png")
         write_model_card(output_dir, model, processor, run_info)
-        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
+        write_train_results(output_dir, results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if not accelerator.is_main_process:
@@ -1274,7 +1275,7 @@ def finish(
     if evaluation:
         results["eval"] = evaluation
         write_model_card(output_dir, model, processor, run_info, evaluation)
-        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2))
+        write_train_results(output_dir, results)
     upload_failure = None
     if args.push_to_hub:
         try:

@@ -4,6 +4,8 @@ its model card states, and the upload to the Hub, checked before the first step 
 """
 
 import fnmatch
+import json
+import logging
 import os
 import shlex
 import shutil
@@ -16,20 +18,23 @@ from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from .checkpointing import TrainingState
 from .data import DATA_RECORD_FILE, DataArguments, ImageDataset
-from .files import move_files_into
+from .files import atomic_file, move_files_into, write_text_atomically
 from .image_processing_msn import MSNImageProcessor
 from .modelcard import CARD_FACTS_FILE, LOSS_CURVE_FILE
 from .modeling_msn import MSNModel
 from .recipe import RECIPE_FILE
 from .sources import first_line, source_name
 
+logger = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
+TRAIN_RESULTS_FILE = "train_results.json"
 # Every entry a run writes into its --output_dir (names and glob patterns), and nothing else: --overwrite_output_dir
 # removes exactly these, so that no result of an earlier run reaches the new card or the Hub, and a file the user put
 # there stays. A new output adds its name here (tests/test_trust_loop.py checks that a run writes nothing else).
 RUN_FILES = (
     "checkpoint-*",  # checkpoints, complete or `.tmp`
-    METRICS_FILE, "train_results.json", "eval_results.json", "lowshot_results.json",  # pretraining, msn-evaluate
+    METRICS_FILE, TRAIN_RESULTS_FILE, "eval_results.json", "lowshot_results.json",  # pretraining, msn-evaluate
     "README.md", CARD_FACTS_FILE, RECIPE_FILE, DATA_RECORD_FILE, LOSS_CURVE_FILE,
     "neighbours.png", "lowshot.png", "prototypes.png",  # the pictures of what was learnt
     "config.json", "preprocessor_config.json", "model.safetensors", "model-*-of-*.safetensors",
@@ -39,6 +44,29 @@ RUN_FILES = (
     "msn_pretraining",  # the trackers' logs (Accelerate names the folder after the project)
     ".final", ".*.tmp",  # an interrupted export or atomic write
 )  # fmt: skip
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """
+    The records of a `METRICS_FILE`, one JSON object a line. A last line cut short (the run died while appending
+    it, on a full disk or by a kill) is left out with a warning; any other line that does not read is a ValueError
+    naming the file and the line.
+    """
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning(f"{path}: its last line was cut short (line {number}), left out: {line[:60]!r}")
+                break
+            raise ValueError(
+                f"{path} line {number}: expected a JSON record of the run, got {line[:60]!r} ({error})."
+            ) from None
+    return records
 
 
 def plot_loss_curve(metrics: list[dict], path: Path) -> None:
@@ -61,7 +89,13 @@ def plot_loss_curve(metrics: list[dict], path: Path) -> None:
     bottom.set_xlabel("optimisation step")
     bottom.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+
+
+def write_train_results(output_dir: str | os.PathLike, results: dict) -> Path:
+    """`train_results.json` in `output_dir`: what the run did (steps, skipped images, plan, final loss, evaluation)."""
+    return write_text_atomically(Path(output_dir) / TRAIN_RESULTS_FILE, json.dumps(results, indent=2))
 
 
 def run_files(output_dir: str | os.PathLike) -> list[Path]:
