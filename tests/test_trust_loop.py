@@ -22,6 +22,7 @@ import conftest
 from conftest import RUN_ARGS, STREAM_ARGS, TINY_MODEL_ARGS, labelled_dataset
 from msn_hf import MSNModel, checkpointing, cli, evaluation, run_outputs
 from msn_hf import pretraining as pt
+from msn_hf.data import data_source, resolve_shards
 from msn_hf.modelcard import CARD_FACTS_FILE
 
 TINY_RUN = [*TINY_MODEL_ARGS, "--per_device_train_batch_size", "16", "--max_train_samples", "32", "--skip_evaluation"]
@@ -406,6 +407,24 @@ def test_the_hub_token_reaches_no_file_tracker_or_log(tmp_path, capfd, caplog, f
     captured = capfd.readouterr()
     assert sentinel not in captured.out + captured.err + caplog.text
     assert_written_by_a_run(out)
+
+
+def test_credentials_in_shard_urls_reach_no_card_record_tracker_or_message():
+    # A URL may carry a password or a signed query (`https://user:token@host/...`, S3's presigned `?X-Amz-Signature=`):
+    # `--train_files` was written as given into the card's data name, msn_data.json and the tracker config.
+    secrets = ("hf_SENTINEL_password", "SENTINEL_signature")
+    urls = ["https://ana:hf_SENTINEL_password@data.example.org/shards/train-0.parquet",
+            "s3://bucket/shards/train-1.parquet?X-Amz-Signature=SENTINEL_signature&X-Amz-Expires=3600"]  # fmt: skip
+    args, data_args = pt.parse_args(["--train_files", *urls, "--report_to", "tensorboard"])
+    shown = json.dumps([data_args.source_name, data_source(data_args), pt.tracker_config(args, data_args)])
+    assert [secret for secret in secrets if secret in shown] == []
+    # What is shown still names each shard (host, bucket, file), and two command lines still compare equal.
+    assert "data.example.org/shards/train-0.parquet" in shown and "bucket/shards/train-1.parquet" in shown
+    assert data_source(data_args) == data_source(pt.parse_args(["--train_files", *urls])[1])
+    assert resolve_shards(urls) == ("parquet", urls)  # the shards themselves are read with their credentials
+    with pytest.raises(ValueError, match="--train_files") as error:
+        resolve_shards([urls[1].replace(".parquet", ".zip")])
+    assert "SENTINEL" not in str(error.value)
 
 
 # --- 13. msn-evaluate does not score on images the model was pretrained on -----------------------------------------

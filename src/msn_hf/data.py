@@ -7,6 +7,7 @@ import glob
 import io
 import logging
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 
 import datasets
@@ -110,7 +111,7 @@ class DataArguments:
     def source_name(self) -> str:
         """How the data is named on a model card."""
         if self.train_files:
-            return ", ".join(self.train_files)
+            return ", ".join(map(without_credentials, self.train_files))
         return self.dataset_name or self.train_dir or "scikit-learn digits (built in)"
 
 
@@ -229,7 +230,8 @@ def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
         if not matched:
             raise ValueError(f"--train_files {pattern!r} matches no file.")
         files.extend(matched)
-    extensions = {os.path.splitext(path)[1].lower() for path in files}
+    # A URL's extension is its path's: a signed URL ends in its query.
+    extensions = {os.path.splitext(urllib.parse.urlsplit(path).path)[1].lower() for path in files}
     unknown = extensions - set(SHARD_BUILDERS)
     if unknown:
         raise ValueError(
@@ -238,6 +240,19 @@ def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
     if len(extensions) > 1:
         raise ValueError(f"--train_files must all have one extension, got {sorted(extensions)}.")
     return SHARD_BUILDERS[extensions.pop()], files
+
+
+def without_credentials(path: str) -> str:
+    """
+    A `--train_files` entry as a card, a record or a tracker may show it: in a URL, the user part before `@` (a
+    password or token) and the values of the query (signatures, tokens) become `***`. A local path is returned as is.
+    """
+    if "://" not in path:
+        return path
+    parts = urllib.parse.urlsplit(path)
+    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    query = "&".join(f"{key}=***" for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def split_folders(folder: str) -> dict[str, str] | None:
@@ -615,7 +630,7 @@ def data_source(data_args: DataArguments) -> dict:
         dataset_name=absolute(data_args.dataset_name),
         dataset_config_name=data_args.dataset_config_name,
         train_dir=absolute(data_args.train_dir),
-        train_files=sorted(p if "://" in p else os.path.abspath(p) for p in data_args.train_files),
+        train_files=sorted(without_credentials(p) if "://" in p else os.path.abspath(p) for p in data_args.train_files),
         train_split=data_args.train_split,
     )
 

@@ -72,6 +72,7 @@ from .data import (
     load_test_dir,
     match_labels,
     separate_unlabelled,
+    without_credentials,
 )
 from .files import folder_relation, write_text_atomically
 from .image_processing_msn import MSNImageProcessor
@@ -1077,6 +1078,12 @@ def training_step(
     return output
 
 
+def tracker_config(args: PretrainingArguments, data_args: DataArguments) -> dict[str, str]:
+    """The run's flags as the trackers record them: secrets left out, credentials in shard URLs hidden."""
+    shown = {**vars(data_args), "train_files": [without_credentials(p) for p in data_args.train_files], **vars(args)}
+    return {name: str(value) for name, value in shown.items() if name not in SECRET_ARGUMENTS}
+
+
 class MetricsLog:
     """`metrics.jsonl` (main process) and the trackers: one record every `--logging_steps` optimiser steps."""
 
@@ -1159,8 +1166,7 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
     if args.report_to != "none":
-        config = {k: str(v) for k, v in {**vars(data_args), **vars(args)}.items() if k not in SECRET_ARGUMENTS}
-        accelerator.init_trackers("msn_pretraining", config=config)
+        accelerator.init_trackers("msn_pretraining", config=tracker_config(args, data_args))
     state = resume(args.resume_from_checkpoint, accelerator, dataloader, output_dir)
     keeper = BudgetKeeper(accelerator, schedules, plan, state)  # lays the plan's length over the schedules
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
