@@ -218,6 +218,28 @@ def many_row_shards(tmp_path_factory):
     return folder
 
 
+def test_a_resume_with_other_processes_or_batches_is_refused_before_it_moves_anything(tmp_path):
+    # The checkpoint's place in the epoch is a count of batches of this process: with another number of processes or
+    # another batch, 12 of 40 images were trained twice (2 processes resumed on 1) or 16 never (1 on 2), and the
+    # schedules were laid over a new total mid-run. Streams were refused; map-style data was not.
+    out = tmp_path / "run"
+    pt.main([*TINY_RUN, "--max_train_steps", "3", "--checkpointing_steps", "1", "--output_dir", str(out)])
+    checkpoint = out / "checkpoint-2"  # checkpoint-3 is past it: a resume would set it aside
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    resume = [*TINY_RUN, "--max_train_steps", "3", "--output_dir", str(out), "--resume_from_checkpoint", str(checkpoint)]
+    with pytest.raises(ValueError, match=r"--per_device_train_batch_size .*16.* got 8"):
+        pt.main([*resume, "--per_device_train_batch_size", "8"])
+    with pytest.raises(ValueError, match=r"--gradient_accumulation_steps .*1.* got 2"):
+        pt.main([*resume, "--gradient_accumulation_steps", "2"])
+    state_file = checkpoint / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "layout": {**state["layout"], "num_processes": 2}}))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .* 2 processes.* got 1"):
+        pt.main(resume)
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == kept
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
 def test_a_stream_resumes_exactly_with_the_default_flags(tmp_path, many_row_shards, monkeypatch):
     # A checkpoint after 47 steps of 128 rows: past the first half of a 10,000-row buffer, which datasets would
     # have lost at the resume.

@@ -49,6 +49,9 @@ class TrainingState:
             device while the window is open, read with the step's decision).
         plan: the run's length and clock (`budget.BudgetPlan.to_dict()`): a budget run resumes its plan.
         training_seconds: wall time spent training, over every part of a resumed run (see `start_clock`).
+        layout: the processes and batches of the run (`num_processes`, `per_device_train_batch_size`,
+            `gradient_accumulation_steps`): `batches_in_epoch` and the schedules count batches of this layout, so a
+            resume must run the same one (`resume`). None in checkpoints written before it was recorded.
     """
 
     completed_steps: int = 0
@@ -60,6 +63,7 @@ class TrainingState:
     window_nonfinite: bool = False
     plan: dict | None = None
     training_seconds: float = 0.0
+    layout: dict | None = None
     # `(perf_counter at start_clock, training_seconds then)`: not saved, a resumed run starts its own clock.
     clock: tuple[float, float] | None = field(default=None, repr=False)
 
@@ -139,19 +143,20 @@ def save_checkpoint(
 
 
 def resume(
-    resume_from_checkpoint: str | None, accelerator: Accelerator, dataloader, output_dir: Path
+    resume_from_checkpoint: str | None, accelerator: Accelerator, dataloader, output_dir: Path, layout: dict
 ) -> TrainingState:
     """
     The state of `resume_from_checkpoint` (`--resume_from_checkpoint`: a folder, or `latest` in `output_dir`) loaded into the model,
     optimiser, RNGs and, for a stream, this process's DataLoader; a fresh state when there is nothing to resume.
+    `layout` is this run's (see `TrainingState.layout`); a checkpoint of another one is refused before anything moves.
     """
     if not resume_from_checkpoint:
-        return TrainingState()
+        return TrainingState(layout=layout)
     if resume_from_checkpoint == "latest":
         checkpoint = find_latest_checkpoint(output_dir)
         if checkpoint is None:
             accelerator.print(f"No checkpoint in {output_dir}: starting from scratch.")
-            return TrainingState()
+            return TrainingState(layout=layout)
     else:
         checkpoint = Path(resume_from_checkpoint)
     if not (checkpoint / TRAINING_STATE_FILE).exists():
@@ -159,8 +164,10 @@ def resume(
             f"--resume_from_checkpoint must be a complete checkpoint folder or 'latest', got {str(checkpoint)!r} "
             f"(no {TRAINING_STATE_FILE})."
         )
-    accelerator.print(f"Resuming from {checkpoint}")
     state = TrainingState(**json.loads((checkpoint / TRAINING_STATE_FILE).read_text()))
+    _check_layout(checkpoint, state.layout, layout)
+    state.layout = layout
+    accelerator.print(f"Resuming from {checkpoint}")
     if accelerator.is_main_process:
         set_aside_later_checkpoints(output_dir, state.completed_steps, accelerator)
     accelerator.wait_for_everyone()
@@ -182,6 +189,24 @@ def resume(
             )
         dataloader.load_state_dict(json.loads(path.read_text()))
     return state
+
+
+def _check_layout(checkpoint: Path, saved: dict | None, layout: dict) -> None:
+    # Map-style data resumes by skipping `batches_in_epoch` batches of this process: with other processes or batches
+    # that skips other images (some trained twice, some never), and the schedules would change length mid-run.
+    if saved is None:
+        return
+    if saved["num_processes"] != layout["num_processes"]:
+        raise ValueError(
+            f"--resume_from_checkpoint {str(checkpoint)!r} was written by {saved['num_processes']} processes: resume "
+            f"it with as many (its place in the data counts their batches), got {layout['num_processes']}."
+        )
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if saved[name] != layout[name]:
+            raise ValueError(
+                f"--{name} must be {saved[name]} to resume {str(checkpoint)!r} (its place in the data and its "
+                f"schedules count batches of that size), got {layout[name]}."
+            )
 
 
 def set_aside_later_checkpoints(output_dir: Path, step: int, accelerator: Accelerator) -> None:
