@@ -341,12 +341,30 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
     assert checkpointing.find_latest_checkpoint(out) == out / "checkpoint-2"
 
 
+LATE_SECOND_PROCESS = """
+import os, runpy, sys, time
+import msn_hf.pretraining as pt
+
+looked_in = pt.run_files
+def look_late(folder):
+    if os.environ["RANK"] == "1":
+        time.sleep(5)
+    return looked_in(folder)
+pt.run_files = look_late
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_two_processes_train_log_once_and_checkpoint_once(tmp_path):
     out = tmp_path / "run"
     # `accelerate launch --cpu` starts one process per machine without mpirun; torchrun starts two, and
     # ACCELERATE_USE_CPU makes Accelerate join them with gloo.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+    # The second process looks at --output_dir 5 s late: it found the run's first files there, and refused the run.
+    late = tmp_path / "late_second_process.py"
+    late.write_text(LATE_SECOND_PROCESS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(late), str(SCRIPT),
                *TINY_ARGS, "--skip_evaluation", "--max_train_steps", "2", "--checkpointing_steps", "2",
                "--output_dir", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -888,7 +888,17 @@ def setup_run(args: PretrainingArguments) -> Accelerator:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     datasets.utils.logging.set_verbosity_warning() if accelerator.is_main_process else datasets.disable_progress_bars()
     set_seed(args.seed)
-    # Every process checks, so that all of them stop on a bad folder rather than wait for the main one.
+    # The main process looks and every process learns its verdict, so that all stop on a bad folder; a process that
+    # looked itself could look after the main one has begun the run's files, and refuse a new run.
+    refusal = broadcast_object_list([_output_dir_refusal(args) if accelerator.is_main_process else None])[0]
+    if refusal:
+        raise ValueError(refusal)
+    return accelerator
+
+
+def _output_dir_refusal(args: PretrainingArguments) -> str | None:
+    """Why `--output_dir` cannot take this run (it holds another one), or None."""
+    output_dir = Path(args.output_dir)
     previous = [path.name for path in run_files(output_dir)]
     # `latest` in the folder of a run stopped before its first checkpoint starts it again, as a job script relaunched
     # after an early pre-emption expects; a finished run (its model exported) is never retrained by it.
@@ -903,11 +913,11 @@ def setup_run(args: PretrainingArguments) -> Accelerator:
             advice = f"pass --resume_from_checkpoint latest to continue it from {latest.name}, or"
         else:
             advice = "it has no complete checkpoint for --resume_from_checkpoint latest to continue: pass"
-        raise ValueError(
+        return (
             f"--output_dir {str(output_dir)!r} already holds a run ({found}); {advice} --overwrite_output_dir to "
             "start again (the files a run writes are removed, others kept), or choose another --output_dir."
         )
-    return accelerator
+    return None
 
 
 def prepare_output_dir(
