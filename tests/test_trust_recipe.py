@@ -67,6 +67,15 @@ def test_a_warmup_below_zero_or_not_a_number_is_refused_naming_the_flag(flag, va
         pt.parse_args([f"--{flag}", str(value)])
 
 
+@pytest.mark.parametrize("flag", ["num_anchor_views", "num_focal_views"])
+def test_a_number_of_views_below_zero_is_refused_before_the_output_folder_is_made(flag, tmp_path):
+    # It was set on the processor after the processor's own checks: the run wrote its recipe and data record, then
+    # failed at the first batch, and the corrected command was refused for a folder that "already holds a run".
+    with pytest.raises(ValueError, match=rf"^--{flag} must be >= 0, got -1\.$"):
+        pt.main([f"--{flag}", "-1", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("epochs", [0, -1])
 def test_the_trainer_refuses_a_run_of_no_epochs(tmp_path, epochs):
     # 0 raised ZeroDivisionError in the schedules; -1 returned after no step.

@@ -277,7 +277,7 @@ class PretrainingArguments:
         for name in ("max_train_steps", "per_device_train_batch_size", "num_train_epochs"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 fail(name, "a positive integer", getattr(self, name))
-        for name in ("num_warmup_steps", "num_warmup_epochs"):  # None: the recipe's
+        for name in ("num_warmup_steps", "num_warmup_epochs", "num_anchor_views", "num_focal_views"):  # None: the recipe's
             if getattr(self, name) is not None and not getattr(self, name) >= 0:  # NaN too
                 fail(name, ">= 0", getattr(self, name))
         parse_duration(self.max_train_time, "--max_train_time")
@@ -678,11 +678,8 @@ def build_model_and_processor(
     if source_processor is None or has_recipe:  # a folder's own processor is kept as it is without a recipe
         settings.update(recipe["processor"], crop_size=config.image_size, focal_crop_size=config.focal_image_size)
         settings.setdefault("size", {"shortest_edge": round(config.image_size * 256 / 224)})
-    processor = MSNImageProcessor(**{**settings, **processor_overrides})
-    for name in ("num_anchor_views", "num_focal_views"):
-        if getattr(args, name) is not None:
-            setattr(processor, name, getattr(args, name))
-    return model, processor
+    view_flags = {name: getattr(args, name) for name in ("num_anchor_views", "num_focal_views") if getattr(args, name) is not None}
+    return model, MSNImageProcessor(**{**settings, **processor_overrides, **view_flags})
 
 
 def effective_recipe(name: str, args: PretrainingArguments, model: MSNModel, processor: MSNImageProcessor) -> dict:
