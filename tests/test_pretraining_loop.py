@@ -337,6 +337,22 @@ def test_a_stream_resumes_without_repeating_or_missing_a_row(tmp_path, parquet_s
         torch.testing.assert_close(other, value, rtol=0, atol=0, msg=key)
 
 
+def test_a_stream_read_by_workers_tells_that_each_drops_its_last_partial_batch(caplog):
+    # PyTorch batches an iterable dataset inside each worker: every worker drops its own last partial batch of a
+    # pass, and with the default --shuffle_buffer_size 0 the same rows every pass (2 rows of every 10-row shard in an
+    # audit), which nobody was told.
+    Accelerator(cpu=True)
+    stream = datasets.Dataset.from_dict({"image": list(range(40))}).to_iterable_dataset(num_shards=4)
+    for workers, told in ((2, True), (0, False)):
+        args, _ = pt.parse_args(["--streaming", "--max_train_steps", "5", "--dataloader_num_workers", str(workers),
+                                 "--per_device_train_batch_size", "8"])  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            pt.build_dataloader(pt.TrainData(stream, "image"), collator=None, args=args)
+        assert ("each worker drops the last partial batch of its rows (up to 7)" in caplog.text) is told
+        assert ("--shuffle_buffer_size" in caplog.text) is told
+
+
 @pytest.mark.parametrize("kind", ["parquet", "webdataset"])
 def test_two_processes_stream_disjoint_halves_of_the_shards(
     kind, tmp_path, uninterrupted_two_process_stream, webdataset_shards

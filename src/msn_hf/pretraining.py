@@ -519,6 +519,14 @@ def build_dataloader(train_data: TrainData, collator: MSNViewsCollator, args: Pr
     A DataLoader of full batches. A stream gets a `StatefulDataLoader`, whose `state_dict` (the rows consumed, in
     every worker) is saved with each checkpoint; map-style rows are shuffled by the sampler Accelerate prepares.
     """
+    if train_data.streaming and args.dataloader_num_workers > 0:
+        # PyTorch batches an iterable dataset inside each worker, so each worker ends a pass on its own remainder.
+        logger.warning(
+            f"--dataloader_num_workers {args.dataloader_num_workers} on a stream: each worker drops the last partial "
+            f"batch of its rows (up to {args.per_device_train_batch_size - 1}) in every pass; with --shuffle_buffer_size "
+            "0 (the default) these are the same rows every pass. Give --shuffle_buffer_size N to vary them, or shards "
+            "of a multiple of the batch."
+        )
     loader_class = StatefulDataLoader if train_data.streaming else DataLoader
     return loader_class(
         train_data.dataset,
