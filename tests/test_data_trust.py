@@ -16,8 +16,9 @@ from accelerate import Accelerator
 from PIL import Image
 
 from conftest import TINY_MODEL_ARGS, tiny_config
-from msn_hf import MSNImageProcessor, MSNModel
+from msn_hf import MSNImageProcessor, MSNModel, evaluation
 from msn_hf import pretraining as pt
+from msn_hf.cli import run
 from msn_hf.data import (
     DataArguments,
     ImageDataset,
@@ -156,6 +157,30 @@ def test_a_non_image_column_given_as_the_image_column_is_a_one_line_error(tmp_pa
     assert "--image_column_name 'label'" in message and "ClassLabel" in message and "['image']" in message
     with pytest.raises(ValueError, match="--image_column_name 'label'"):
         load_evaluation_datasets(dataset_name=str(tmp_path / "data"), image_column_name="label")
+
+
+def test_a_mistyped_local_dataset_folder_is_a_one_line_error_naming_the_flag(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    # A model msn-evaluate can load, so that what it refuses can only be the data.
+    MSNModel(tiny_config()).save_pretrained(tmp_path / "model")
+    tiny_processor().save_pretrained(tmp_path / "model")
+    tools = (("msn-pretrain", pt.main, ["--output_dir", "run"]),
+             ("msn-evaluate", evaluation.main, ["--model_name_or_path", "model"]))  # fmt: skip
+    for prog, main, extra in tools:
+        for value in ("./no-such-ds", "data/cifar/saved"):  # `namespace/name/more` cannot be a Hub id either
+            status = run(main, prog, ["--dataset_name", value, *extra])
+            stderr = capfd.readouterr().err
+            assert status == 2, (prog, value, stderr[-2000:])
+            assert stderr.splitlines()[-1].startswith(f"{prog}: error: --dataset_name {value!r} ")
+            assert f"there is no folder at {tmp_path / value}" in stderr, stderr
+            assert "Traceback" not in stderr and "Couldn't reach" not in stderr
+    assert not (tmp_path / "run").exists()
+    # The library's own loader says the same, and a `namespace/name` with no such folder is still read as a Hub id.
+    with pytest.raises(ValueError, match=r"^--dataset_name '\./no-such-ds' .*no folder at"):
+        load_image_dataset(dataset_name="./no-such-ds")
+    with pytest.raises(Exception) as error:  # offline in the tests: the Hub cannot be reached
+        load_image_dataset(dataset_name="someone/no-such-ds")
+    assert "--dataset_name" not in str(error.value), error.value
 
 
 # --- a separate test folder is matched to the training classes by name (issue 12) ---------------------------------

@@ -16,6 +16,7 @@ from datasets.data_files import SPLIT_KEYWORDS
 from PIL import Image
 
 from .image_processing_msn import to_rgb
+from .sources import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class DataArguments:
             raise ValueError(f"--shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size}.")
         if not 0 < self.test_size < 1:
             raise ValueError(f"--test_size must be in (0, 1), got {self.test_size}.")
+        check_dataset_name(self.dataset_name)
 
     @property
     def uses_builtin_data(self) -> bool:
@@ -113,6 +115,22 @@ class DataArguments:
         if self.train_files:
             return ", ".join(map(without_credentials, self.train_files))
         return self.dataset_name or self.train_dir or "scikit-learn digits (built in)"
+
+
+def check_dataset_name(value: str | None) -> None:
+    """
+    Raise a `ValueError` naming `--dataset_name` when `value` can only be a local path (see [`looks_local`]) and is
+    no folder here: `datasets` would look it up on the Hub and fail with a connection error that names no flag.
+    """
+    if value is None or os.path.isdir(value) or not looks_local(value):
+        return
+    expected = "a folder written by `Dataset.save_to_disk` or a Hub dataset id ('name' or 'namespace/name')"
+    if os.path.exists(value):
+        raise ValueError(f"--dataset_name {value!r} is a file; expected {expected}.")
+    raise ValueError(
+        f"--dataset_name {value!r} is not a Hub id, so it was read as a local folder, but there is no folder at "
+        f"{os.path.abspath(value)}; expected {expected}."
+    )
 
 
 @dataclass
@@ -323,6 +341,7 @@ def load_image_dataset(
         if streaming:
             dataset = dataset.to_iterable_dataset()
     elif dataset_name is not None:
+        check_dataset_name(dataset_name)
         dataset = datasets.load_dataset(
             dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
         )

@@ -15,6 +15,23 @@ def source_name(value: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else value
 
 
+def looks_local(value: str) -> bool:
+    """
+    Whether `value` can only be a local path: it is written as one (begins with `.`, `/` or `~`, or holds a path
+    separator) and is not a Hub id (`name` or `namespace/name`, see `huggingface_hub.utils.validate_repo_id`).
+    `namespace/name` reads as both; it is a Hub id unless a folder of that name is here.
+    """
+    if not (value.startswith((".", "/", "~")) or "/" in value or os.sep in value):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return True
+    return False
+
+
 def check_model_source(value: str, flag: str = "--model_name_or_path") -> None:
     """
     Raise a `ValueError` naming `value` and how it was read when it is neither a model folder here nor a Hub model
@@ -28,8 +45,7 @@ def check_model_source(value: str, flag: str = "--model_name_or_path") -> None:
         return
     if path.exists():
         raise ValueError(f"{flag} {value!r} is a file; expected a model folder or a Hub model id.")
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
-    if looks_local:
+    if looks_local(value):
         raise ValueError(f"{flag} {value!r} was read as a local folder, but there is no folder at {path.absolute()}.")
     from huggingface_hub import hf_hub_download
 
