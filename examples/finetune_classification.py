@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from transformers import (
 import msn_hf  # noqa: F401  (registers the MSN classes with the Auto classes)
 from msn_hf.data import DataArguments, ImageDataset, decode_image
 from msn_hf.evaluation import load_evaluation_data
+from msn_hf.sources import source_name
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,31 @@ def compute_metrics(eval_prediction) -> dict:
     return {"accuracy": float(np.mean(predictions == eval_prediction.label_ids))}
 
 
+# How the Trainer's card begins its text when it is given no model to have been fine-tuned from.
+FROM_SCRATCH = "This model was trained from scratch on"
+
+
+class ClassifierTrainer(Trainer):
+    """
+    A `Trainer` whose model card (`create_model_card`, which `push_to_hub` calls too) names the model it started
+    from, `base_model`, as the msn-pretrain card does: a Hub id in the card's `base_model` metadata, which the Hub
+    links to it; a local folder by its absolute path (see `msn_hf.sources.source_name`) in the text only, since the
+    Trainer's card links `finetuned_from` to huggingface.co and, given none, says "trained from scratch".
+    """
+
+    def __init__(self, *args, base_model: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_model = source_name(base_model)
+
+    def create_model_card(self, **kwargs) -> None:
+        local = os.path.isabs(self.base_model)
+        super().create_model_card(**kwargs, finetuned_from=None if local else self.base_model)
+        if local and self.is_world_process_zero():
+            card = Path(self.args.output_dir) / "README.md"
+            started = f"This model is a fine-tuned version of the local folder `{self.base_model}` on"
+            card.write_text(card.read_text(encoding="utf-8").replace(FROM_SCRATCH, started, 1), encoding="utf-8")
+
+
 def load_model(model_args: ModelArguments, label_names: list[str]):
     """An image classifier from `model_name_or_path`; for an MSNModel folder the encoder is its target encoder."""
     label2id = {name: i for i, name in enumerate(label_names)}
@@ -170,8 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     train_transform, eval_transform = build_transforms(image_processor, model_args.random_flip, model_args.min_crop_scale)
 
-    trainer = Trainer(
+    trainer = ClassifierTrainer(
         model=model,
+        base_model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=with_transform(train, train_transform) if training_args.do_train else None,
         eval_dataset=with_transform(test, eval_transform) if training_args.do_eval else None,
@@ -194,7 +222,6 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update(eval_metrics)
 
     card = {
-        "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
         "dataset": data_args.source_name,
         "tags": ["image-classification", "msn", "vision"],

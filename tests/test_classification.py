@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForImageClassification
+from transformers import AutoModel, AutoModelForImageClassification, TrainingArguments
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -167,6 +167,27 @@ def test_finetune_script_freeze_encoder_trains_only_the_classifier(pretraining_f
     assert "training_args.bin" in {path.name for path in written}
     assert [str(path) for path in written if token.encode() in path.read_bytes()] == []
     assert os.environ["HF_TOKEN"] == token
+
+
+def test_finetune_card_links_a_hub_id_as_base_model_and_names_a_local_folder_in_its_text(
+    pretraining_folder, finetuned_folder, tmp_path
+):
+    output_dir, _ = finetuned_folder
+    card = (output_dir / "README.md").read_text()
+    metadata, text = card.split("---\n")[1:3]
+    # The Hub links `base_model` to a model there: a local folder has none to link to.
+    assert "base_model" not in metadata, metadata
+    assert "https://huggingface.co//" not in text
+    assert f"fine-tuned version of the local folder `{pretraining_folder.resolve()}` on" in text
+    assert "trained from scratch" not in text
+    trainer = load_finetune_script().ClassifierTrainer(
+        model=MSNForImageClassification(tiny_config(num_labels=3)), base_model="someone/msn-vit",
+        args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+    )  # fmt: skip
+    trainer.create_model_card(tasks="image-classification")
+    card = (tmp_path / "README.md").read_text()
+    assert "\nbase_model: someone/msn-vit\n" in card
+    assert "fine-tuned version of [someone/msn-vit](https://huggingface.co/someone/msn-vit)" in card
 
 
 REMOTE_SCRIPT = """

@@ -184,6 +184,24 @@ def test_baselines_none_on_the_command_line_evaluates_the_model_alone(tmp_path, 
     assert list(results["encoders"]) == ["msn"]
 
 
+# `evaluate_lowshot`'s own messages name its keyword arguments and offer None, which the command line cannot pass.
+@pytest.mark.parametrize("flags, expected", [
+    (["--knn_k", "-3"], "--knn_k must be a positive integer, or 0 to skip the kNN classifier, got -3."),
+    (["--label_fraction", "1.5"], "--label_fraction must be a number in (0, 1], or 0 to skip it, got 1.5."),
+    (["--shots", "5", "0"], "--shots must be positive integers (labelled images per class), got 5 0."),
+    (["--l2_reg", "-1"], "--l2_reg must be a positive number, got -1.0."),
+])  # fmt: skip
+def test_msn_evaluate_names_a_bad_setting_by_its_flag_and_the_values_the_flag_takes(tmp_path, capsys, flags, expected):
+    folder = msn_run_folder(tmp_path / "model")
+    argv = ["--model_name_or_path", str(folder), *QUICK_EVALUATION, "--baselines", "pixels", "--no_pictures", *flags]
+    capsys.readouterr()  # what saving the folder printed
+    assert run(main, "msn-evaluate", argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"msn-evaluate: error: {expected} ")
+    assert len(lines) == 1  # refused as the flags are read, before any image is loaded
+    assert not (folder / "eval_results.json").exists()
+
+
 @pytest.mark.parametrize("flags, flag", [(["--streaming"], "--streaming"),
                                          (["--shuffle_buffer_size", "100"], "--shuffle_buffer_size")])  # fmt: skip
 def test_msn_evaluate_refuses_streaming_flags_in_one_line_naming_the_flag(tmp_path, capsys, flags, flag):

@@ -745,6 +745,19 @@ class EvaluationArguments:
     )
 
     def __post_init__(self):
+        # `evaluate_lowshot` checks these too, but its messages name its keyword arguments and offer None, which a
+        # flag cannot pass: here they are checked as typed, before any image is loaded.
+        if any(k <= 0 for k in self.shots):
+            shown = " ".join(map(str, self.shots))
+            raise ValueError(f"--shots must be positive integers (labelled images per class), got {shown}.")
+        if not (self.label_fraction == 0 or 0 < self.label_fraction <= 1):
+            raise ValueError(
+                f"--label_fraction must be a number in (0, 1], or 0 to skip it, got {self.label_fraction}."
+            )
+        if self.knn_k < 0:
+            raise ValueError(f"--knn_k must be a positive integer, or 0 to skip the kNN classifier, got {self.knn_k}.")
+        if not self.l2_reg > 0:
+            raise ValueError(f"--l2_reg must be a positive number, got {self.l2_reg}.")
         if NO_BASELINES in self.baselines:
             if len(self.baselines) > 1:
                 raise ValueError(
