@@ -1180,11 +1180,11 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
         steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     unwrapped = accelerator.unwrap_model(model)
     schedules = build_schedules(args, unwrapped.config, steps_per_epoch)
-    if args.report_to != "none":
-        accelerator.init_trackers("msn_pretraining", config=tracker_config(args, data_args))
     layout = dict(num_processes=accelerator.num_processes, per_device_train_batch_size=args.per_device_train_batch_size,
                   gradient_accumulation_steps=args.gradient_accumulation_steps)  # fmt: skip
     state = resume(args.resume_from_checkpoint, accelerator, dataloader, output_dir, layout)
+    if args.report_to != "none":  # after a refused resume has had its say: the trackers write into --output_dir
+        accelerator.init_trackers("msn_pretraining", config=tracker_config(args, data_args))
     keeper = BudgetKeeper(accelerator, schedules, plan, state)  # lays the plan's length over the schedules
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if plan is not None:
