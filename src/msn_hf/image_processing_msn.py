@@ -79,31 +79,41 @@ def to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
     """
     A grey mode "L" image of a 16-bit ("I;16", "I;16B", ...), 32-bit integer ("I") or float ("F") image, its values
     scaled to [0, 255] rather than clipped as PIL's conversions do (a 16-bit ramp comes out 99.6 % white, a [0, 1]
-    float one black). Other images are returned as they are.
+    float one black); "LA" when the image names a transparent grey level. Other images are returned as they are.
 
     - 16-bit: by the range of the type, 65535 -> 255 (microscopy, medical and astronomy PNG / TIFF files).
-    - "I": by the 16-bit range when every value is in [0, 65535], else by the image's own min..max.
+    - "I": as 8-bit data when every value is in [0, 255], else by the 16-bit range when every value is in
+      [0, 65535], else by the image's own min..max.
     - "F": x 255 when every value is in [0, 1], else by the image's own min..max (non-finite values clipped to it).
 
-    Why not the int32 range for "I": "I" is mostly 16-bit data widened to 32 bits (`convert("I")`, older Pillow
-    versions opening 16-bit PNGs, many TIFF writers), which the int32 range would turn black, and it should decode
-    as the same file saved as "I;16" does. Values no bit depth explains (negative, or above 65535) have no scale but
-    their own, hence the image's range, as for floats outside [0, 1]; a constant such image is black.
+    Why these scales for "I", which has no bit depth of its own: it holds 8-bit data (`datasets` stores numpy's
+    default int64 pixels so, and an integer array in [0, 255] is read as 8-bit by the processor) or 16-bit data
+    widened to 32 bits (`convert("I")`, older Pillow versions opening 16-bit PNGs, many TIFF writers), which the
+    int32 range would turn black and which should decode as the same file saved as "I;16" does. A 16-bit image
+    whose every value is under 256 is black at its own scale and is read as 8-bit. Values no bit depth explains
+    (negative, or above 65535) have no scale but their own, hence the image's range, as for floats outside [0, 1];
+    a constant such image is black.
     """
-    if image.mode.startswith("I;16"):
-        return PIL.Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) / (UINT16_MAX / 255)).astype(np.uint8))
-    if image.mode not in ("I", "F"):
+    if not image.mode.startswith("I") and image.mode != "F":
         return image
     pixels = np.asarray(image, dtype=np.float64)
     finite = pixels[np.isfinite(pixels)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    pixels = np.clip(np.nan_to_num(pixels, nan=low), low, high)
-    if image.mode == "I" and low >= 0 and high <= UINT16_MAX:
+    clipped = np.clip(np.nan_to_num(pixels, nan=low), low, high)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and 255 < high <= UINT16_MAX):
         low, high = 0.0, float(UINT16_MAX)
+    elif image.mode == "I" and low >= 0 and high <= 255:
+        low, high = 0.0, 255.0
     elif image.mode == "F" and low >= 0 and high <= 1:
         low, high = 0.0, 1.0
-    scaled = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
-    return PIL.Image.fromarray(np.rint(scaled).astype(np.uint8))
+    scaled = (clipped - low) * (255 / (high - low)) if high > low else np.zeros_like(clipped)
+    grey = PIL.Image.fromarray(np.rint(scaled).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, (int, float)):
+        return grey
+    # The transparent level is a value of the source's scale, which 8 bits may share with visible levels.
+    alpha = PIL.Image.fromarray(np.where(pixels == transparent, 0, 255).astype(np.uint8))
+    return PIL.Image.merge("LA", (grey, alpha))
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
