@@ -28,8 +28,10 @@ from msn_hf.data import (
     load_image_dataset,
     match_labels,
     seen_in_pretraining,
+    separate_unlabelled,
 )
 from msn_hf.evaluation import evaluate_lowshot, extract_features, load_evaluation_datasets
+from msn_hf.modelcard import write_model_card
 from msn_hf.recipe import describe_images
 
 # Visually distinct classes: a classifier on raw pixels separates them perfectly when labels match.
@@ -211,6 +213,22 @@ def test_test_folder_labels_are_matched_to_training_classes_by_name(tmp_path):
     assert all(setting["mean"] == 1.0 for setting in pixels["logistic"].values())
 
 
+def test_a_shot_count_above_a_class_size_is_stated_in_the_results_and_the_card(tmp_path):
+    train = load_image_dataset(train_dir=str(image_folder(tmp_path / "train", ["cat", "dog", "fox"], per_class=3)))
+    test = load_image_dataset(train_dir=str(image_folder(tmp_path / "test", ["cat", "fox"], per_class=2, seed=1)))
+    test = match_labels(train, test)
+    evaluate = lambda shots: evaluate_lowshot(  # noqa: E731
+        MSNModel(tiny_config()), train, test, tiny_processor(), shots=shots, label_fraction=None, seeds=(0,),
+        knn_k=None, baselines=(), progress=False,
+    )  # fmt: skip
+    assert "shots_note" not in evaluate((1, 3))["settings"]
+    results = evaluate((1, 2, 5))
+    note = results["settings"]["shots_note"]
+    assert "5-shot" in note and "2-shot" not in note and "3 training images" in note
+    model, processor = MSNModel(tiny_config()), tiny_processor()
+    assert note in write_model_card(tmp_path, model, processor, {"dataset": "images"}, results).read_text()
+
+
 def test_pretraining_matches_the_test_folder_to_the_training_classes(tmp_path):
     train_dir = image_folder(tmp_path / "train", ["cat", "dog", "fox"])
     test_dir = image_folder(tmp_path / "test", ["dog", "fox"], per_class=3, seed=1)
@@ -269,6 +287,88 @@ def test_a_folder_of_split_folders_gives_the_splits_asked_for(tmp_path):
     assert len(train_data.dataset) == 10 and train_data.evaluation[1].split == "test"
     with pytest.raises(ValueError, match=r"`split` 'validation' is not a split of the folder .*: its splits are \['test', 'train'\]"):
         load_image_dataset(train_dir=str(root), split="validation")
+
+
+def test_a_test_dir_of_split_folders_gives_its_test_split_not_its_train_split(tmp_path):
+    root = tmp_path / "images"
+    image_folder(root / "train", ["cat", "dog"], per_class=5)
+    image_folder(root / "val", ["cat", "dog"], per_class=2, seed=1)
+    image_folder(tmp_path / "other", ["cat", "dog"], per_class=3, seed=2)
+    _, test = load_evaluation_datasets(train_dir=str(tmp_path / "other"), test_dir=str(root))
+    paths = test.dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    assert len(paths) == 4 and all("/val/" in record["path"].replace("\\", "/") for record in paths)
+    assert test.split == f"test_dir {root / 'val'}"
+    image_folder(root / "test", ["cat", "dog"], per_class=1, seed=3)  # a test split comes before a validation one
+    _, test = load_evaluation_datasets(train_dir=str(tmp_path / "other"), test_dir=str(root))
+    assert len(test.dataset) == 2
+    only_train = tmp_path / "only_train"
+    image_folder(only_train / "train", ["cat", "dog"], per_class=2)
+    with pytest.raises(ValueError, match=r"--test_dir .*only_train.* holds split folders \['train'\] and no test"):
+        load_evaluation_datasets(train_dir=str(tmp_path / "other"), test_dir=str(only_train))
+
+
+def test_a_test_dir_that_holds_the_training_images_is_refused_by_both_commands(tmp_path):
+    root = tmp_path / "images"
+    image_folder(root / "train", ["cat", "dog"], per_class=4)
+    image_folder(root / "test", ["cat", "dog"], per_class=2, seed=1)
+    train_dir = root / "train"
+    for test_dir in (train_dir, train_dir / "cat" / "..", root / "train" / "cat"):
+        with pytest.raises(ValueError, match=r"--test_dir .* the training images of --train_dir"):
+            load_evaluation_datasets(train_dir=str(train_dir), test_dir=str(test_dir))
+        with pytest.raises(ValueError, match=r"--test_dir .* the training images of --train_dir"):
+            pt.build_train_data(DataArguments(train_dir=str(train_dir), test_dir=str(test_dir)),
+                                pt.PretrainingArguments(per_device_train_batch_size=2), Accelerator(cpu=True))  # fmt: skip
+    # Other images beside them are fine, whether named as the root's test split or as its own folder.
+    for train, test in ((train_dir, root), (root, root / "test"), (train_dir, root / "test")):
+        assert len(load_evaluation_datasets(train_dir=str(train), test_dir=str(test))[1].dataset) == 4
+
+
+def test_a_label_column_named_so_is_preferred_to_another_class_label_column(tmp_path):
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for label_feature in (datasets.Value("int64"), datasets.ClassLabel(names=["a", "b", "c"])):
+        features = datasets.Features(
+            image=datasets.Image(), source=datasets.ClassLabel(names=["web", "phone"]), label=label_feature
+        )
+        saved = datasets.Dataset.from_dict(
+            {"image": [image] * 6, "source": [0, 1] * 3, "label": [0, 1, 2] * 2}, features=features
+        )
+        assert load_image_dataset(dataset_name=_save(saved, tmp_path / str(label_feature))).label_column == "label"
+    # CIFAR-100 names its labels fine_label and coarse_label, fine first.
+    features = datasets.Features(
+        img=datasets.Image(), coarse_label=datasets.ClassLabel(num_classes=2), fine_label=datasets.ClassLabel(num_classes=3)
+    )
+    saved = datasets.Dataset.from_dict(
+        {"img": [image] * 6, "coarse_label": [0, 1] * 3, "fine_label": [0, 1, 2] * 2}, features=features
+    )
+    assert load_image_dataset(dataset_name=_save(saved, tmp_path / "cifar")).label_column == "fine_label"
+
+
+def _save(dataset: datasets.Dataset, path) -> str:
+    dataset.save_to_disk(str(path))
+    return str(path)
+
+
+def test_an_empty_label_name_marks_an_image_without_a_label(tmp_path):
+    images = [Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)) for i in range(8)]
+    labels = ["cat", "", "dog", "cat", None, "dog", "", "cat"]
+    saved = datasets.Dataset.from_dict({"image": images, "label": labels})
+    data = load_image_dataset(dataset_name=_save(saved, tmp_path / "saved"))
+    assert data.label_names == ["cat", "dog"]
+    labelled, unlabelled = separate_unlabelled(data)
+    assert len(labelled.dataset) == 5 and len(unlabelled.dataset) == 3
+
+
+def test_a_test_dir_is_read_as_an_image_folder_whatever_the_training_columns_are_named(tmp_path):
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    saved = datasets.Dataset.from_dict(
+        {"img": [image] * 4, "category": ["cat", "dog"] * 2},
+        features=datasets.Features(img=datasets.Image(), category=datasets.Value("string")),
+    )
+    test_dir = image_folder(tmp_path / "test", ["cat", "dog"], per_class=2)
+    train, test = load_evaluation_datasets(dataset_name=_save(saved, tmp_path / "saved"), test_dir=str(test_dir),
+                                           image_column_name="img", label_column_name="category")  # fmt: skip
+    assert (train.image_column, test.image_column, len(test.dataset)) == ("img", "image", 4)
+    assert test.label_names == ["cat", "dog"]
 
 
 def test_fewer_images_asked_for_are_drawn_from_every_class_and_named_so(tmp_path):
@@ -353,10 +453,13 @@ def test_a_test_folder_the_model_was_pretrained_on_is_seen_whatever_the_training
     pretrained_on = image_folder(tmp_path / "images" / "train", ["cat", "dog"], per_class=2)
     other = image_folder(tmp_path / "images" / "test", ["cat", "dog"], per_class=2, seed=1)
     record = data_record(DataArguments(train_dir=str(pretrained_on)), None)
-    for test_dir in (pretrained_on, tmp_path / "images"):  # the folder itself, or one that holds it
+    for test_dir in (pretrained_on, pretrained_on / "cat"):  # the folder itself, or one inside it
         flags = DataArguments(train_dir=str(other), test_dir=str(test_dir))
         test = ImageDataset(datasets.Dataset.from_dict({"image": []}), "image", split=f"test_dir {test_dir}")
         assert "--test_dir" in seen_in_pretraining(record, flags, test), test_dir
+    # The folder that holds both splits is tested on its test split.
+    flags = DataArguments(train_dir=str(other), test_dir=str(tmp_path / "images"))
+    assert seen_in_pretraining(record, flags, ImageDataset(datasets.Dataset.from_dict({"image": []}), "image")) is None
     flags = DataArguments(train_dir=str(pretrained_on), test_dir=str(other))
     assert seen_in_pretraining(record, flags, ImageDataset(datasets.Dataset.from_dict({"image": []}), "image")) is None
     # Pretrained on a folder of split folders: its train folder's images only.
@@ -382,6 +485,8 @@ def ramp_in(mode: str) -> tuple[bytes, np.ndarray]:
         image = Image.frombytes("I;16B", (SIDE, SIDE), ramp16.astype(">u2").tobytes())
     elif mode == "I":  # 16-bit data widened to 32 bits (`convert("I")`): the 16-bit scale, like I;16
         image = Image.fromarray(ramp16.astype(np.int32))
+    elif mode == "I 8-bit":  # 8-bit data in 32 bits (`datasets` stores numpy's default int64 so): the 8-bit scale
+        image = Image.fromarray(RAMP.astype(np.int32))
     elif mode == "I wide":  # values no fixed bit depth explains: the image's own range
         image = Image.fromarray((ramp16.astype(np.int32) * 100 - 3_000_000).astype(np.int32))
     elif mode == "F":  # [0, 1] floats
@@ -400,7 +505,7 @@ def ramp_in(mode: str) -> tuple[bytes, np.ndarray]:
     return buffer.getvalue(), expected
 
 
-MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I", "I wide", "F", "F wide"]
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I", "I 8-bit", "I wide", "F", "F wide"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -425,6 +530,36 @@ def test_every_mode_decodes_to_its_8_bit_grey_ramp_in_decoding_collator_and_reci
     processor = MSNImageProcessor(size=SIDE, crop_size=SIDE, do_normalize=False)
     from_file = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
     assert np.abs(from_file.numpy() * 255 - expected[None]).max() <= 2.5, from_file.mean()
+
+
+def test_integer_pixels_stored_by_datasets_decode_as_the_same_8_bit_image_whatever_their_numpy_type():
+    # Pixels read from a CSV or built with numpy default to int64, which `datasets` stores as a 32-bit image.
+    features = datasets.Features({"image": datasets.Image()})
+    stored = {
+        dtype: datasets.Dataset.from_dict({"image": [RAMP.astype(dtype)]}, features=features).cast_column(
+            "image", datasets.Image(decode=False)
+        )[0]["image"]
+        for dtype in (np.uint8, np.int32, np.int64)
+    }
+    for dtype, record in stored.items():
+        np.testing.assert_array_equal(np.asarray(decode_image(record))[..., 0], RAMP, err_msg=str(dtype))
+    # The processor reads the array and its PIL image alike.
+    processor = MSNImageProcessor(size=SIDE, crop_size=SIDE)
+    from_array = processor(RAMP.astype(np.int64), return_tensors="pt")["pixel_values"]
+    from_image = processor(Image.fromarray(RAMP.astype(np.int32)), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(from_image, from_array)
+
+
+def test_the_transparent_grey_of_a_16_bit_png_is_composited_on_white_as_an_8_bit_one_is():
+    pixels = RAMP.copy()
+    pixels[:, : SIDE // 4] = 0
+    decoded = {}
+    for bits, array in ((8, pixels), (16, pixels.astype(np.uint16) * 257)):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "PNG", transparency=0)
+        decoded[bits] = np.asarray(decode_image({"bytes": buffer.getvalue(), "path": None}), dtype=np.int16)
+    assert (decoded[8][:, : SIDE // 4] == 255).all()
+    assert np.abs(decoded[16] - decoded[8]).max() <= 1
 
 
 def test_an_image_is_decoded_upright_as_its_exif_orientation_says():

@@ -186,15 +186,24 @@ def load_digits_dataset(split: str = "train", image_size: int = DIGITS_IMAGE_SIZ
     return datasets.Dataset.from_dict({"image": images, "label": digits.target[indices].tolist()}, features=features)
 
 
-def find_column(features: datasets.Features, explicit: str | None, feature_type: type, names: tuple, what: str):
+def find_column(
+    features: datasets.Features, explicit: str | None, feature_type: type, names: tuple, what: str,
+    names_first: bool = False,
+) -> str | None:
+    """
+    The `what` column: `explicit` (which must exist), else a column of `feature_type` with one of the usual `names`,
+    else the first column of `feature_type` or the first of `names`, whichever `names_first` says. Labels go by
+    name first: a data set may carry metadata as a `ClassLabel` before its `label` column (a "source" column, or
+    CIFAR-100's `coarse_label`, for which `fine_label` is among the names).
+    """
     if explicit is not None:
         if explicit not in features:
             raise ValueError(f"`{what}_column_name` {explicit!r} is not a column; columns: {list(features)}.")
         return explicit
-    for name, feature in features.items():
-        if isinstance(feature, feature_type):
-            return name
-    return next((name for name in names if name in features), None)
+    typed = [name for name, feature in features.items() if isinstance(feature, feature_type)]
+    named = [name for name in names if name in features]
+    both = [name for name in named if name in typed]
+    return next(iter(both + (named + typed if names_first else typed + named)), None)
 
 
 def _is_image_like(feature, strings: bool = False) -> bool:
@@ -230,8 +239,9 @@ def check_image_column(features: datasets.Features, image_column: str, explicit:
 
 
 def class_names(dataset: datasets.Dataset, label_column: str) -> list[str]:
-    """The class names of a column of names: sorted unique values, as `ClassLabel` / `class_encode_column` order them."""
-    return sorted(name for name in dataset.unique(label_column) if name is not None)
+    """The class names of a column of names: sorted unique values, as `ClassLabel` / `class_encode_column` order them;
+    None and "" mark an image without a label (see [`_names_a_class`])."""
+    return sorted(name for name in dataset.unique(label_column) if _names_a_class(name))
 
 
 def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
@@ -357,15 +367,18 @@ def load_image_dataset(
     if image_column is None:
         raise ValueError(f"No image column found; pass `image_column_name`. Columns: {list(features)}.")
     check_image_column(features, image_column, explicit=image_column_name is not None)
-    label_column = find_column(features, label_column_name, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label")
+    label_column = find_column(features, label_column_name, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label",
+                               names_first=True)  # fmt: skip
+    if image_column_name is None or (label_column is not None and label_column_name is None):
+        logger.info(f"Columns: images from {image_column!r}, labels from {label_column!r} (of {list(features)}).")
     # A column of class names (e.g. read from a CSV) becomes a ClassLabel, so that everything downstream sees ids and
     # names. The names come from the whole split, before truncation, so that a truncated run numbers classes as a
     # full one does; and only the kept rows are rewritten. A stream cannot be listed without a pass: it keeps names.
-    names = None
     if label_column is not None and _is_string(features[label_column]) and not streaming:
-        names = class_names(dataset, label_column)
-    if names is not None:
-        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
+        if "" in dataset.unique(label_column):  # no class of that name: no label, as None is
+            dataset = dataset.map(lambda labels: {label_column: [label or None for label in labels]},
+                                  input_columns=label_column, batched=True)  # fmt: skip
+        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=class_names(dataset, label_column)))
     return keep_rows(ImageDataset(dataset, image_column, label_column, split), max_samples)
 
 
@@ -474,23 +487,51 @@ def labelled_rows(data: ImageDataset, role: str) -> ImageDataset:
     return labelled
 
 
-def load_test_dir(test_dir: str, **columns) -> ImageDataset:
+def test_images_folder(test_dir: str) -> str:
     """
-    The image folder `test_dir` as a labelled test set, its labelled rows named `"test_dir <folder>"`; `columns`:
-    `image_column_name`, `label_column_name`, `cache_dir`. The labels are the names of its class folders, which
-    `imagefolder` reads from two classes on (it drops them for one): a folder that gives none is a ValueError here,
-    when the data are loaded, rather than when the evaluation needs them (at the end of a pretraining run).
+    The folder that holds the test images of `--test_dir`: the folder itself when it is a folder of class folders;
+    its test split's folder, else its validation split's, when it is a folder of split folders (see
+    [`split_folders`]). A folder of split folders with neither is a ValueError: its train split is no test set.
+    """
+    folders = split_folders(test_dir)
+    if not folders:
+        return test_dir
+    by_split = {split: path for path, split in sorted(folders.items(), reverse=True)}
+    for split in ("test", "validation"):
+        if split in by_split:
+            return by_split[split]
+    raise ValueError(
+        f"--test_dir {test_dir!r} holds split folders {sorted(by_split)} and no test/ or validation/ one to test on; "
+        "give the folder of the test images."
+    )
+
+
+def load_test_dir(test_dir: str, train_dir: str | None = None, train_split: str = "train") -> ImageDataset:
+    """
+    The image folder `test_dir` (see [`test_images_folder`]) as a labelled test set, its labelled rows named
+    `"test_dir <folder>"`. The labels are the names of its class folders, which `imagefolder` reads from two classes
+    on (it drops them for one): a folder that gives none is a ValueError here, when the data are loaded, rather than
+    when the evaluation needs them (at the end of a pretraining run). So is a folder that is, holds or lies in the
+    training images of the image folder `train_dir` (its `train_split`): the classifiers would be scored on the
+    images they were fitted on.
     """
     if not os.path.isdir(test_dir):
         raise ValueError(f"--test_dir must be a folder of class folders, got {test_dir!r}, which is not a folder.")
-    test = load_image_dataset(train_dir=test_dir, **columns)
-    test.split = f"test_dir {test_dir}"
+    folder = test_images_folder(test_dir)
+    if train_dir is not None and folder_holds_images_of(folder, train_dir, train_split):
+        raise ValueError(
+            f"--test_dir {test_dir!r} must hold other images than the training images of --train_dir {train_dir!r}, "
+            "got a folder that is, holds or lies in theirs: the classifiers would be scored on the images they are "
+            "fitted on."
+        )
+    test = load_image_dataset(train_dir=folder)
+    test.split = f"test_dir {folder}"
     if test.label_column is None:
-        folders = sorted(entry.name for entry in os.scandir(test_dir) if entry.is_dir())
+        folders = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
         shown = f"{folders[:5]}{' ...' if len(folders) > 5 else ''}"
         raise ValueError(
             f"--test_dir must hold one folder per class with at least 2 classes, got {len(folders)} {shown} in "
-            f"{test_dir!r}, from which no label could be read (the labels are the names of the folders that hold "
+            f"{folder!r}, from which no label could be read (the labels are the names of the folders that hold "
             "the images)."
         )
     return labelled_rows(test, "test")
@@ -682,7 +723,7 @@ def seen_in_pretraining(record: dict | None, data_args: DataArguments, test: Ima
         return None
     trained_on = record["split"] + (f" less the {record['held_out']}" if record["held_out"] else "")
     if data_args.test_dir is not None:  # whatever the training images of the evaluation are
-        if _folder_holds_pretrained_images(os.path.abspath(data_args.test_dir), record["source"]["train_dir"]):
+        if folder_holds_images_of(test_images_folder(data_args.test_dir), record["source"]["train_dir"]):
             return f"--test_dir holds images of the folder it pretrained on ({trained_on})"
         return None
     source, pretrained_source = data_source(data_args), dict(record["source"])
@@ -697,11 +738,13 @@ def seen_in_pretraining(record: dict | None, data_args: DataArguments, test: Ima
     return None
 
 
-def _folder_holds_pretrained_images(test_dir: str, pretrained_on: str | None) -> bool:
-    """Whether the folder `test_dir` is, holds or lies in the images of the image folder a run pretrained on: the
-    folder, or its train split's folder when it was a folder of split folders (see [`split_folders`])."""
-    if not pretrained_on:
+def folder_holds_images_of(folder: str, train_dir: str | None, split: str = "train") -> bool:
+    """Whether `folder` is, holds or lies in the `split` images of the image folder `train_dir`: the folder, or its
+    `split` folders when it is a folder of split folders (see [`split_folders`])."""
+    if not train_dir:
         return False
-    splits = split_folders(pretrained_on) if os.path.isdir(pretrained_on) else None
-    folders = [path for path, split in splits.items() if split == "train"] if splits else [pretrained_on]
-    return any(os.path.commonpath([folder, test_dir]) in (folder, test_dir) for folder in folders)
+    folder, train_dir = os.path.realpath(folder), os.path.realpath(train_dir)
+    splits = split_folders(train_dir) if os.path.isdir(train_dir) else None
+    names = {name for name, _ in _split_parts(split)}
+    image_folders = [path for path, name in splits.items() if name in names] if splits else [train_dir]
+    return any(os.path.commonpath([image_folder, folder]) in (image_folder, folder) for image_folder in image_folders)

@@ -502,7 +502,7 @@ def evaluate_lowshot(
         encoders["pixels"] = lambda: None
 
     results = {"encoders": {}}
-    label_fraction_note = None
+    label_fraction_note = shots_note = None
     kept_features = {}  # (train, test) features and rows of the model and the pixels, for the pictures
     for name, build in encoders.items():
         start = time.perf_counter()
@@ -515,8 +515,10 @@ def evaluate_lowshot(
             )  # fmt: skip
         (train_x, train_y, train_rows), (test_x, test_y, test_rows) = features["train"], features["test"]
         train_y, test_y = _encode_labels(train_y, test_y)
-        if label_fraction is not None and label_fraction_note is None:
-            label_fraction, label_fraction_note = _usable_label_fraction(label_fraction, train_y)
+        if not results["encoders"]:
+            shots_note = _short_classes_note(shots, train_y)
+            if label_fraction is not None:
+                label_fraction, label_fraction_note = _usable_label_fraction(label_fraction, train_y)
         results["encoders"][name] = evaluate_features(
             train_x, train_y, test_x, test_y, shots, label_fraction, seeds, knn_k, l2_reg, protocol
         )
@@ -538,6 +540,8 @@ def evaluate_lowshot(
     }
     if label_fraction_note is not None:
         results["settings"]["label_fraction_note"] = label_fraction_note
+    if shots_note is not None:
+        results["settings"]["shots_note"] = shots_note
     if pictures_dir is not None:
         results["pictures"] = write_pictures(
             pictures_dir, model, train, test, image_processor, kept_features, results, batch_size, device
@@ -545,6 +549,23 @@ def evaluate_lowshot(
     if output_file is not None:
         write_text_atomically(output_file, json.dumps(results, indent=2))
     return results
+
+
+def _short_classes_note(shots: tuple[int, ...], train_labels: np.ndarray) -> str | None:
+    """
+    What the shot counts above the smallest class's number of training images mean, in words (None when there are
+    none): such a class gives all of its images, fewer than the setting's name says (see [`sample_per_class`]).
+    """
+    classes, sizes = np.unique(train_labels, return_counts=True)
+    short = [k for k in shots if k > sizes.min()]
+    if not short:
+        return None
+    note = (
+        f"{', '.join(f'{k}-shot' for k in short)}: {int((sizes < max(short)).sum())} of the {len(classes)} classes have "
+        f"fewer training images (the smallest {sizes.min()} training images), and give all they have."
+    )
+    logger.warning(note)
+    return note
 
 
 def _usable_label_fraction(label_fraction: float, train_labels: np.ndarray) -> tuple[float | None, str | None]:
@@ -661,7 +682,7 @@ def load_evaluation_datasets(
         )
     train = labelled_rows(train, "training")
     if test_dir is not None:
-        test = load_test_dir(test_dir, **common)
+        test = load_test_dir(test_dir, train_dir, train_split)
     else:
         test = load_labelled_split(dataset_name, dataset_config_name, test_split, train_split, train_dir=train_dir,
                                    train_files=train_files, **common)  # fmt: skip

@@ -260,6 +260,8 @@ def render_model_card(facts: dict, results: dict | None = None, output_dir: str 
         )
         if settings.get("label_fraction_note"):
             results_section += f"\n\nNo label-fraction column: {settings['label_fraction_note']}"
+        if settings.get("shots_note"):
+            results_section += f"\n\nFewer images than shots: {settings['shots_note']}"
         results_section += pictures_section(results, output_dir)
     else:
         results_section = f"Not evaluated yet: `msn-evaluate --model_name_or_path {repo}` (with the data flags of the run)."

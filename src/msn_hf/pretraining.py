@@ -436,7 +436,7 @@ def _evaluation_sets(
                   cache_dir=data_args.cache_dir)  # fmt: skip
     test = None
     if data_args.test_dir is not None:
-        test = load_test_dir(data_args.test_dir, **common)
+        test = load_test_dir(data_args.test_dir, data_args.train_dir, data_args.train_split)
     else:
         test = load_labelled_split(data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split,
                                    data_args.train_split, train_dir=data_args.train_dir,
