@@ -87,6 +87,38 @@ def test_latest_on_a_finished_run_without_checkpoint_is_refused_and_changes_noth
         assert results["completed_steps"] == 1 and (folder / "model.safetensors").is_file()
 
 
+def test_latest_on_a_run_finished_after_its_last_checkpoint_is_refused_and_changes_nothing(tmp_path, capsys):
+    # A job script relaunched after its run finished: resuming checkpoint-2 would train steps 3-4 again over the model.
+    out = tmp_path / "run"
+    flags = [*TINY_RUN, "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
+    pt.main([*flags, "--output_dir", str(out)])
+    (out / "checkpoint-4").rename(out / "checkpoint-2")  # as if the run had been stopped after its second step
+    (out / "checkpoint-2" / checkpointing.TRAINING_STATE_FILE).write_text(
+        (out / "checkpoint-2" / checkpointing.TRAINING_STATE_FILE).read_text().replace('"completed_steps": 4', '"completed_steps": 2')
+    )  # fmt: skip
+    capsys.readouterr()
+    before = snapshot(out)
+    status = cli.run(pt.main, "msn-pretrain", [*flags, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert status == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "finished at step 4" in lines[0] and "checkpoint-2" in lines[0], lines
+    assert "pass --resume_from_checkpoint latest" not in lines[0]
+    assert snapshot(out) == before
+    # Without --resume_from_checkpoint, the refusal does not advise resuming it either.
+    with pytest.raises(ValueError, match="finished at step 4") as refusal:
+        pt.main([*flags, "--output_dir", str(out)])
+    assert "pass --resume_from_checkpoint latest" not in str(refusal.value)
+
+
+def test_latest_on_a_run_whose_last_checkpoint_is_its_last_step_exports_the_same_model_again(tmp_path):
+    out = tmp_path / "run"
+    flags = [*TINY_RUN, "--max_train_steps", "2", "--checkpointing_steps", "2", "--output_dir", str(out)]
+    pt.main(flags)
+    weights = (out / "model.safetensors").read_bytes()
+    assert pt.main([*flags, "--resume_from_checkpoint", "latest"])["completed_steps"] == 2
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
 # --- 3. --overwrite_output_dir removes every file a run writes, and only those -------------------------------------
 
 
@@ -187,6 +219,27 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(tmp_path, m
     with pytest.raises(RuntimeError, match="a crash in the loop"):
         pt.main([*TINY_RUN, "--max_train_steps", "5", "--output_dir", str(tmp_path / "crash")])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers["before"]
+
+
+def test_sigterm_during_the_export_lets_it_finish_then_exits_143_with_the_model_saved(
+    tmp_path, monkeypatch, capsys, sigterm_raises
+):
+    out = tmp_path / "run"
+    real_export = pt.export_final
+
+    def signalled_export(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives as the export begins: it is finished first
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(pt, "export_final", signalled_export)
+    status = cli.run(pt.main, "msn-pretrain", [*TINY_RUN, "--max_train_steps", "2", "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    assert status == 143
+    assert "Traceback" not in captured.err
+    assert f"model saved in {out}" in captured.out + captured.err
+    assert MSNModel.from_pretrained(out) is not None
+    assert json.loads((out / "train_results.json").read_text())["completed_steps"] == 2
+    assert not (out / ".final").exists()
 
 
 # Runs `msn-pretrain` as its console script does (`cli.run`), with a probe: the MSN_PAUSE_AT_FORWARD-th forward of

@@ -103,6 +103,11 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The step after which the complete checkpoint `checkpoint` was written."""
+    return int(json.loads((Path(checkpoint) / TRAINING_STATE_FILE).read_text())["completed_steps"])
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,

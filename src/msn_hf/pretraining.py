@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,8 +51,11 @@ from .budget import (
     time_steps,
 )
 from .checkpointing import (
+    TRAINING_STATE_FILE,
     StopSignals,
+    TrainingInterrupted,
     TrainingState,
+    checkpoint_step,
     find_latest_checkpoint,
     resume,
     save_checkpoint,
@@ -100,6 +104,7 @@ from .run_outputs import (
     card_run_info,
     check_hub_access,
     export_final,
+    finished_step,
     plot_loss_curve,
     push_to_hub,
     read_metrics,
@@ -902,9 +907,23 @@ def setup_run(args: PretrainingArguments) -> Accelerator:
 
 
 def _output_dir_refusal(args: PretrainingArguments) -> str | None:
-    """Why `--output_dir` cannot take this run (it holds another one), or None."""
+    """Why `--output_dir` cannot take this run (it holds another one, or a finished one that the resume would train
+    again over), or None."""
     output_dir = Path(args.output_dir)
     previous = [path.name for path in run_files(output_dir)]
+    latest, finished = find_latest_checkpoint(output_dir), finished_step(output_dir)
+    resumed = Path(args.resume_from_checkpoint) if _resumes(args) and args.resume_from_checkpoint != "latest" else latest
+    if resumed is not None and not (resumed / TRAINING_STATE_FILE).is_file():
+        resumed = None  # not a checkpoint: `resume` says so
+    # A model exported after the checkpoint a resume starts from would be trained again and replaced.
+    retrained = finished is not None and resumed is not None and checkpoint_step(resumed) < finished
+    if retrained and _resumes(args) and not args.overwrite_output_dir:
+        return (
+            f"--output_dir {str(output_dir)!r} holds a run that finished at step {finished} (its model exported), after "
+            f"{resumed.name}, which --resume_from_checkpoint would resume: that would train again over the finished "
+            f"model. Evaluate it (msn-evaluate --model_name_or_path {output_dir}), continue from its weights in a new "
+            f"run (--model_name_or_path {output_dir} --output_dir OTHER), or pass --overwrite_output_dir to train anew."
+        )
     # `latest` in the folder of a run stopped before its first checkpoint starts it again, as a job script relaunched
     # after an early pre-emption expects; a finished run (its model exported) is never retrained by it.
     starts_again = args.resume_from_checkpoint == "latest" and not any(output_dir.glob("model*.safetensors"))
@@ -913,8 +932,9 @@ def _output_dir_refusal(args: PretrainingArguments) -> str | None:
         telling = [n for n in previous if n.startswith("checkpoint-") or n in ("model.safetensors", METRICS_FILE)]
         others = [n for n in previous if n not in telling]
         found = ", ".join(telling + others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        latest = find_latest_checkpoint(output_dir)
-        if latest is not None:
+        if retrained and latest is not None:
+            advice = f"it finished at step {finished}, after its last checkpoint {latest.name}: pass"
+        elif latest is not None:
             advice = f"pass --resume_from_checkpoint latest to continue it from {latest.name}, or"
         else:
             advice = "it has no complete checkpoint for --resume_from_checkpoint latest to continue: pass"
@@ -1242,37 +1262,37 @@ def train(args: PretrainingArguments, data_args: DataArguments) -> dict:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 if args.checkpointing_steps == "epoch":
                     last_checkpoint = save_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit)
-        # A signal that came after the last step (during an epoch's checkpoint) still stops the run.
+        # A signal after the last step lets the export finish; the run then stops with its model saved.
+        progress.close()
+        keeper.finish(state)
+        state.stop_clock()
+        test = train_data.evaluation[1] if train_data.evaluation else None
+        run_info = card_run_info(
+            args, data_args, accelerator, state, state.elapsed_seconds, recipe["name"], test, repo_id
+        )
+        results = export_run(args, accelerator, unwrapped, processor, state, metrics.history, run_info)
         if signum := stop.requested(accelerator):
-            stop_at_checkpoint(accelerator, output_dir, state, dataloader, args.checkpoints_total_limit, signum,
-                               last_checkpoint)  # fmt: skip
-    progress.close()
-    keeper.finish(state)
-    state.stop_clock()
-    test = train_data.evaluation[1] if train_data.evaluation else None
-    run_info = card_run_info(
-        args, data_args, accelerator, state, state.elapsed_seconds, recipe["name"], test, repo_id
-    )
-    return finish(args, data_args, accelerator, unwrapped, processor, train_data, state, metrics.history, run_info)
+            accelerator.end_training()
+            message = f"stopped after the last step with the model saved in {output_dir}; its evaluation did not run"
+            accelerator.print(f"\n{signal.Signals(signum).name}: {message} (msn-evaluate --model_name_or_path "
+                              f"{output_dir}).", file=sys.stderr, flush=True)  # fmt: skip
+            raise TrainingInterrupted(message, signum)
+    return finish(args, accelerator, unwrapped, processor, train_data, state, results, run_info)
 
 
-def finish(
+def export_run(
     args: PretrainingArguments,
-    data_args: DataArguments,
     accelerator: Accelerator,
     model: MSNModel,
     processor: MSNImageProcessor,
-    train_data: TrainData,
     state: TrainingState,
     history: list[dict],
     run_info: dict,
 ) -> dict:
     """
-    Export the final model at once (main process), then evaluate it: after the last barrier, so that a long
-    evaluation cannot time out the other processes, which are done, and a failed one cannot lose the model.
-    The model card (`run_info`: see `card_run_info`) is written with the export and rewritten with the results; a
-    summary line ends the run. A failed upload (`--push_to_hub`) comes after the summary, as an `UploadError` that
-    says where the model is and the command that uploads it.
+    Export the final model at once (main process) with what the run did (`train_results.json`, which tells a
+    finished run: see `finished_step`), its loss curve and its card (`run_info`: see `card_run_info`); returns
+    those results. Every process returns once the export is complete.
     """
     output_dir = Path(args.output_dir)
     if state.skipped_images:
@@ -1286,11 +1306,31 @@ def finish(
     if accelerator.is_main_process:
         model.eval()
         export_final(model, processor, output_dir)
+        write_train_results(output_dir, results)
         if history:
             plot_loss_curve(history, output_dir / "loss_curve.png")
         write_model_card(output_dir, model, processor, run_info)
-        write_train_results(output_dir, results)
     accelerator.wait_for_everyone()
+    return results
+
+
+def finish(
+    args: PretrainingArguments,
+    accelerator: Accelerator,
+    model: MSNModel,
+    processor: MSNImageProcessor,
+    train_data: TrainData,
+    state: TrainingState,
+    results: dict,
+    run_info: dict,
+) -> dict:
+    """
+    Evaluate the exported model (main process): after the last barrier, so that a long evaluation cannot time out
+    the other processes, which are done, and a failed one cannot lose the model. The card and `train_results.json`
+    are rewritten with the results; a summary line ends the run. A failed upload (`--push_to_hub`) comes after the
+    summary, as an `UploadError` that says where the model is and the command that uploads it.
+    """
+    output_dir = Path(args.output_dir)
     accelerator.end_training()
     if not accelerator.is_main_process:
         return results

@@ -98,6 +98,18 @@ def write_train_results(output_dir: str | os.PathLike, results: dict) -> Path:
     return write_text_atomically(Path(output_dir) / TRAIN_RESULTS_FILE, json.dumps(results, indent=2))
 
 
+def finished_step(output_dir: str | os.PathLike) -> int | None:
+    """The step after which the run in `output_dir` exported its model (its `train_results.json`), or None when the
+    folder holds no exported model with its results."""
+    output_dir = Path(output_dir)
+    if not any(output_dir.glob("model*.safetensors")):
+        return None
+    try:
+        return int(json.loads((output_dir / TRAIN_RESULTS_FILE).read_text())["completed_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_files(output_dir: str | os.PathLike) -> list[Path]:
     """The entries of `output_dir` that a run writes (see `RUN_FILES`), sorted; none when it does not exist."""
     folder = Path(output_dir)
