@@ -248,6 +248,7 @@ def test_from_vit_msn_command_accepts_a_vit_model_and_saves_its_processor(tmp_pa
     [
         ({"hidden_act": "relu"}, "hidden_act"),
         ({"layer_norm_eps": 1e-5}, "layer_norm_eps"),
+        ({"num_channels": 1}, r"num_channels=1.*3 channels"),
     ],
 )
 def test_unsupported_vits_are_refused(tmp_path, config_overrides, named):

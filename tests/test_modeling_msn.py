@@ -530,6 +530,8 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
         # Sides the model cannot take: not multiples of its patch (8).
         (dict(image_size=36, backbone_kwargs=dict(embed_dim=64, depth=2, num_heads=2, patch_size=8)), "image_size"),
         (dict(focal_image_size=12), "focal_image_size"),
+        # The processor gives every image as RGB, grey ones included.
+        (dict(backbone_kwargs=dict(embed_dim=64, depth=2, num_heads=2, patch_size=8, in_chans=1)), "backbone_kwargs"),
     ],
 )
 def test_invalid_config_values_raise_value_error_naming_the_field(overrides, field):

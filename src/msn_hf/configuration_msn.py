@@ -203,6 +203,12 @@ class MSNConfig(PreTrainedConfig):
                 "MSNConfig: `backbone` must be a timm VisionTransformer with a patch embedding and a class token, "
                 f"got {self.backbone!r} ({type(model).__name__}, class token: {getattr(model, 'cls_token', None) is not None})."
             )
+        channels = getattr(model.patch_embed.proj, "in_channels", 3)
+        if channels != 3:
+            raise ValueError(
+                f"MSNConfig: `backbone_kwargs` must give a backbone of RGB images (3 channels): the image processor gives "
+                f"every image, grey ones included, as RGB; got {channels} (`in_chans`) from {self.backbone_kwargs!r}."
+            )
         patch = model.patch_embed.patch_size[0]
         for name in ("image_size", "focal_image_size"):
             if getattr(self, name) % patch:

@@ -244,6 +244,11 @@ def _architecture_of_vit_config(config: ViTConfig | ViTMSNConfig) -> ViTArchitec
         # channels is near it; a trained ViT's activations have variances many orders above 1e-6, so timm's 1e-6
         # changes the features by about eps / (2 * variance), far below float32 training noise.
         logger.info(f"{name} `layer_norm_eps={eps}` becomes timm's {_TIMM_LAYER_NORM_EPS} (a negligible change).")
+    if config.num_channels != 3:
+        raise ValueError(
+            f"{name} `num_channels={config.num_channels}`: MSN models take RGB images (3 channels), as their image "
+            "processor gives every image, grey ones included."
+        )
     if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
         raise ValueError(f"{name} `head_dim={config.head_dim}` is not hidden_size / num_attention_heads.")
     return ViTArchitecture(

@@ -369,7 +369,7 @@ def load_image_dataset(
     check_image_column(features, image_column, explicit=image_column_name is not None)
     label_column = find_column(features, label_column_name, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label",
                                names_first=True)  # fmt: skip
-    if image_column_name is None or (label_column is not None and label_column_name is None):
+    if len(features) > 2 and (image_column_name is None or label_column_name is None):  # a choice was made
         logger.info(f"Columns: images from {image_column!r}, labels from {label_column!r} (of {list(features)}).")
     # A column of class names (e.g. read from a CSV) becomes a ClassLabel, so that everything downstream sees ids and
     # names. The names come from the whole split, before truncation, so that a truncated run numbers classes as a
