@@ -4,6 +4,7 @@ model card of the evaluated folder, the data set a card names, and the flags msn
 import logging
 import math
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib.axes
@@ -17,7 +18,14 @@ from msn_hf import pretraining as pt
 from msn_hf.checkpointing import TrainingState
 from msn_hf.cli import run
 from msn_hf.data import ImageDataset, load_digits_dataset
-from msn_hf.evaluation import evaluate_lowshot, main, parse_args, sample_fraction, sample_per_class
+from msn_hf.evaluation import (
+    evaluate_lowshot,
+    main,
+    parse_args,
+    results_file_for,
+    sample_fraction,
+    sample_per_class,
+)
 from msn_hf.modelcard import write_model_card
 from msn_hf.pictures import plot_lowshot
 from msn_hf.run_outputs import card_run_info
@@ -212,3 +220,27 @@ def test_msn_evaluate_refuses_streaming_flags_in_one_line_naming_the_flag(tmp_pa
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"msn-evaluate: error: {flag} ") and "map-style" in line
     assert not (folder / "eval_results.json").exists()
+
+
+def test_results_of_a_hub_model_go_to_a_folder_of_their_own_not_over_the_current_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = msn_run_folder(tmp_path / "model")
+    assert results_file_for(str(folder)) == str(folder / "eval_results.json")
+    # A Hub id: the current folder may be another run's, whose results and pictures would be replaced.
+    assert results_file_for("facebook/vit-msn-small") == str(Path("evaluations") / "facebook" / "vit-msn-small" / "eval_results.json")
+    assert results_file_for(str(folder), "elsewhere/results.json") == "elsewhere/results.json"
+
+
+def test_a_model_folder_without_an_image_processor_is_refused_in_one_line_before_any_image_is_loaded(
+    tmp_path, capsys, monkeypatch
+):
+    from transformers import ViTMSNConfig, ViTMSNModel
+
+    config = ViTMSNConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                          image_size=32, patch_size=8)  # fmt: skip
+    ViTMSNModel(config).save_pretrained(tmp_path / "vit_msn")
+    monkeypatch.setattr("msn_hf.evaluation.load_evaluation_data", lambda *a, **k: pytest.fail("images were loaded"))
+    capsys.readouterr()
+    assert run(main, "msn-evaluate", ["--model_name_or_path", str(tmp_path / "vit_msn"), *QUICK_EVALUATION]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "preprocessor_config.json" in line and "--image_processor_name" in line

@@ -750,7 +750,11 @@ class EvaluationArguments:
     batch_size: int = field(default=64, metadata={"help": "Feature extraction batch size."})
     device: str | None = field(default=None, metadata={"help": "Default: CUDA when available."})
     output_file: str | None = field(
-        default=None, metadata={"help": f"Default: {RESULTS_FILE} in the model folder (the file msn-pretrain writes)."}
+        default=None,
+        metadata={
+            "help": f"Default: {RESULTS_FILE} in the model folder (the file msn-pretrain writes); for a Hub id, in "
+            "evaluations/<id>/."
+        },
     )
     no_pictures: bool = field(
         default=False, metadata={"help": "Do not draw neighbours.png, lowshot.png and prototypes.png next to the results."}
@@ -810,11 +814,30 @@ def _check_map_style(data_args: DataArguments) -> None:
             )
 
 
+def results_file_for(model_name_or_path: str, output_file: str | None = None) -> str:
+    """
+    Where `msn-evaluate` writes its results (and its pictures beside them): `output_file` when given, else
+    `eval_results.json` in the model's folder, beside its card; for a Hub id, `evaluations/<id>/` under the current
+    folder, which may be another model's run folder whose results would otherwise be replaced.
+    """
+    if output_file is not None:
+        return output_file
+    if os.path.isdir(model_name_or_path):
+        return os.path.join(model_name_or_path, RESULTS_FILE)
+    return os.path.join("evaluations", *model_name_or_path.split("/"), RESULTS_FILE)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """`msn-evaluate`: evaluate a checkpoint (and baselines), print a table and write the results as JSON."""
     args, data_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_model_source(args.model_name_or_path)
+    processor_file = os.path.join(args.model_name_or_path, "preprocessor_config.json")
+    if args.image_processor_name is None and os.path.isdir(args.model_name_or_path) and not os.path.isfile(processor_file):
+        raise ValueError(
+            f"--model_name_or_path {args.model_name_or_path!r} holds no image processor (preprocessor_config.json): "
+            "pass --image_processor_name with the folder or Hub id of the processor the model was trained with."
+        )
     train, test = load_evaluation_data(data_args)
     eval_split = test.split
     # A run of msn-pretrain records which images it pretrained on; a Hub id or another model records none.
@@ -841,10 +864,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         image_processor = AutoImageProcessor.from_pretrained(
             args.image_processor_name, trust_remote_code=args.trust_remote_code
         )
-    output_file = args.output_file
-    if output_file is None:
-        folder = args.model_name_or_path if os.path.isdir(args.model_name_or_path) else "."
-        output_file = os.path.join(folder, RESULTS_FILE)
+    output_file = results_file_for(args.model_name_or_path, args.output_file)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     results = evaluate_lowshot(
         args.model_name_or_path,
         train,
