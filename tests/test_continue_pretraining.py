@@ -108,6 +108,22 @@ def test_new_heads_follow_the_auto_rule_and_a_folders_own_heads_are_kept(tmp_pat
     assert head == (512, 128, 16) and model.prototypes.shape[0] == 16
 
 
+def test_timm_weights_are_fed_images_normalised_as_timm_states_for_them(tmp_path):
+    # timm's augreg ViTs were trained on [-1, 1] inputs (mean and std 0.5), not ImageNet's mean and std.
+    from accelerate import Accelerator
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_BACKBONE_KWARGS)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    timm_mean = list(timm.data.resolve_model_data_config(vit)["mean"])
+    flags = ["--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS),
+             "--backbone_pretrained", str(tmp_path / "vit.safetensors"), *RUN, "--max_train_steps", "10"]  # fmt: skip
+    for extra, mean in (([], timm_mean), (["--processor_overrides", "image_mean=[0.4,0.4,0.4]"], [0.4] * 3)):
+        args, data_args = pt.parse_args([*flags, *extra])
+        train_data = pt.build_train_data(data_args, args, Accelerator(cpu=True))
+        _, processor = pt.build_model_and_processor(args, data_args, pt.choose_recipe(args, data_args, train_data))
+        assert list(processor.image_mean) == mean and timm_mean == [0.5] * 3
+
+
 # --- continued pretraining, end to end ------------------------------------------------------------------------
 
 

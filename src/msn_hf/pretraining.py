@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import timm
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -691,6 +692,11 @@ def build_model_and_processor(
     if source_processor is None or has_recipe:  # a folder's own processor is kept as it is without a recipe
         settings.update(recipe["processor"], crop_size=config.image_size, focal_crop_size=config.focal_image_size)
         settings.setdefault("size", {"shortest_edge": round(config.image_size * 256 / 224)})
+    if config.backbone_pretrained is not None:
+        # Released timm weights were trained on inputs normalised as their pretrained_cfg states (0.5 for the augreg
+        # ViTs), which is what timm users feed them.
+        normalisation = timm.data.resolve_model_data_config(model.get_encoder())
+        settings.update(image_mean=list(normalisation["mean"]), image_std=list(normalisation["std"]))
     view_flags = {name: getattr(args, name) for name in ("num_anchor_views", "num_focal_views") if getattr(args, name) is not None}
     return model, MSNImageProcessor(**{**settings, **processor_overrides, **view_flags})
 
