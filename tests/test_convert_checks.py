@@ -154,6 +154,18 @@ def test_a_missing_checkpoint_is_named_in_one_line(tmp_path, capsys):
     assert_one_line_error(status, stderr, "--checkpoint", EXPECTED_CHECKPOINT, "no such file")
 
 
+@pytest.mark.parametrize("command", ["from-vit-msn", "to-vit-msn", "to-timm"])
+@pytest.mark.parametrize("model", ["missing/folder/", "nobody/no-such-model"])
+def test_a_model_that_is_neither_a_folder_here_nor_a_hub_id_is_named_in_one_line(command, model, tmp_path, capsys):
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    status, stderr = msn_convert(capsys, command, "--model", model, "--output", tmp_path / "out")
+    monkeypatch.undo()
+    assert_one_line_error(status, stderr, "--model", repr(model))
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ output over source
 
 

@@ -51,6 +51,7 @@ from .files import atomic_folder, check_output_dir, folder_relation
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNForImageClassification, MSNModel
 from .recipe import check_known_keys, config_fields
+from .sources import check_model_source
 
 logger = logging.get_logger(__name__)
 
@@ -1203,6 +1204,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def _run_command(args: argparse.Namespace) -> Path:
+    if args.command != "from-original":
+        check_model_source(str(args.model), "--model")
     if args.command == "to-vit-msn":
         return to_vit_msn(args.model, args.output, overwrite=args.overwrite, verify=not args.no_verify)
     if args.command == "to-timm":
