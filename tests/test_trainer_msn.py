@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -216,6 +217,22 @@ def test_the_hub_token_reaches_no_file_the_trainer_writes(initial_folder, tmp_pa
     assert trainer.args.hub_token == token  # kept in the process, for the uploads themselves
     saved = torch.load(tmp_path / "run" / "final" / "training_args.bin", weights_only=False)
     assert saved.hub_token is None and saved.learning_rate == trainer.args.learning_rate
+
+
+def test_the_weights_the_trainer_writes_are_readable_as_its_other_files_are(initial_folder, tmp_path):
+    # safetensors writes through an owner-only temporary file: colleagues could read the config but not the weights.
+    trainer = make_trainer(initial_folder, tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    trainer.save_model()
+    for folder in (tmp_path / "run", tmp_path / "run" / "checkpoint-1"):
+        config_mode = (folder / "config.json").stat().st_mode & 0o777
+        assert (folder / "model.safetensors").stat().st_mode & 0o777 == config_mode == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_bad_arguments_are_named(initial_folder, tmp_path):

@@ -22,6 +22,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import datasets
 import torch
@@ -32,6 +33,7 @@ from transformers.utils import is_datasets_available
 
 from .budget import MIN_PLANNED_STEPS, MSNTimeBudgetCallback, format_duration, parse_duration, time_model_steps
 from .data import IMAGE_COLUMN_NAMES, ImageDataset, find_column
+from .files import give_default_permissions
 from .image_processing_msn import MSNImageProcessor
 from .modeling_msn import MSNModel
 from .training import (
@@ -493,6 +495,14 @@ class MSNTrainer(Trainer):
         loss = loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
         return loss.detach()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, the weights then given the permissions of the other files: safetensors writes them
+        through an owner-only temporary file, which colleagues on a shared server could not read."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            for path in Path(output_dir or self.args.output_dir).glob("*.safetensors"):
+                give_default_permissions(path)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
