@@ -295,6 +295,12 @@ def test_the_clock_lays_a_plan_longer_than_its_model_with_the_warmup_in_proporti
     assert (schedules.total_steps, schedules.warmup_steps, plan.warmup_steps) == (1500, 75, 75)
 
 
+def test_the_plan_counts_epochs_of_full_batches_as_the_loop_runs_them():
+    # 36 images in batches of 8: 4 steps an epoch (a batch is never partial), so 47 steps are 11.75 epochs, not 10.4.
+    plan = budget.BudgetPlan(47, 47, budget_seconds=20.0, seconds_per_step=0.3, model_steps=38)
+    assert "Plan: 47 steps (11.8 epochs) of 8 images" in plan.describe(0, 8, 36, "4 x 4")
+
+
 def test_a_plan_laid_again_moves_the_schedules_to_the_new_total_and_keeps_a_finished_warmup():
     schedules = MSNSchedules(total_steps=100, warmup_steps=10)
     budget.relay_schedules(schedules, 60, completed_steps=40)

@@ -206,6 +206,20 @@ def test_auto_is_the_default_and_its_recipe_file_reproduces_the_run(tmp_path, ca
     assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["lr"] == pytest.approx(2e-4)
 
 
+def test_the_recipe_file_of_a_budget_run_asks_for_the_same_budget_not_a_number_of_steps(tmp_path):
+    # It recorded the run length its model was chosen for (276 steps of a run that trained 87), and no budget.
+    data = small_image_folder(tmp_path / "images")
+    args, _ = pt.parse_args(["--train_dir", str(data), "--max_train_time", "45s", "--per_device_train_batch_size", "8"])
+    args.max_train_steps = 276  # as the planner leaves it: the length the model was chosen for
+    model = pt.MSNModel(MSNConfig(backbone_kwargs=dict(embed_dim=64, depth=2, num_heads=2, patch_size=8), image_size=32,
+                                  focal_image_size=16))  # fmt: skip
+    save_recipe(pt.effective_recipe("auto", args, model, MSNImageProcessor()), tmp_path / "r.json")
+    again, _ = pt.parse_args(["--train_dir", str(data), "--recipe_file", str(tmp_path / "r.json")])
+    assert (again.max_train_time, again.max_train_steps, again.num_train_epochs) == ("45s", None, None)
+    typed, _ = pt.parse_args(["--train_dir", str(data), "--recipe_file", str(tmp_path / "r.json"), "--max_train_steps", "9"])
+    assert (typed.max_train_time, typed.max_train_steps) == (None, 9)
+
+
 def test_recipe_file_training_settings_yield_to_explicit_flags(tmp_path):
     save_recipe(dict(imagenet_recipe(), training=dict(learning_rate=5e-4, max_train_steps=7)), tmp_path / "r.json")
     args, _ = pt.parse_args(["--recipe_file", str(tmp_path / "r.json"), "--learning_rate", "2e-3"])

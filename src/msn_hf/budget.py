@@ -361,7 +361,8 @@ class BudgetPlan:
         remaining = (self.total_steps - completed_steps) * seconds
         if self.budget_seconds is not None:
             remaining = min(remaining, max(0.0, self.budget_seconds - self.training_seconds))
-        epochs = f" ({self.total_steps * global_batch / num_images:.1f} epochs)" if num_images else ""
+        # Batches are never partial: an epoch is the full batches of the images.
+        epochs = f" ({self.total_steps / max(1, num_images // global_batch):.1f} epochs)" if num_images else ""
         budget = f"budget {format_duration(self.budget_seconds)}" if self.budget_seconds is not None else "no budget"
         if completed_steps:
             budget += f", {format_duration(self.training_seconds)} spent by step {completed_steps:,}"

@@ -52,7 +52,6 @@ from .budget import (
     time_steps,
 )
 from .checkpointing import (
-    TRAINING_STATE_FILE,
     StopSignals,
     TrainingInterrupted,
     TrainingState,
@@ -149,7 +148,7 @@ NO_RECIPE = dict(name="none", backbone=None, backbone_kwargs={}, config={}, proc
 RECIPE_TRAINING_FIELDS = (
     "learning_rate", "warmup_start_learning_rate", "final_learning_rate", "weight_decay", "final_weight_decay",
     "schedule_stretch", "max_grad_norm", "num_train_epochs", "max_train_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "num_warmup_steps", "num_warmup_epochs", "seed",
+    "gradient_accumulation_steps", "num_warmup_steps", "num_warmup_epochs", "seed", "max_train_time",
 )  # fmt: skip
 
 
@@ -702,10 +701,11 @@ def build_model_and_processor(
 
 
 def effective_recipe(name: str, args: PretrainingArguments, model: MSNModel, processor: MSNImageProcessor) -> dict:
-    """What the run used, as a recipe file that reproduces it (`--recipe_file`) on the same data."""
+    """What the run used, as a recipe file that reproduces it (`--recipe_file`) on the same data: a budget run by its
+    budget, which the same model and views then fill on the machine at hand."""
     config = model.config
     processor_settings = processor.to_dict()
-    return dict(
+    used = dict(
         name=name,
         backbone=config.backbone,
         backbone_kwargs=config.backbone_kwargs,
@@ -713,6 +713,9 @@ def effective_recipe(name: str, args: PretrainingArguments, model: MSNModel, pro
         processor={k: v for k, v in processor_settings.items() if k in MSNImageProcessor.valid_kwargs.__annotations__},
         training={k: getattr(args, k) for k in RECIPE_TRAINING_FIELDS},
     )
+    if args.max_train_time is not None:  # the planner's step count is the length its model was chosen for, not the run's
+        used["training"].update(max_train_steps=None, num_train_epochs=None)
+    return used
 
 
 def recipe_summary(recipe: dict, used: dict, args: PretrainingArguments) -> str:
@@ -918,17 +921,16 @@ def _output_dir_refusal(args: PretrainingArguments) -> str | None:
     output_dir = Path(args.output_dir)
     previous = [path.name for path in run_files(output_dir)]
     latest, finished = find_latest_checkpoint(output_dir), finished_step(output_dir)
-    resumed = Path(args.resume_from_checkpoint) if _resumes(args) and args.resume_from_checkpoint != "latest" else latest
-    if resumed is not None and not (resumed / TRAINING_STATE_FILE).is_file():
-        resumed = None  # not a checkpoint: `resume` says so
-    # A model exported after the checkpoint a resume starts from would be trained again and replaced.
-    retrained = finished is not None and resumed is not None and checkpoint_step(resumed) < finished
-    if retrained and _resumes(args) and not args.overwrite_output_dir:
+    # A model exported after the latest checkpoint would be trained again and replaced by resuming it. A job script
+    # that relaunches with `latest` must not do that; a checkpoint named by its path is a choice, made knowingly.
+    retrained = finished is not None and latest is not None and checkpoint_step(latest) < finished
+    if retrained and args.resume_from_checkpoint == "latest" and not args.overwrite_output_dir:
         return (
             f"--output_dir {str(output_dir)!r} holds a run that finished at step {finished} (its model exported), after "
-            f"{resumed.name}, which --resume_from_checkpoint would resume: that would train again over the finished "
-            f"model. Evaluate it (msn-evaluate --model_name_or_path {output_dir}), continue from its weights in a new "
-            f"run (--model_name_or_path {output_dir} --output_dir OTHER), or pass --overwrite_output_dir to train anew."
+            f"{latest.name}, which --resume_from_checkpoint latest would resume: that would train again over the "
+            f"finished model. Evaluate it (msn-evaluate --model_name_or_path {output_dir}), continue from its weights "
+            f"in a new run (--model_name_or_path {output_dir} --output_dir OTHER), resume {latest.name} by its path "
+            "to train again from it, or pass --overwrite_output_dir to train anew."
         )
     # `latest` in the folder of a run stopped before its first checkpoint starts it again, as a job script relaunched
     # after an early pre-emption expects; a finished run (its model exported) is never retrained by it.
