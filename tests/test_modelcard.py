@@ -95,8 +95,12 @@ def test_an_evaluation_on_other_data_names_that_data_not_the_pretraining_sets_hu
     assert dataset_of_results()["type"] == "user/cells"
     held_out = tmp_path / "held-out" / "test"
     held_out.mkdir(parents=True)
-    update_model_card(tmp_path, lowshot_results(0.1), evaluated_on(DataArguments(test_dir=str(held_out)), "test_dir"))
-    assert dataset_of_results() == {"type": "custom", "name": "test", "split": "test_dir"}
+    update_model_card(tmp_path, lowshot_results(0.1), evaluated_on(DataArguments(test_dir=str(held_out)),
+                                                                   f"test_dir {held_out}"))  # fmt: skip
+    # A folder named like a split is named by the folder that holds it; no local path reaches the Hub's metadata.
+    assert dataset_of_results() == {"type": "custom", "name": "held-out", "split": "test"}
+    limitations = (tmp_path / "README.md").read_text().split("## Limitations")[1]
+    assert "Pretrained on user/cells" in limitations and "evaluated on held-out" in limitations
     assert front_matter(tmp_path / "README.md")["datasets"] == ["user/cells"]  # pretrained on it, still
     update_model_card(tmp_path, lowshot_results(0.1), evaluated_on(DataArguments(dataset_name="user/tissue"), "test"))
     assert dataset_of_results() == {"type": "user/tissue", "name": "user/tissue", "split": "test"}

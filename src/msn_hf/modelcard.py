@@ -12,9 +12,13 @@ import os
 import re
 from pathlib import Path
 
+from datasets.data_files import SPLIT_KEYWORDS
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .files import write_text_atomically
+
+# Folder names that name a split, not a data set (`datasets`' words: train, training, val, dev, test, eval, ...).
+SPLIT_WORDS = {word.lower() for words in SPLIT_KEYWORDS.values() for word in words}
 
 CARD_FACTS_FILE = "msn_card.json"
 # The license of the card's metadata unless the run states one: msn_hf's own.
@@ -131,7 +135,7 @@ def eval_results(results: dict, facts: dict) -> list[EvalResult]:
         # fall back to the pretraining data's.
         dataset_type=(facts.get("eval_dataset_id") if "eval_dataset_id" in facts else facts.get("dataset_id")) or "custom",
         dataset_name=_evaluation_data_title(facts),
-        dataset_split=facts.get("eval_split", "test"),
+        dataset_split=_metadata_split(facts.get("eval_split") or "test"),
         metric_type="accuracy",
     )
     num_seeds = len(settings.get("seeds", [])) or 1
@@ -182,13 +186,28 @@ def recipe_table(facts: dict) -> str:
 
 
 def dataset_title(source: str | None) -> str:
-    """How a data set is named in a title: a Hub id or a name as it is, a local folder or file by its own name."""
+    """
+    How a data set is named in a title: a Hub id or a name as it is, a local folder or file by its own name, or by
+    the folder that holds it when that name is a split's (`data/train` is "data").
+    """
     if not source:
         return "custom data"
     names = [part.strip() for part in source.split(",")]
-    titled = [Path(name.rstrip("/\\")).name if ("/" in name or os.sep in name) and not _is_hub_id(name) else name
-              for name in names]  # fmt: skip
+    titled = [_folder_title(name) if ("/" in name or os.sep in name) and not _is_hub_id(name) else name for name in names]
     return ", ".join(dict.fromkeys(titled))
+
+
+def _folder_title(path: str) -> str:
+    folder = Path(path.rstrip("/\\"))
+    if folder.name.lower() in SPLIT_WORDS and folder.parent.name not in ("", ".", ".."):
+        return folder.parent.name
+    return folder.name
+
+
+def _metadata_split(split: str) -> str:
+    """The split a card's metadata names: a test folder (`"test_dir <path>"`) is "test", so that no local path
+    reaches the Hub's metadata; the card's text names the folder."""
+    return "test" if split.startswith("test_dir ") else split
 
 
 def _evaluation_data_title(facts: dict) -> str:
@@ -268,10 +287,11 @@ def render_model_card(facts: dict, results: dict | None = None, output_dir: str 
     loss_plot = ""
     if output_dir is not None and (Path(output_dir) / LOSS_CURVE_FILE).exists():
         loss_plot = f"\n\n![Training loss: cross-entropy (with the total) and me-max, on their own axes]({LOSS_CURVE_FILE})"
+    evaluated = f", evaluated on {_evaluation_data_title(facts)}," if results else ""
     limitations = facts.get("limitations") or (
         f"Pretrained on {dataset} for {facts.get('steps', '?')} steps ({_duration(facts.get('wall_time_seconds'))}); "
-        "the figures above come from that data and budget only and are not comparable with the paper's ImageNet "
-        "results."
+        f"the figures above come from that pretraining and budget only{evaluated} and are not comparable with the "
+        "paper's ImageNet results."
     )
     classifier_labels = f"num_labels={num_labels}, " if num_labels else "num_labels=NUM_CLASSES, "
     content = f"""---
