@@ -265,6 +265,22 @@ def test_a_class_folder_named_like_a_split_is_a_class(tmp_path, split_named_clas
     assert [data.label_names[row["label"]] for row in rows] == [folder_of(row["image"]["path"]) for row in rows]
 
 
+@pytest.mark.parametrize("split_folder", [None, "train"])
+def test_images_in_folders_inside_class_folders_take_the_class_of_the_top_folder(tmp_path, split_folder):
+    # torchvision's ImageFolder reads cat/0/x.png as a cat; `imagefolder` alone read it as a "0", and with images at
+    # two depths (dog/x.png beside cat/0/y.png) read no label at all.
+    root = tmp_path / "images"
+    classes = root / split_folder if split_folder else root
+    image_folder(classes / "cat", ["0", "1"], per_class=2)  # cat/0/, cat/1/: two places cats were shot
+    image_folder(classes / "dog", ["2"], per_class=2, seed=1)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(classes / "dog" / "loose.png")
+    data = load_image_dataset(train_dir=str(root))
+    assert data.label_names == ["cat", "dog"]
+    rows = data.dataset.cast_column("image", datasets.Image(decode=False))
+    top = [Path(row["image"]["path"]).relative_to(classes).parts[0] for row in rows]
+    assert [data.label_names[row["label"]] for row in rows] == top and sorted(top) == ["cat"] * 4 + ["dog"] * 3
+
+
 def test_a_folder_of_split_folders_still_gives_its_train_split(tmp_path):
     image_folder(tmp_path / "images" / "train", ["cat", "dog"], per_class=3)
     image_folder(tmp_path / "images" / "test", ["cat", "dog"], per_class=2, seed=1)

@@ -298,6 +298,41 @@ def split_folders(folder: str) -> dict[str, str] | None:
     return {entry.path: words[entry.name.lower()] for entry in subfolders}
 
 
+def nested_class_folders(roots: list[str]) -> bool:
+    """Whether a class folder of one of the folders `roots` holds folders of its own (`cat/indoor/`). `imagefolder`
+    would name the class of each image by the folder right above it ("indoor"), and give no labels at all when images
+    lie at different depths; torchvision's `ImageFolder` names it by the class folder, as [`label_by_top_folder`]."""
+    for root in roots:
+        for entry in os.scandir(root):
+            if entry.is_dir() and not entry.name.startswith("."):
+                if any(child.is_dir() and not child.name.startswith(".") for child in os.scandir(entry.path)):
+                    return True
+    return False
+
+
+def label_by_top_folder(dataset: datasets.Dataset | datasets.IterableDataset, roots: list[str]):
+    """
+    `dataset` of an image folder with a `label` column of class names: the folder under one of `roots` that holds each
+    image, however deep (None for an image in a root itself). The `image` column is read undecoded for its path only.
+    """
+    roots = [os.path.realpath(root) for root in roots]
+
+    def class_folder(path: str) -> str | None:
+        path = os.path.realpath(path)
+        for root in roots:
+            if os.path.commonpath([root, path]) == root:
+                parts = os.path.relpath(path, root).split(os.sep)
+                return parts[0] if len(parts) > 1 else None
+        return None
+
+    paths = dataset.cast_column("image", datasets.Image(decode=False))
+    labelled = paths.map(
+        lambda images: {"label": [class_folder(image["path"]) for image in images]},
+        input_columns="image", batched=True, features=datasets.Features(paths.features, label=datasets.Value("string")),
+    )  # fmt: skip
+    return labelled.cast_column("image", datasets.Image())
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -339,9 +374,14 @@ def load_image_dataset(
             )
         # Every file of a folder of class folders is the train split, whatever the class folders are named.
         data_files = None if folders else {"train": "**"}
+        class_roots = list(folders) if folders else [train_dir]
+        nested = nested_class_folders(class_roots)
         dataset = datasets.load_dataset(
-            "imagefolder", data_dir=train_dir, data_files=data_files, split=split, streaming=streaming
-        )
+            "imagefolder", data_dir=train_dir, data_files=data_files, split=split, streaming=streaming,
+            drop_labels=True if nested else None,
+        )  # fmt: skip
+        if nested:
+            dataset = label_by_top_folder(dataset, class_roots)
     elif dataset_name is not None and os.path.isdir(dataset_name):
         dataset = datasets.load_from_disk(dataset_name)
         if isinstance(dataset, datasets.DatasetDict):
