@@ -5,15 +5,17 @@ import runpy
 import sys
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
+from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, ViTMSNConfig, ViTMSNModel
 
 from conftest import TINY_BACKBONE_KWARGS, tiny_config
-from msn_hf import MSNForImageClassification, MSNModel, convert
+from msn_hf import MSNForImageClassification, MSNImageProcessor, MSNModel, convert
 
 TINY_HEAD = dict(projection_hidden_size=48, projection_output_size=32, num_prototypes=16)
 IMAGE = 32
@@ -359,6 +361,22 @@ def test_msn_to_vit_msn_to_msn_round_trip_is_exact(tmp_path, monkeypatch):
         restored = encoder.state_dict()
         assert set(restored) == set(original)
         assert all(torch.equal(restored[key], original[key]) for key in original)
+
+
+def test_the_round_trip_through_vit_msn_keeps_the_evaluation_preprocessing(tmp_path):
+    # from-vit-msn resized the shorter side to 37 px (the 256 / 224 rule) where the folder's processor said 32, and
+    # dropped its bicubic filter: the same image gave other features after the round trip.
+    saved_msn_model(tmp_path / "msn")
+    MSNImageProcessor(size={"shortest_edge": 32}, crop_size=32, focal_crop_size=16, resample=3).save_pretrained(
+        tmp_path / "msn"
+    )  # fmt: skip
+    convert.main(["to-vit-msn", "--model", str(tmp_path / "msn"), "--output", str(tmp_path / "vit")])
+    convert.main(["from-vit-msn", "--model", str(tmp_path / "vit"), "--output", str(tmp_path / "back"),
+                  "--config", json.dumps(TINY_HEAD)])  # fmt: skip
+    before, after = (MSNImageProcessor.from_pretrained(tmp_path / name) for name in ("msn", "back"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8))
+    assert torch.equal(before(image, return_tensors="pt")["pixel_values"], after(image, return_tensors="pt")["pixel_values"])
+    assert (after.size.shortest_edge, after.crop_size.height, after.resample) == (32, 32, 3)
 
 
 def test_from_vit_msn_rejects_bad_sources_and_writes_nothing(tmp_path):

@@ -1032,7 +1032,8 @@ def vit_encoder_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def _vit_processor_kwargs(folder: Path, config: MSNConfig, num_channels: int) -> dict:
     """
     `MSNImageProcessor` kwargs for `config`'s view sizes, normalising as the source ViT expects: the mean and std of
-    its `preprocessor_config.json`, else those of a default `ViTImageProcessor`.
+    its `preprocessor_config.json`, else those of a default `ViTImageProcessor`; its resampling filter, and its
+    resize when it already resizes the shorter side and crops the model's side.
     """
     processor_file = folder / "preprocessor_config.json"
     settings = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
@@ -1043,8 +1044,16 @@ def _vit_processor_kwargs(folder: Path, config: MSNConfig, num_channels: int) ->
         # Processors may store one number for all channels.
         return [float(value)] * num_channels if isinstance(value, (int, float)) else [float(v) for v in value]
 
+    sizes = _processor_view_sizes(config)
+    # A source that resizes the shorter side and crops the model's side (an msn_hf export) keeps its resize; the
+    # 256 / 224 rule is for ViT processors that resize straight to the square.
+    side = {"height": config.image_size, "width": config.image_size}
+    if "shortest_edge" in (settings.get("size") or {}) and settings.get("do_center_crop") and settings.get("crop_size") == side:
+        sizes["size"] = {"shortest_edge": settings["size"]["shortest_edge"]}
+    filters = {"resample": settings["resample"]} if settings.get("resample") is not None else {}
     return dict(
-        **_processor_view_sizes(config),
+        **sizes,
+        **filters,
         do_normalize=bool(settings.get("do_normalize", defaults.do_normalize)),
         image_mean=per_channel("image_mean"),
         image_std=per_channel("image_std"),
