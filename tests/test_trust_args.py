@@ -263,3 +263,12 @@ def test_a_stream_resumes_exactly_with_the_default_flags(tmp_path, many_row_shar
     straight = logged_rows(straight_log, 0)
     assert len(straight) == steps * batch == len(set(straight))
     assert logged_rows(split_log, 0) == straight[saved_at * batch :]  # nothing repeated, nothing skipped
+
+
+def test_a_missing_local_weights_file_is_named_missing_rather_than_read_as_a_hub_id(tmp_path):
+    # It was sent to timm as a Hub id, whose message was about the characters a repository id may hold.
+    for path in (str(tmp_path / "missing.safetensors"), "./weights/vit.safetensors"):
+        with pytest.raises(ValueError, match=r"--backbone_pretrained must be a weights file or a Hub id; nothing is at "):
+            pt.parse_args(["--backbone_pretrained", path])
+    args, _ = pt.parse_args(["--backbone_pretrained", "timm/vit_small_patch16_224.augreg_in21k"])
+    assert args.backbone_pretrained == "timm/vit_small_patch16_224.augreg_in21k"

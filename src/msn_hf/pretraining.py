@@ -112,7 +112,7 @@ from .run_outputs import (
     run_files,
     write_train_results,
 )
-from .sources import check_model_source
+from .sources import check_model_source, looks_local
 from .training import (
     IndexedDataset,
     MSNSchedules,
@@ -318,6 +318,10 @@ class PretrainingArguments:
         for flag in ("backbone", "backbone_kwargs"):
             if self.model_name_or_path and getattr(self, flag):
                 fail(flag, "unset with --model_name_or_path (the weights fix the backbone)", getattr(self, flag))
+        weights = Path(self.backbone_pretrained or "").expanduser()
+        if self.backbone_pretrained and looks_local(self.backbone_pretrained) and not weights.is_file():
+            fail("backbone_pretrained", f"a weights file or a Hub id; nothing is at {weights.absolute()}",
+                 self.backbone_pretrained)  # fmt: skip
         if self.recipe == "continue" and not (self.model_name_or_path or self.backbone_pretrained):
             fail("recipe", "'continue' only with weights to start from (--model_name_or_path or --backbone_pretrained)", self.recipe)
         # Unset learning rates are the recipe's: a quarter of the from-scratch ones when continuing from weights.
