@@ -5,6 +5,7 @@ with nothing written."""
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers import AutoImageProcessor
@@ -127,8 +128,9 @@ def truncated_checkpoint(path):
         (lambda path: path.write_text("<!DOCTYPE html><html><body>Access denied</body></html>"), "an HTML page"),
         (lambda path: path.write_bytes(b""), "an empty file"),
         (lambda path: torch.save(torch.zeros(3), path), "holds a Tensor"),
+        (lambda path: safetensors.torch.save_file({"w": torch.zeros(3)}, path), "a safetensors file"),
     ],
-    ids=["truncated", "text", "html", "empty", "tensor"],
+    ids=["truncated", "text", "html", "empty", "tensor", "safetensors"],
 )
 def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(write, came, tmp_path, capsys):
     write(tmp_path / "msn.pth.tar")

@@ -528,6 +528,11 @@ def _serialization_kind(path: Path) -> str:
         return "pickle"
     if not head:
         return "an empty file"
+    if head[8:10] == b'{"':  # safetensors: the header's length in 8 bytes, then its JSON
+        return (
+            "a safetensors file, not the authors' zip/pickle checkpoint (a saved model's weights: pass its folder to "
+            "from-vit-msn, or timm weights to msn-pretrain --backbone_pretrained)"
+        )
     if head.lstrip().startswith(b"<"):  # what a server sends instead of the file: an HTML (or XML) error page
         return "an HTML page (an error page saved by a failed download?), not a zip/pickle checkpoint"
     try:
