@@ -239,3 +239,15 @@ def test_backbone_pretrained_that_cannot_be_found_raises_value_error(tmp_path):
 def test_new_config_fields_are_validated(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         tiny_config(**overrides)
+
+
+def test_weights_of_another_architecture_are_refused_in_one_line_naming_the_backbone(tmp_path):
+    # timm lists every mismatched tensor, one per line: 30 lines for a ViT-S file given to the default backbone.
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_BACKBONE_KWARGS)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
+    wider = {**TINY_BACKBONE_KWARGS, "embed_dim": 2 * TINY_BACKBONE_KWARGS["embed_dim"]}
+    with pytest.raises(ValueError) as error:
+        MSNModel(tiny_config(backbone_kwargs=wider, backbone_pretrained=str(path)))
+    message = str(error.value)
+    assert "\n" not in message and "size mismatch" in message and "`backbone_kwargs`" in message

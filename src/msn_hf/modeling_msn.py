@@ -114,9 +114,12 @@ def _load_pretrained_backbone(config: MSNConfig) -> timm.models.VisionTransforme
     try:
         return timm.create_model(config.backbone, **kwargs)
     except (OSError, RuntimeError, ValueError) as error:
+        # A state dict of another architecture lists every mismatched tensor: the first two lines tell the story.
+        said = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
         raise ValueError(
-            f"MSNConfig: `backbone_pretrained` must be a weights file of {config.backbone!r} or a Hub id of one, "
-            f"got {source!r}; timm said: {error}"
+            f"MSNConfig: `backbone_pretrained` must be a weights file of {config.backbone!r} with `backbone_kwargs` "
+            f"{config.backbone_kwargs} or a Hub id of one, got {source!r} (are those the weights' architecture?); "
+            f"timm said: {said}"
         ) from error
 
 
