@@ -533,3 +533,17 @@ def test_two_processes_keep_a_budget_together(tmp_path):
     assert "Plan: " in result.stdout
     metrics, results = assert_whole_schedule(out)
     assert results["training_seconds"] <= 10.0 * TOLERANCE
+
+
+def test_a_run_resumed_with_another_length_says_that_its_schedules_change(tmp_path, caplog):
+    out = tmp_path / "run"
+    pt.main([*TINY_RUN, "--max_train_steps", "2", "--checkpointing_steps", "1", "--output_dir", str(out)])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="msn_hf.budget"):
+        pt.main([*TINY_RUN, "--max_train_steps", "2", "--output_dir", str(out),
+                 "--resume_from_checkpoint", str(out / "checkpoint-1")])  # fmt: skip
+        assert not [r for r in caplog.records if "schedules" in r.getMessage()]
+        pt.main([*TINY_RUN, "--max_train_steps", "4", "--output_dir", str(out),
+                 "--resume_from_checkpoint", str(out / "checkpoint-1")])  # fmt: skip
+    (warning,) = [r.getMessage() for r in caplog.records if "schedules" in r.getMessage()]
+    assert "4 steps long, the checkpoint's 2" in warning and "from step 1" in warning

@@ -444,8 +444,15 @@ class BudgetKeeper:
     def __init__(self, accelerator: Accelerator, schedules: MSNSchedules, plan: BudgetPlan | None, state) -> None:
         self.accelerator, self.schedules = accelerator, schedules
         if plan is None:
-            spent = BudgetPlan.from_dict(state.plan).training_seconds if state.plan else 0.0
-            plan = BudgetPlan(schedules.total_steps, schedules.total_steps, training_seconds=spent)
+            saved = BudgetPlan.from_dict(state.plan) if state.plan else None
+            if saved is not None and saved.total_steps != schedules.total_steps:
+                # The checkpoint's learning rate, weight decay and EMA were on the way to another end.
+                logger.warning(
+                    f"The resumed run is {schedules.total_steps:,} steps long, the checkpoint's {saved.total_steps:,}: "
+                    f"from step {state.completed_steps:,} on, the schedules (and a recipe's warmup and EMA chosen for "
+                    "the run length) are those of the new length."
+                )
+            plan = BudgetPlan(schedules.total_steps, schedules.total_steps, training_seconds=saved.training_seconds if saved else 0.0)
         if plan.warmup_steps is None:  # a new plan: the recipe's warmup is a fraction of the model's run length
             relay_schedules(schedules, plan.total_steps, state.completed_steps)
             plan.warmup_steps = schedules.warmup_steps
