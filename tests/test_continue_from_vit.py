@@ -257,6 +257,19 @@ def test_unsupported_vits_are_refused(tmp_path, config_overrides, named):
         convert.msn_model_from_vit(tmp_path / "vit", **TINY_HEAD)
 
 
+def test_a_source_dropout_that_is_not_carried_over_is_said(tmp_path, caplog):
+    saved_vit(tmp_path / "vit", "vit", hidden_dropout_prob=0.1)
+    with caplog.at_level("WARNING"):
+        convert.msn_model_from_vit(tmp_path / "vit", **TINY_HEAD)
+    (warning,) = [r.getMessage() for r in caplog.records if "dropout" in r.getMessage()]
+    assert "'hidden_dropout_prob': 0.1" in warning and "not carried over" in warning
+    caplog.clear()
+    saved_vit(tmp_path / "plain", "vit")
+    with caplog.at_level("WARNING"):
+        convert.msn_model_from_vit(tmp_path / "plain", **TINY_HEAD)
+    assert not [r for r in caplog.records if "dropout" in r.getMessage()]
+
+
 @pytest.mark.parametrize(
     "overrides, named",
     [

@@ -245,6 +245,13 @@ def _architecture_of_vit_config(config: ViTConfig | ViTMSNConfig) -> ViTArchitec
         # channels is near it; a trained ViT's activations have variances many orders above 1e-6, so timm's 1e-6
         # changes the features by about eps / (2 * variance), far below float32 training noise.
         logger.info(f"{name} `layer_norm_eps={eps}` becomes timm's {_TIMM_LAYER_NORM_EPS} (a negligible change).")
+    dropouts = {name: getattr(config, name, 0.0) for name in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+    if any(dropouts.values()):
+        # Dropout changes nothing at inference; in training, MSN's recipe has none (timm's default).
+        logger.warning(
+            f"{name} dropout {dropouts} is not carried over: the MSN encoders train without dropout unless "
+            "`backbone_kwargs` set timm's `proj_drop_rate` / `attn_drop_rate`."
+        )
     if config.num_channels != 3:
         raise ValueError(
             f"{name} `num_channels={config.num_channels}`: MSN models take RGB images (3 channels), as their image "
