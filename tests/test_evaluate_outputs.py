@@ -1,6 +1,7 @@
 """What an evaluation states and where it writes: the label-fraction setting and its real number of labels, the
 model card of the evaluated folder, the data set a card names, and the flags msn-evaluate accepts."""
 
+import json
 import logging
 import math
 from fractions import Fraction
@@ -153,6 +154,20 @@ def test_msn_evaluate_updates_the_card_only_with_results_written_into_the_model_
 
     main(["--model_name_or_path", str(folder), *QUICK_EVALUATION, "--baselines", "pixels", "--no_pictures"])
     assert "| MSN (this model) |" in (folder / "README.md").read_text() and (folder / "eval_results.json").is_file()
+
+
+def test_msn_evaluate_into_a_run_folder_brings_its_train_results_evaluation_up_to_date(tmp_path):
+    # train_results.json kept the run's own evaluation beside a card and eval_results.json stating the new one.
+    folder = msn_run_folder(tmp_path / "model")
+    (folder / "train_results.json").write_text(json.dumps({"completed_steps": 2, "eval": {"stale": True}}))
+    results = main(["--model_name_or_path", str(folder), *QUICK_EVALUATION, "--baselines", "pixels", "--no_pictures"])
+    train_results = json.loads((folder / "train_results.json").read_text())
+    assert train_results["completed_steps"] == 2
+    assert train_results["eval"] == json.loads((folder / "eval_results.json").read_text()) == json.loads(json.dumps(results))
+    # A folder without one (a model saved by hand) gets none.
+    bare = msn_run_folder(tmp_path / "bare")
+    main(["--model_name_or_path", str(bare), *QUICK_EVALUATION, "--baselines", "pixels", "--no_pictures"])
+    assert not (bare / "train_results.json").exists()
 
 
 # --- the data set a card names -----------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from .pictures import (
     plot_prototypes,
     prototype_usage,
 )
+from .run_outputs import TRAIN_RESULTS_FILE, write_train_results
 from .sources import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -901,7 +902,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _update_folder_card(model_dir: str, output_file: str, results: dict, evaluation_facts: dict) -> None:
     """
-    Re-render the card of the evaluated folder `model_dir`, but only when the results were written into it: the
+    Re-render the card of the evaluated folder `model_dir` (and the evaluation its `train_results.json` states), but
+    only when the results were written into it: the
     card sits next to that folder's results file and embeds the pictures there, so results sent elsewhere would make
     it state numbers that neither its results file nor its pictures show. Then it is left as it is, and the log says.
     """
@@ -914,6 +916,10 @@ def _update_folder_card(model_dir: str, output_file: str, results: dict, evaluat
     card = update_model_card(model_dir, results, evaluation_facts)
     if card is not None:
         print(f"Model card updated: {card}")
+    # A run folder's record of what the run did states the evaluation its card and results file now show.
+    train_results_file = Path(model_dir) / TRAIN_RESULTS_FILE
+    if train_results_file.is_file():
+        write_train_results(model_dir, {**json.loads(train_results_file.read_text()), "eval": results})
 
 
 if __name__ == "__main__":
