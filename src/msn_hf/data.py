@@ -28,6 +28,8 @@ IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "jpg"
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "cls")
 # `datasets` builders for shards, by file extension.
 SHARD_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+# The split a folder name stands for, as `datasets` reads split folders ("val" is "validation", "eval" "test", ...).
+SPLIT_OF_FOLDER_NAME = {word: str(split) for split, words in SPLIT_KEYWORDS.items() for word in words}
 # Which images a pretraining run trained on (see `data_record`), written next to its model.
 DATA_RECORD_FILE = "msn_data.json"
 # How the split of a stratified hold-out begins (see `hold_out`).
@@ -238,10 +240,10 @@ def check_image_column(features: datasets.Features, image_column: str, explicit:
     )
 
 
-def class_names(dataset: datasets.Dataset, label_column: str) -> list[str]:
-    """The class names of a column of names: sorted unique values, as `ClassLabel` / `class_encode_column` order them;
-    None and "" mark an image without a label (see [`_names_a_class`])."""
-    return sorted(name for name in dataset.unique(label_column) if _names_a_class(name))
+def class_names(values: list) -> list[str]:
+    """The class names of the unique values of a column of names, sorted as `ClassLabel` / `class_encode_column`
+    order them; None and "" mark an image without a label (see [`_names_a_class`])."""
+    return sorted(name for name in values if _names_a_class(name))
 
 
 def resolve_shards(patterns: list[str]) -> tuple[str, list[str]]:
@@ -291,11 +293,10 @@ def split_folders(folder: str) -> dict[str, str] | None:
     with a sub-folder not named like a split. A class may be named like a split: PASCAL VOC and COCO have a "train"
     class, which `datasets` alone would read as the folder's only split.
     """
-    words = {word: str(split) for split, words in SPLIT_KEYWORDS.items() for word in words}
     subfolders = [entry for entry in os.scandir(folder) if entry.is_dir()]
-    if not subfolders or any(entry.name.lower() not in words for entry in subfolders):
+    if not subfolders or any(entry.name.lower() not in SPLIT_OF_FOLDER_NAME for entry in subfolders):
         return None
-    return {entry.path: words[entry.name.lower()] for entry in subfolders}
+    return {entry.path: SPLIT_OF_FOLDER_NAME[entry.name.lower()] for entry in subfolders}
 
 
 def nested_class_folders(roots: list[str]) -> bool:
@@ -415,10 +416,11 @@ def load_image_dataset(
     # names. The names come from the whole split, before truncation, so that a truncated run numbers classes as a
     # full one does; and only the kept rows are rewritten. A stream cannot be listed without a pass: it keeps names.
     if label_column is not None and _is_string(features[label_column]) and not streaming:
-        if "" in dataset.unique(label_column):  # no class of that name: no label, as None is
+        values = dataset.unique(label_column)
+        if "" in values:  # no class of that name: no label, as None is
             dataset = dataset.map(lambda labels: {label_column: [label or None for label in labels]},
                                   input_columns=label_column, batched=True)  # fmt: skip
-        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=class_names(dataset, label_column)))
+        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=class_names(values)))
     return keep_rows(ImageDataset(dataset, image_column, label_column, split), max_samples)
 
 

@@ -12,13 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from datasets.data_files import SPLIT_KEYWORDS
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .data import SPLIT_OF_FOLDER_NAME
 from .files import write_text_atomically
-
-# Folder names that name a split, not a data set (`datasets`' words: train, training, val, dev, test, eval, ...).
-SPLIT_WORDS = {word.lower() for words in SPLIT_KEYWORDS.values() for word in words}
 
 CARD_FACTS_FILE = "msn_card.json"
 # The license of the card's metadata unless the run states one: msn_hf's own.
@@ -199,7 +196,7 @@ def dataset_title(source: str | None) -> str:
 
 def _folder_title(path: str) -> str:
     folder = Path(path.rstrip("/\\"))
-    if folder.name.lower() in SPLIT_WORDS and folder.parent.name not in ("", ".", ".."):
+    if folder.name.lower() in SPLIT_OF_FOLDER_NAME and folder.parent.name not in ("", ".", ".."):
         return folder.parent.name
     return folder.name
 

@@ -944,7 +944,7 @@ def _output_dir_refusal(args: PretrainingArguments) -> str | None:
         telling = [n for n in previous if n.startswith("checkpoint-") or n in ("model.safetensors", METRICS_FILE)]
         others = [n for n in previous if n not in telling]
         found = ", ".join(telling + others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        if retrained and latest is not None:
+        if retrained:
             advice = f"it finished at step {finished}, after its last checkpoint {latest.name}: pass"
         elif latest is not None:
             advice = f"pass --resume_from_checkpoint latest to continue it from {latest.name}, or"
